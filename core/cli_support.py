@@ -1,0 +1,51 @@
+"""Shared command-line plumbing: user errors without tracebacks, logging, option parsing."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+
+import click
+
+from dfosd.core.errors import DfosdError
+
+
+def user_errors(fn):
+    """Turn a DfosdError into click's one-line error and a non-zero exit (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DfosdError as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    # diffusers warns on every .to(float16) of a model built from a config; not actionable here.
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+    try:
+        from diffusers.utils import logging as dlogging
+
+        dlogging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def parse_int_list(value: str, option: str) -> tuple[int, ...]:
+    try:
+        items = tuple(int(v) for v in str(value).split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers", param_hint=option) from None
+    if not items:
+        raise click.BadParameter("give at least one value", param_hint=option)
+    return items
+
+
+def say(msg: str) -> None:
+    click.echo(msg, err=True)

@@ -1,0 +1,189 @@
+"""The one definition of DFOSD's single step, split into the three deployable parts.
+
+uint8 LR [B,3,h,w]
+  -> EncoderPart:   bicubic x4 (a=-0.75, half-pixel, no antialias) -> [-1,1] -> VAE encoder
+                    posterior mean * scaling_factor                     -> latent  fp32
+  -> DenoiserPart:  UNet(latent, T, learned embedding) = eps;
+                    x0 = (z - sqrt(1-abar_T) * eps) / sqrt(abar_T) in fp32 -> denoised fp32
+  -> DecoderPart:   VAE decoder(z / scaling_factor) -> clamp -> uint8    -> SR [B,3,4h,4w]
+
+Export traces exactly these modules, the benchmarks run them as "eager PyTorch", and
+training calls their float paths (``encode_float``, ``denoise``, ``decode_float``), so
+there is no second copy of the model to drift. Part boundaries are fp32 in every
+precision; fp16 lives inside each part, with fp32 islands where the notes say it must
+(pre/post-processing and the x0 step, which multiplies UNet error by 1/sqrt(abar_T)).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dfosd.core.errors import DfosdError
+
+if TYPE_CHECKING:
+    from dfosd.core.bases import Base
+    from dfosd.core.checkpoint import DfosdCheckpoint
+
+
+def alphas_cumprod(scheduler_config: dict[str, Any]) -> torch.Tensor:
+    """abar_t for every training timestep, float64, from a diffusers scheduler config."""
+    n = int(scheduler_config.get("num_train_timesteps", 1000))
+    b0 = float(scheduler_config.get("beta_start", 0.00085))
+    b1 = float(scheduler_config.get("beta_end", 0.012))
+    kind = scheduler_config.get("beta_schedule", "scaled_linear")
+    if kind == "scaled_linear":
+        betas = torch.linspace(b0**0.5, b1**0.5, n, dtype=torch.float64) ** 2
+    elif kind == "linear":
+        betas = torch.linspace(b0, b1, n, dtype=torch.float64)
+    else:
+        raise DfosdError(f"unsupported beta_schedule {kind!r} in the base's scheduler config",
+                         hint="DFOSD's one step is defined for SD-2.1-base's scaled_linear schedule")
+    if scheduler_config.get("prediction_type", "epsilon") != "epsilon":
+        raise DfosdError("the base's scheduler predicts "
+                         f"{scheduler_config.get('prediction_type')!r}; DFOSD needs an epsilon-prediction base "
+                         "(SD-2.1-base, not the 768-v model)")
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def bicubic_upscale(x: torch.Tensor, scale: int) -> torch.Tensor:
+    """torch's bicubic: a=-0.75, half-pixel centres (align_corners=False), no antialias.
+
+    Explicit output size (not a scale factor) keeps the ONNX Resize static.
+    """
+    h, w = x.shape[-2:]
+    return F.interpolate(x, size=(h * scale, w * scale), mode="bicubic", align_corners=False)
+
+
+def to_uint8(image: torch.Tensor) -> torch.Tensor:
+    """[-1,1] float -> uint8 with round-half-to-even, as Round/Clip/Cast in ONNX."""
+    return torch.round((image.float() + 1.0) * 127.5).clamp(0.0, 255.0).to(torch.uint8)
+
+
+class EncoderPart(nn.Module):
+    """uint8 LR -> scaled posterior-mean latent (fp32)."""
+
+    def __init__(self, vae, *, scale: int, scaling_factor: float, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.encoder = vae.encoder
+        self.quant_conv = getattr(vae, "quant_conv", None)  # None when the config disables it
+        self.scale = int(scale)
+        self.scaling_factor = float(scaling_factor)
+        self.dtype = dtype
+
+    def encode_float(self, image: torch.Tensor) -> torch.Tensor:
+        """[-1,1] image at output resolution -> latent (fp32). Used by training too."""
+        h = self.encoder(image.to(self.dtype))
+        if self.quant_conv is not None:
+            h = self.quant_conv(h)
+        mean = h[:, : h.shape[1] // 2]  # posterior mean: the deterministic choice
+        return mean.float() * self.scaling_factor
+
+    def upsample_lr(self, lr01: torch.Tensor) -> torch.Tensor:
+        """[0,1] LR float -> [-1,1] bicubic-upsampled image (fp32, clamped like a saved image)."""
+        return (bicubic_upscale(lr01.float(), self.scale) * 2.0 - 1.0).clamp(-1.0, 1.0)
+
+    def forward(self, lr_image: torch.Tensor) -> torch.Tensor:
+        return self.encode_float(self.upsample_lr(lr_image.float() / 255.0))
+
+
+class DenoiserPart(nn.Module):
+    """UNet at the fixed timestep with the learned embedding, then the x0 step in fp32."""
+
+    def __init__(self, unet, text_embedding: torch.Tensor, *, timestep: int, alpha_bar: float,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.unet = unet
+        self.register_buffer("text_embedding", text_embedding.detach().to(dtype), persistent=False)
+        self.timestep = int(timestep)
+        self.sqrt_ab = math.sqrt(alpha_bar)
+        self.sqrt_1mab = math.sqrt(1.0 - alpha_bar)
+        self.dtype = dtype
+
+    def predict_noise(self, latent: torch.Tensor, embedding: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.text_embedding if embedding is None else embedding.to(self.dtype)
+        emb = emb.expand(latent.shape[0], -1, -1)
+        t = torch.full((latent.shape[0],), self.timestep, dtype=torch.int64, device=latent.device)
+        return self.unet(latent.to(self.dtype), t, encoder_hidden_states=emb, return_dict=False)[0].float()
+
+    def denoise(self, latent: torch.Tensor, embedding: torch.Tensor | None = None) -> torch.Tensor:
+        eps = self.predict_noise(latent, embedding)
+        return (latent.float() - self.sqrt_1mab * eps) / self.sqrt_ab
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.denoise(latent)
+
+
+class DecoderPart(nn.Module):
+    """Denoised latent (fp32) -> uint8 SR image."""
+
+    def __init__(self, vae, *, scaling_factor: float, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.decoder = vae.decoder
+        self.post_quant_conv = getattr(vae, "post_quant_conv", None)
+        self.scaling_factor = float(scaling_factor)
+        self.dtype = dtype
+
+    def decode_float(self, latent: torch.Tensor) -> torch.Tensor:
+        """latent -> [-1,1] image (fp32, clamped). Used by training too."""
+        z = (latent.float() / self.scaling_factor).to(self.dtype)
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z).float().clamp(-1.0, 1.0)
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return to_uint8(self.decode_float(latent))
+
+
+COMPONENTS = ("encoder", "unet", "decoder")
+
+
+class OneStepSR(nn.Module):
+    """The whole single step, eager: uint8 [B,3,h,w] -> uint8 [B,3,s*h,s*w]."""
+
+    def __init__(self, encoder: EncoderPart, denoiser: DenoiserPart, decoder: DecoderPart):
+        super().__init__()
+        self.encoder = encoder
+        self.unet = denoiser
+        self.decoder = decoder
+
+    def part(self, name: str) -> nn.Module:
+        if name not in COMPONENTS:
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def sr_float(self, lr01: torch.Tensor) -> torch.Tensor:
+        """[0,1] LR float -> [-1,1] SR float: the differentiable path training uses."""
+        latent = self.encoder.encode_float(self.encoder.upsample_lr(lr01))
+        return self.decoder.decode_float(self.unet.denoise(latent))
+
+    @torch.no_grad()
+    def forward(self, lr_image: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.unet(self.encoder(lr_image)))
+
+
+def build_onestep(base: "Base", checkpoint: "DfosdCheckpoint", *, dtype: torch.dtype = torch.float32,
+                  merge: bool = True) -> OneStepSR:
+    """Eager one-step model from a base and a checkpoint (LoRA merged into a copy)."""
+    import copy
+
+    from dfosd.core.checkpoint import merge_lora, validate_checkpoint
+
+    validate_checkpoint(checkpoint, base)
+    unet = copy.deepcopy(base.unet)
+    if merge:
+        merge_lora(unet, checkpoint)
+    vae = base.vae if dtype == torch.float32 else copy.deepcopy(base.vae)
+    unet, vae = unet.to(dtype).eval(), vae.to(dtype).eval()
+    meta = checkpoint.metadata
+    abar = float(alphas_cumprod(base.scheduler_config)[meta.timestep])
+    sf = base.scaling_factor
+    return OneStepSR(
+        EncoderPart(vae, scale=meta.upscale, scaling_factor=sf, dtype=dtype),
+        DenoiserPart(unet, checkpoint.text_embedding, timestep=meta.timestep, alpha_bar=abar, dtype=dtype),
+        DecoderPart(vae, scaling_factor=sf, dtype=dtype),
+    ).eval()

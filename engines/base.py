@@ -1,0 +1,99 @@
+"""The engine interface: every backend loads a part from an export directory and runs
+it on named, preallocated buffers.
+
+Buffers are torch tensors (CPU or CUDA) shaped by the part's contract. Running on
+caller-owned buffers is what lets the runtime chain parts without copies and capture
+the whole step in one CUDA graph where a backend allows it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Mapping
+
+from dfosd.core.contracts import ComponentContract
+from dfosd.core.errors import DfosdError
+
+BACKENDS = ("onnxruntime", "tensorrt")
+BACKEND_CHOICES = ("auto",) + BACKENDS
+_MODULES = {"onnxruntime": "dfosd.engines.onnxruntime_backend", "tensorrt": "dfosd.engines.tensorrt_backend"}
+
+
+class ComponentEngine(ABC):
+    """One loaded part (encoder, unet or decoder) for one tile batch."""
+
+    def __init__(self, contract: ComponentContract):
+        self.contract = contract
+
+    @abstractmethod
+    def run(self, inputs: Mapping[str, "object"], outputs: Mapping[str, "object"]) -> None:
+        """Read ``inputs`` and write ``outputs`` in place (torch tensors named by the contract)."""
+
+
+class Backend(ABC):
+    name: str = ""
+    #: True when run() only enqueues GPU work on the current stream, so it can be captured.
+    capturable: bool = False
+
+    def __init__(self, device: str):
+        self.device = device
+
+    @classmethod
+    @abstractmethod
+    def availability(cls) -> tuple[bool, str]:
+        """(usable here?, why) without side effects beyond imports."""
+
+    @abstractmethod
+    def load(self, export_dir: Path, entry: dict, contract: ComponentContract) -> ComponentEngine:
+        """Load one part from its manifest entry."""
+
+    def describe(self) -> str:
+        return f"{self.name} on {self.device}"
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def backend_class(name: str) -> type[Backend]:
+    if name not in _MODULES:
+        raise DfosdError(f"unknown backend {name!r}", hint=f"choose one of {', '.join(BACKEND_CHOICES)}")
+    if importlib.util.find_spec(_MODULES[name]) is None:
+        raise DfosdError(f"the {name} backend is not part of this dfosd build",
+                         hint="use --backend onnxruntime")
+    return importlib.import_module(_MODULES[name]).BACKEND
+
+
+def tensorrt_importable() -> bool:
+    # find_spec does not import tensorrt, so asking is cheap and loads no CUDA library.
+    return importlib.util.find_spec("tensorrt") is not None
+
+
+def select_backend(name: str = "auto") -> tuple[type[Backend], str]:
+    """The backend class to use and a sentence saying why (printed by the CLIs)."""
+    if name == "auto":
+        if not tensorrt_importable():
+            return backend_class("onnxruntime"), "auto picked onnxruntime: the tensorrt package is not installed"
+        if not cuda_available():
+            return backend_class("onnxruntime"), "auto picked onnxruntime: tensorrt is installed but no CUDA GPU is visible"
+        try:
+            cls = backend_class("tensorrt")
+        except DfosdError as exc:
+            return backend_class("onnxruntime"), f"auto picked onnxruntime: {exc.message}"
+        ok, why = cls.availability()
+        if ok:
+            return cls, f"auto picked tensorrt: {why}"
+        return backend_class("onnxruntime"), f"auto picked onnxruntime: tensorrt unusable ({why})"
+    cls = backend_class(name)
+    ok, why = cls.availability()
+    if not ok:
+        raise DfosdError(f"backend {name} is not usable here: {why}",
+                         hint="use --backend onnxruntime (or auto)")
+    return cls, f"{name} as requested: {why}"

@@ -1,0 +1,55 @@
+"""``dfosd-export``: checkpoint -> ONNX per part (and engines for the chosen backend)."""
+
+from __future__ import annotations
+
+import click
+
+from dfosd.core.cli_support import parse_int_list, say, setup_logging, user_errors
+from dfosd.engines.base import BACKEND_CHOICES
+
+
+@click.command(name="export", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--ckpt", "ckpt", required=True, type=click.Path(dir_okay=False),
+              help="DFOSD checkpoint (lora.safetensors).")
+@click.option("--base", default=None,
+              help="Base model: diffusers dir, hub id, single file, synthetic:tiny or synthetic:sd21-base. "
+                   "Default: the checkpoint's base_model.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp16", show_default=True,
+              help="fp16: fp16 graph with fp32 pre/post-processing and x0 step.")
+@click.option("--out", "out_dir", default="dfosd-engines", show_default=True, type=click.Path(file_okay=False),
+              help="Artifact directory (ONNX, manifest, engines).")
+@click.option("--tile", default=128, show_default=True, type=int, help="LR tile size in pixels (output x4).")
+@click.option("--batch", "batches", default="1", show_default=True,
+              help="Tile batch sizes to build, comma-separated (one static-shape set each).")
+@click.option("--opset", default=17, show_default=True, type=int, help="ONNX opset.")
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
+              help="Engines to prepare: onnxruntime uses the ONNX files; tensorrt also builds plans.")
+@click.option("--force", is_flag=True, help="Rebuild even when the manifest says the artifacts are current.")
+@click.option("-v", "--verbose", is_flag=True)
+@user_errors
+def main(ckpt, base, precision, out_dir, tile, batches, opset, backend, force, verbose):
+    """Export a DFOSD checkpoint to static-shape ONNX (and engines) for dfosd-trt-run."""
+    setup_logging(verbose)
+    from dfosd.core.checkpoint import read_checkpoint
+    from dfosd.engines.base import select_backend
+    from dfosd.export.artifacts import ExportConfig, export_checkpoint
+
+    cfg = ExportConfig(precision=precision, tile=tile, batches=parse_int_list(batches, "--batch"), opset=opset)
+    backend_cls, why = select_backend(backend)
+    say(why)
+    if base is None:
+        base = read_checkpoint(ckpt).metadata.base_model
+        say(f"base: {base} (from the checkpoint's metadata)")
+    result = export_checkpoint(ckpt, base, out_dir, cfg, force=force, progress=say)
+    if backend_cls.name == "tensorrt":
+        from dfosd.engines.tensorrt_build import build_engines  # pragma: no cover - needs TensorRT
+
+        build_engines(result.out_dir, progress=say)
+    verb = "reused" if result.reused else "wrote"
+    say(f"{verb} {len(result.manifest['components'])} ONNX parts ({precision}, tile {tile}, "
+        f"batches {list(cfg.batches)}) in {result.out_dir} [{result.seconds:.1f} s]")
+    click.echo(str(result.out_dir))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

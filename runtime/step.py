@@ -1,0 +1,108 @@
+"""The lean runtime: three engines chained on static buffers for one tile batch.
+
+lr_image -> [encoder] -> latent -> [unet] -> denoised_latent -> [decoder] -> sr_image
+
+Every buffer is allocated once from the component contracts; a call copies the LR
+tiles into ``lr_image``, runs the chain, and reads ``sr_image``. Backends whose run
+only enqueues GPU work (``Backend.capturable``) get the whole chain captured in one
+CUDA graph after a warm-up run; others run it eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+from dfosd.core.contracts import ComponentContract
+from dfosd.core.errors import DfosdError
+from dfosd.core.manifest import files_intact, read_manifest
+from dfosd.core.onestep import COMPONENTS
+
+log = logging.getLogger(__name__)
+
+
+class OneStepRunner:
+    def __init__(self, export_dir: str | Path, *, backend: str = "auto", batch: int | None = None,
+                 cuda_graph: bool = True, say: Callable[[str], None] = log.info):
+        from dfosd.engines.base import select_backend
+        from dfosd.export.artifacts import components_for_batch
+
+        self.export_dir = Path(export_dir)
+        self.manifest = read_manifest(self.export_dir)
+        bad = files_intact(self.export_dir, self.manifest.get("files", {}), quick=True)
+        if bad:
+            raise DfosdError(f"{self.export_dir}: {', '.join(bad)} missing or changed since export",
+                             hint="re-run dfosd-export into this directory")
+        batches = self.manifest["batches"]
+        self.batch = int(batch if batch is not None else max(batches))
+        entries = components_for_batch(self.manifest, self.batch)
+        cls, self.backend_reason = select_backend(backend)
+        self.backend = cls()
+        say(self.backend_reason)
+        self.contracts = {n: ComponentContract.from_dict(entries[n]["contract"]) for n in COMPONENTS}
+        self.engines = {n: self.backend.load(self.export_dir, entries[n], self.contracts[n]) for n in COMPONENTS}
+        self.buffers = {}
+        for c in self.contracts.values():
+            for spec in c.inputs + c.outputs:
+                self.buffers.setdefault(spec.name, spec.empty(self.backend.device))
+        self.buffers[self.contracts["encoder"].inputs[0].name].zero_()
+        self._graph = None
+        self._use_graph = cuda_graph and self.backend.capturable and self.backend.device == "cuda"
+
+    @property
+    def tile(self) -> int:
+        return int(self.manifest["tile"])
+
+    @property
+    def scale(self) -> int:
+        return int(self.manifest["upscale"])
+
+    @property
+    def precision(self) -> str:
+        return str(self.manifest["precision"])
+
+    def run_chain(self) -> None:
+        for name in COMPONENTS:
+            c = self.contracts[name]
+            self.engines[name].run({s.name: self.buffers[s.name] for s in c.inputs},
+                                   {s.name: self.buffers[s.name] for s in c.outputs})
+
+    def _run(self) -> None:
+        if not self._use_graph:
+            self.run_chain()
+            return
+        import torch
+
+        if self._graph is None:
+            try:
+                stream = torch.cuda.Stream()
+                with torch.cuda.stream(stream):
+                    self.run_chain()  # warm-up: lazy allocations must not be captured
+                stream.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=stream):
+                    self.run_chain()
+                self._graph = graph
+            except RuntimeError as exc:
+                log.warning("CUDA graph capture failed (%s); running without it", exc)
+                self._use_graph = False
+                self.run_chain()
+                return
+        self._graph.replay()
+
+    def __call__(self, lr_tiles):
+        """uint8 [b,3,tile,tile] with b <= batch -> uint8 [b,3,tile*scale,tile*scale] (CPU)."""
+        import torch
+
+        b = lr_tiles.shape[0]
+        lr = self.buffers[self.contracts["encoder"].inputs[0].name]
+        if tuple(lr_tiles.shape[1:]) != tuple(lr.shape[1:]) or b > lr.shape[0] or lr_tiles.dtype != torch.uint8:
+            raise ValueError(f"expected uint8 tiles [<= {lr.shape[0]}, {', '.join(map(str, lr.shape[1:]))}], "
+                             f"got {lr_tiles.dtype} {tuple(lr_tiles.shape)}")
+        lr[:b].copy_(lr_tiles)
+        if b < lr.shape[0]:
+            lr[b:].zero_()  # a partial batch: pad, and ignore the padded outputs
+        self._run()
+        out = self.buffers[self.contracts["decoder"].outputs[0].name]
+        return out[:b].to("cpu", copy=True)
