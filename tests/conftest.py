@@ -1,0 +1,85 @@
+"""Shared fixtures: a tiny real base, a random checkpoint, and exports of it.
+
+Everything is built from the tiny SD-style configs with seeded random weights, once
+per test session, so the suite exercises real diffusers modules, real ONNX files and
+real ONNX Runtime sessions in a few minutes on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+TINY = "synthetic:tiny"
+TILE = 32  # LR pixels: 128x128 output, 16x16 latent with the tiny VAE
+
+
+def pytest_collection_modifyitems(config, items):
+    has_trt = importlib.util.find_spec("tensorrt") is not None
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        has_gpu = False
+    slow = os.environ.get("DFOSD_SLOW") == "1"
+    for item in items:
+        if "tensorrt" in item.keywords and not has_trt:
+            item.add_marker(pytest.mark.skip(reason="needs TensorRT (not installable on this machine)"))
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (none visible)"))
+        if "slow" in item.keywords and not slow:
+            item.add_marker(pytest.mark.skip(reason="slow: set DFOSD_SLOW=1 to run"))
+
+
+@pytest.fixture(scope="session")
+def tiny_base():
+    from dfosd.core.bases import load_base
+
+    return load_base(TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tiny_base, tmp_path_factory):
+    from dfosd.core.checkpoint import write_random_checkpoint
+
+    return write_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "lora.safetensors", tiny_base)
+
+
+def _export(tiny_ckpt, tmp_path_factory, precision, batches):
+    from dfosd.export.artifacts import ExportConfig, export_checkpoint
+
+    out = tmp_path_factory.mktemp(f"export_{precision}")
+    return export_checkpoint(tiny_ckpt, TINY, out, ExportConfig(precision=precision, tile=TILE, batches=batches)).out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_export_fp32(tiny_ckpt, tmp_path_factory):
+    return _export(tiny_ckpt, tmp_path_factory, "fp32", (1, 2))
+
+
+@pytest.fixture(scope="session")
+def tiny_export_fp16(tiny_ckpt, tmp_path_factory):
+    return _export(tiny_ckpt, tmp_path_factory, "fp16", (1,))
+
+
+@pytest.fixture(scope="session")
+def tiny_eager(tiny_base, tiny_ckpt):
+    from dfosd.core.checkpoint import read_checkpoint
+    from dfosd.core.onestep import build_onestep
+
+    return build_onestep(tiny_base, read_checkpoint(tiny_ckpt))
+
+
+@pytest.fixture(scope="session")
+def photo_lr():
+    """A real photograph (scikit-image's astronaut) reduced to 64x64 LR, uint8 [3,64,64]."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from skimage import data
+
+    img = Image.fromarray(data.astronaut()).resize((64, 64), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
