@@ -1,0 +1,43 @@
+"""``dfosd-bench``: latency and parity of eager PyTorch vs the exported engines."""
+
+from __future__ import annotations
+
+import click
+
+from dfosd.core.cli_support import say, setup_logging, user_errors
+
+
+@click.command(name="bench", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--base", default="synthetic:sd21-base", show_default=True, help="Base model spec.")
+@click.option("--ckpt", default=None, type=click.Path(dir_okay=False),
+              help="Checkpoint; default: a synthetic random one written into --work.")
+@click.option("--work", "work_dir", default="dfosd-bench", show_default=True, type=click.Path(file_okay=False),
+              help="Where exports are kept (reused across runs).")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Where bench.json/.md/.png go (default: --work).")
+@click.option("--tile", default=128, show_default=True, type=int, help="LR tile (output is x4).")
+@click.option("--batch", default=1, show_default=True, type=int, help="Tile batch.")
+@click.option("--precisions", default="fp32,fp16", show_default=True, help="Exported precisions to time.")
+@click.option("--backends", default="onnxruntime", show_default=True,
+              help="Backends to time (comma-separated: onnxruntime, tensorrt).")
+@click.option("--warmup", default=1, show_default=True, type=int)
+@click.option("--repeats", default=5, show_default=True, type=int)
+@click.option("-v", "--verbose", is_flag=True)
+@user_errors
+def main(base, ckpt, work_dir, out_dir, tile, batch, precisions, backends, warmup, repeats, verbose):
+    """Time eager PyTorch and every available engine on the same weights and inputs."""
+    setup_logging(verbose)
+    from dfosd.bench.run import BenchConfig, markdown_table, run_bench, write_outputs
+
+    cfg = BenchConfig(base=base, ckpt=ckpt, work_dir=work_dir, tile=tile, batch=batch,
+                      precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()),
+                      backends=tuple(b.strip() for b in backends.split(",") if b.strip()),
+                      warmup=warmup, repeats=repeats)
+    result = run_bench(cfg, say=say)
+    paths = write_outputs(result, out_dir or work_dir)
+    click.echo(markdown_table(result))
+    say(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

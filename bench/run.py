@@ -1,0 +1,235 @@
+"""``dfosd-bench``: eager PyTorch vs every available engine, same weights, same inputs.
+
+Rows: eager fp32 (the parity reference), eager fp16 on a GPU, then each exported
+precision through each usable backend. Each row: median and p90 latency of one tile
+batch after warm-up, images/s, and parity against eager fp32 (PSNR, max abs diff).
+Outputs: a Markdown table, JSON, and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from dfosd.core.errors import DfosdError
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    base: str = "synthetic:sd21-base"
+    ckpt: str | None = None
+    work_dir: str = "dfosd-bench"
+    tile: int = 128
+    batch: int = 1
+    precisions: tuple[str, ...] = ("fp32", "fp16")
+    backends: tuple[str, ...] = ("onnxruntime",)
+    warmup: int = 1
+    repeats: int = 5
+
+    def __post_init__(self):
+        if self.repeats < 1 or self.warmup < 0:
+            raise DfosdError("--repeats must be >= 1 and --warmup >= 0")
+
+
+@dataclass
+class Row:
+    name: str
+    backend: str
+    precision: str
+    device: str
+    median_ms: float
+    p90_ms: float
+    images_per_s: float
+    psnr_db: float | None
+    max_abs_diff: float | None
+    runs_ms: list[float] = field(default_factory=list)
+
+
+def machine_description() -> dict:
+    import os
+
+    import torch
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def bench_inputs(tile: int, batch: int):
+    """LR tiles cut from real photographs that scikit-image ships (no download)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from skimage import data
+
+    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
+    tiles = []
+    for i in range(batch):
+        img = Image.fromarray(photos[i % len(photos)]).convert("RGB")
+        side = min(img.size)
+        img = img.crop((0, 0, side, side)).resize((tile, tile), Image.BICUBIC)
+        tiles.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
+    return torch.stack(tiles).contiguous()
+
+
+def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
+    import torch
+
+    from dfosd.bench.measure import time_runs
+    from dfosd.core.bases import load_base
+    from dfosd.core.checkpoint import read_checkpoint, write_random_checkpoint
+    from dfosd.core.metrics import max_abs_diff, psnr_uint8
+    from dfosd.core.onestep import build_onestep
+    from dfosd.export.artifacts import ExportConfig, export_checkpoint
+    from dfosd.runtime.step import OneStepRunner
+
+    work = Path(cfg.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    say(f"loading base {cfg.base}")
+    base = load_base(cfg.base)
+    ckpt_path = Path(cfg.ckpt) if cfg.ckpt else work / "lora.safetensors"
+    if not cfg.ckpt and not ckpt_path.exists():
+        write_random_checkpoint(ckpt_path, base, rank=16, alpha=16)
+        say(f"wrote a synthetic checkpoint {ckpt_path} (random LoRA: it does not super-resolve)")
+    ckpt = read_checkpoint(ckpt_path)
+    x = bench_inputs(cfg.tile, cfg.batch)
+    cuda = torch.cuda.is_available()
+    dev = "cuda" if cuda else "cpu"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    rows: list[Row] = []
+
+    def add(name, backend, precision, device, timing, out, ref):
+        med = timing.median_ms
+        rows.append(Row(name, backend, precision, device, round(med, 3), round(timing.p90_ms, 3),
+                        round(cfg.batch * 1000.0 / med, 4),
+                        None if ref is None else round(psnr_uint8(out, ref), 3),
+                        None if ref is None else max_abs_diff(out, ref), [round(t, 3) for t in timing.runs_ms]))
+        r = rows[-1]
+        say(f"  {name:<28} median {r.median_ms:10.1f} ms  p90 {r.p90_ms:10.1f} ms  "
+            f"{r.images_per_s:8.3f} img/s  psnr {r.psnr_db}")
+
+    eager_precisions = ["fp32"] + (["fp16"] if cuda else [])
+    ref = None
+    for prec in eager_precisions:
+        dtype = torch.float32 if prec == "fp32" else torch.float16
+        say(f"eager PyTorch {prec} on {dev}")
+        model = build_onestep(base, ckpt, dtype=dtype).to(dev)
+        xin = x.to(dev)
+        out = None
+
+        def eager():
+            nonlocal out
+            with torch.inference_mode():
+                out = model(xin)
+
+        timing = time_runs(eager, warmup=cfg.warmup, repeats=cfg.repeats, sync=sync)
+        out = out.cpu().numpy()
+        if ref is None:
+            ref = out
+        add(f"eager PyTorch {prec}", "torch", prec, dev, timing, out, ref)
+        del model
+        gc.collect()
+
+    exports = {}
+    for prec in cfg.precisions:
+        say(f"export {prec} (reused when current)")
+        res = export_checkpoint(ckpt_path, cfg.base, work / f"onnx-{prec}",
+                                ExportConfig(precision=prec, tile=cfg.tile, batches=(cfg.batch,)), progress=say)
+        exports[prec] = res.out_dir
+        gc.collect()
+    del base
+    gc.collect()
+    for backend in cfg.backends:
+        for prec, folder in exports.items():
+            runner = OneStepRunner(folder, backend=backend, batch=cfg.batch, say=say)
+            out = None
+
+            def engine():
+                nonlocal out
+                out = runner(x)
+
+            timing = time_runs(engine, warmup=cfg.warmup, repeats=cfg.repeats, sync=sync)
+            add(f"{runner.backend.name} {prec}", runner.backend.name, prec, runner.backend.device, timing,
+                out.numpy(), ref)
+            del runner
+            gc.collect()
+    return {
+        "machine": machine_description(),
+        "config": asdict(cfg),
+        "output_shape": list(ref.shape),
+        "reference": "eager PyTorch fp32",
+        "rows": [asdict(r) for r in rows],
+    }
+
+
+def markdown_table(result: dict) -> str:
+    eager = next(r for r in result["rows"] if r["name"] == "eager PyTorch fp32")
+    lines = ["| engine | device | median ms | p90 ms | images/s | speed-up vs eager fp32 | PSNR vs eager fp32 (dB) | max abs diff |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        psnr = "reference" if r is eager else ("inf" if r["psnr_db"] == float("inf") else f"{r['psnr_db']:.1f}")
+        mad = "" if r is eager else f"{r['max_abs_diff']:.0f}"
+        lines.append(f"| {r['name']} | {r['device']} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} | "
+                     f"{r['images_per_s']:.3f} | {eager['median_ms'] / r['median_ms']:.2f}x | {psnr} | {mad} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(7, 0.6 * len(rows) + 1.5))
+    names = [r["name"] for r in rows]
+    med = [r["median_ms"] for r in rows]
+    p90 = [r["p90_ms"] for r in rows]
+    ax.barh(names, med, color="#4c72b0", label="median")
+    ax.errorbar(p90, names, fmt="|", color="black", markersize=12, label="p90")
+    ax.invert_yaxis()
+    ax.set_xlabel("latency per tile batch (ms)")
+    m = result["machine"]
+    shape = "x".join(map(str, result["output_shape"][-2:]))
+    ax.set_title(f"{result['config']['base']}, {shape} output, batch {result['config']['batch']}\n"
+                 f"{m.get('gpu') or m['cpu']}", fontsize=9)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(result: dict, out_dir: Path) -> dict[str, Path]:
+    from dfosd.core.manifest import write_json_atomic
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "bench.json", "md": out_dir / "bench.md", "png": out_dir / "bench.png"}
+    write_json_atomic(paths["json"], result)
+    table = markdown_table(result)
+    m = result["machine"]
+    header = (f"Machine: {m.get('gpu') or m['cpu']} ({m['cpu_count']} cores, torch {m['torch']}, "
+              f"{m['torch_threads']} threads). Output {result['output_shape']}, warm-up "
+              f"{result['config']['warmup']}, {result['config']['repeats']} timed runs.\n\n")
+    tmp = paths["md"].with_suffix(".md.tmp")
+    tmp.write_text(header + table + "\n")
+    tmp.replace(paths["md"])
+    plot(result, paths["png"])
+    return paths
+
+
+def load_result(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

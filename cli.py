@@ -1,0 +1,41 @@
+"""``dfosd``: one command group over the pipeline's stages."""
+
+from __future__ import annotations
+
+import click
+
+
+class LazyGroup(click.Group):
+    """Subcommands import their stage only when run, so ``dfosd --help`` loads no torch."""
+
+    _commands = {
+        "export": ("dfosd.export.cli", "main", "Export a checkpoint to ONNX (and engines)."),
+        "run": ("dfosd.runtime.cli", "main", "Upscale images with exported engines."),
+        "bench": ("dfosd.bench.cli", "main", "Compare eager PyTorch with the engines."),
+    }
+
+    def list_commands(self, ctx):
+        return list(self._commands)
+
+    def get_command(self, ctx, name):
+        import importlib
+
+        if name not in self._commands:
+            return None
+        module, attr, _ = self._commands[name]
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, help_) for name, (_, _, help_) in self._commands.items()]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dfosd")
+def main():
+    """dfosd: DFOSD one-step diffusion x4 super-resolution, compiled for deployment."""
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

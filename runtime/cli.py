@@ -1,0 +1,122 @@
+"""``dfosd-trt-run``: upscale image files with exported engines.
+
+Each image is tiled to the engines' fixed tile, run in tile batches, blended, optionally
+colour-fixed, and written atomically. A bad file costs one line and the batch goes on;
+the exit code is non-zero when anything failed, and a JSON report records each image.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+from dfosd.core.cli_support import say, setup_logging, user_errors
+from dfosd.engines.base import BACKEND_CHOICES
+
+FORMATS = ("png", "jpg", "webp")
+COLOR_FIXES = ("none", "adain", "wavelet")
+REPORT_NAME = "dfosd-report.json"
+
+
+def _process_one(src, rel, runner, tcfg, opts, out_dir):
+    """Upscale one file; returns the report record (raises nothing for bad input)."""
+    from dfosd.runtime.color_fix import apply_color_fix
+    from dfosd.runtime.images import ImageInputError, compose_output, load_image, output_path_for, save_image_atomic
+    from dfosd.runtime.tiling import upscale_tiled
+
+    dst = output_path_for(Path(rel), out_dir, opts["fmt"])
+    rec = {"input": str(src), "output": str(dst)}
+    if opts["skip_existing"] and dst.exists():
+        return {**rec, "status": "skipped", "reason": "output exists (--skip-existing)"}
+    t0 = time.perf_counter()
+    try:
+        img = load_image(src)
+        sr = upscale_tiled(img.rgb, runner, tcfg)
+        sr = apply_color_fix(sr, img.rgb, opts["color_fix"], tcfg.scale)
+        notes = list(img.notes) + list(save_image_atomic(compose_output(sr, img, tcfg.scale), dst, opts["fmt"],
+                                                          quality=opts["quality"]) or [])
+    except ImageInputError as exc:
+        return {**rec, "status": "failed", "error": exc.message}
+    except OSError as exc:
+        return {**rec, "status": "failed", "error": f"could not write {dst}: {exc}"}
+    h, w = img.rgb.shape[1:]
+    return {**rec, "status": "ok", "seconds": round(time.perf_counter() - t0, 4), "input_size": [w, h],
+            "output_size": [w * tcfg.scale, h * tcfg.scale], "notes": notes}
+
+
+@click.command(name="run", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--engines", "engines_dir", default="dfosd-engines", show_default=True,
+              type=click.Path(file_okay=False), help="Directory written by dfosd-export.")
+@click.option("--out", "out_dir", default="dfosd-out", show_default=True, type=click.Path(file_okay=False),
+              help="Output folder (sub-folders of folder inputs are mirrored).")
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True)
+@click.option("--batch", type=int, default=None, help="Tile batch to use (one the export built; default: largest).")
+@click.option("--tile", type=int, default=None,
+              help="LR tile size; must equal the export's (default: the export's).")
+@click.option("--overlap", type=int, default=None, help="Tile overlap in LR pixels (default: tile/4).")
+@click.option("--color-fix", type=click.Choice(COLOR_FIXES), default="none", show_default=True,
+              help="Match the output's colours to the bicubic-upsampled input.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="png", show_default=True)
+@click.option("--quality", type=click.IntRange(1, 100), default=95, show_default=True, help="jpg/webp quality.")
+@click.option("--skip-existing", is_flag=True, help="Leave images whose output already exists.")
+@click.option("--report", type=click.Path(dir_okay=False), default=None,
+              help=f"JSON report path (default: OUT/{REPORT_NAME}).")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("-v", "--verbose", is_flag=True)
+@user_errors
+def main(inputs, engines_dir, out_dir, backend, batch, tile, overlap, color_fix, fmt, quality, skip_existing,
+         report, progress, verbose):
+    """Upscale INPUT... (files, folders searched recursively, or glob patterns) x4.
+
+    Grayscale inputs give grayscale outputs; alpha is carried over bicubic-resized (not
+    super-resolved); 16-bit inputs are written as 8-bit; EXIF orientation is applied.
+    """
+    setup_logging(verbose)
+    from tqdm import tqdm
+
+    from dfosd.core.errors import DfosdError
+    from dfosd.core.manifest import write_json_atomic
+    from dfosd.runtime.images import collect_inputs
+    from dfosd.runtime.step import OneStepRunner
+    from dfosd.runtime.tiling import TilingConfig
+
+    pairs, problems = collect_inputs(inputs)
+    for p in problems:
+        say(f"error: {p}")
+    if not pairs and not problems:
+        raise DfosdError("no input images found", hint="pass image files, folders or glob patterns")
+    runner = OneStepRunner(engines_dir, backend=backend, batch=batch, say=say)
+    if tile is not None and tile != runner.tile:
+        raise DfosdError(f"--tile {tile} differs from the engines' tile {runner.tile} (engines have static shapes)",
+                         hint=f"omit --tile, or re-export with dfosd-export --tile {tile}")
+    tcfg = TilingConfig(tile=runner.tile, overlap=runner.tile // 4 if overlap is None else overlap,
+                        batch=runner.batch, scale=runner.scale)
+    out = Path(out_dir)
+    opts = {"fmt": fmt, "quality": quality, "skip_existing": skip_existing, "color_fix": color_fix}
+    records = [{"input": p, "status": "failed", "error": p} for p in problems]
+    t_all = time.perf_counter()
+    for src, rel in tqdm(pairs, desc="dfosd", unit="img", disable=not progress, file=click.get_text_stream("stderr")):
+        rec = _process_one(src, rel, runner, tcfg, opts, out)
+        if rec["status"] == "failed":
+            tqdm.write(f"error: {rec['error']}", file=click.get_text_stream("stderr"))
+        records.append(rec)
+    counts = {s: sum(r["status"] == s for r in records) for s in ("ok", "skipped", "failed")}
+    report_path = Path(report) if report else out / REPORT_NAME
+    write_json_atomic(report_path, {
+        "engines": str(Path(engines_dir).resolve()), "backend": runner.backend.describe(),
+        "precision": runner.precision, "tiling": {"tile": tcfg.tile, "overlap": tcfg.overlap, "batch": tcfg.batch},
+        "color_fix": color_fix, "total_seconds": round(time.perf_counter() - t_all, 3), "summary": counts,
+        "images": records,
+    })
+    say(f"{counts['ok']} upscaled, {counts['skipped']} skipped, {counts['failed']} failed -> {out} "
+        f"(report: {report_path})")
+    if counts["failed"]:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
