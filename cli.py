@@ -12,6 +12,7 @@ class LazyGroup(click.Group):
         "export": ("dfosd.export.cli", "main", "Export a checkpoint to ONNX (and engines)."),
         "run": ("dfosd.runtime.cli", "main", "Upscale images with exported engines."),
         "bench": ("dfosd.bench.cli", "main", "Compare eager PyTorch with the engines."),
+        "demo": ("dfosd.bench.demo", "main", "Synthetic checkpoint -> export -> upscale photos -> latency."),
     }
 
     def list_commands(self, ctx):
