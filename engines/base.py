@@ -17,9 +17,10 @@ from typing import Mapping
 from dfosd.core.contracts import ComponentContract
 from dfosd.core.errors import DfosdError
 
-BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = ("onnxruntime", "tensorrt", "aoti")
 BACKEND_CHOICES = ("auto",) + BACKENDS
-_MODULES = {"onnxruntime": "dfosd.engines.onnxruntime_backend", "tensorrt": "dfosd.engines.tensorrt_backend"}
+_MODULES = {"onnxruntime": "dfosd.engines.onnxruntime_backend", "tensorrt": "dfosd.engines.tensorrt_backend",
+            "aoti": "dfosd.engines.aoti_backend"}
 
 
 class ComponentEngine(ABC):
