@@ -53,10 +53,10 @@ def alphas_cumprod(scheduler_config: dict[str, Any]) -> torch.Tensor:
 def bicubic_upscale(x: torch.Tensor, scale: int) -> torch.Tensor:
     """torch's bicubic: a=-0.75, half-pixel centres (align_corners=False), no antialias.
 
-    Explicit output size (not a scale factor) keeps the ONNX Resize static.
+    A constant scale factor (not a size computed from ``x.shape``, which tracing records as
+    Shape ops) keeps the exported Resize and everything after it statically shaped.
     """
-    h, w = x.shape[-2:]
-    return F.interpolate(x, size=(h * scale, w * scale), mode="bicubic", align_corners=False)
+    return F.interpolate(x, scale_factor=float(scale), mode="bicubic", align_corners=False)
 
 
 def to_uint8(image: torch.Tensor) -> torch.Tensor:
@@ -66,6 +66,9 @@ def to_uint8(image: torch.Tensor) -> torch.Tensor:
 
 class EncoderPart(nn.Module):
     """uint8 LR -> scaled posterior-mean latent (fp32)."""
+
+    #: submodules that are "the network" (fp16 in an fp16 export); everything else is fp32 glue
+    NETWORK_SCOPES = ("encoder", "quant_conv")
 
     def __init__(self, vae, *, scale: int, scaling_factor: float, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -94,6 +97,8 @@ class EncoderPart(nn.Module):
 class DenoiserPart(nn.Module):
     """UNet at the fixed timestep with the learned embedding, then the x0 step in fp32."""
 
+    NETWORK_SCOPES = ("unet",)
+
     def __init__(self, unet, text_embedding: torch.Tensor, *, timestep: int, alpha_bar: float,
                  dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -120,6 +125,8 @@ class DenoiserPart(nn.Module):
 
 class DecoderPart(nn.Module):
     """Denoised latent (fp32) -> uint8 SR image."""
+
+    NETWORK_SCOPES = ("decoder", "post_quant_conv")
 
     def __init__(self, vae, *, scaling_factor: float, dtype: torch.dtype = torch.float32):
         super().__init__()

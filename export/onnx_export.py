@@ -6,6 +6,14 @@ constant subgraphs torch can see (time embedding of the fixed timestep, the K/V
 projections of the fixed text embedding). onnx-graphsurgeon then removes dead nodes
 and, for graphs small enough to fold without exhausting memory, folds what is left.
 Weights go to one external-data file once a model passes the 2 GiB protobuf limit.
+
+fp16 is made on the graph, not by tracing a half-precision module: the fp32 graph is
+converted with onnxconverter-common, and every node outside the part's network scopes
+(``NETWORK_SCOPES``: the VAE/UNet submodules) is kept fp32. That keeps exactly the
+islands the notes ask for (uint8 <-> float conversion, bicubic resize, latent scaling,
+the x0 step, clamping) in fp32, puts explicit Casts at the borders (a strongly typed
+graph for TensorRT), and avoids half-precision convolutions on the CPU, which have no
+fast kernels and made a full-size fp16 trace take many minutes.
 """
 
 from __future__ import annotations
@@ -24,9 +32,7 @@ log = logging.getLogger(__name__)
 DEFAULT_OPSET = 17
 # protobuf refuses to serialise a message over 2 GiB; keep a margin for graph overhead.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
-# Folding loads the whole graph into ONNX Runtime: full-size fp32 UNet peaked at ~22 GiB
-# on a 24 GiB machine (notes), so only graphs below this size are folded by graphsurgeon.
-FOLD_LIMIT_BYTES = 1_000_000_000
+FOLD_SIZE_THRESHOLD = 64 << 20
 
 
 def _initializer_bytes(model) -> int:
@@ -43,8 +49,104 @@ def _initializer_bytes(model) -> int:
     return total
 
 
-def export_part(module, contract: ComponentContract, onnx_path: Path, *, opset: int = DEFAULT_OPSET) -> dict:
-    """Export ``module`` (already in its precision) to ``onnx_path`` atomically.
+def infer_shapes(model, workdir: Path):
+    """ONNX shape inference, through files when the model is past protobuf's 2 GiB limit."""
+    import onnx
+
+    # The TorchScript exporter leaves value_info entries without shapes; inference keeps
+    # them and then cannot resolve the Shape ops that depend on them. Start clean.
+    del model.graph.value_info[:]
+    if _initializer_bytes(model) < EXTERNAL_DATA_THRESHOLD:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    src, dst = workdir / "infer_in.onnx", workdir / "infer_out.onnx"
+    onnx.save_model(model, str(src), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="infer_in.onnx.data", size_threshold=1024)
+    onnx.shape_inference.infer_shapes_path(str(src), str(dst), data_prop=True)
+    return onnx.load(str(dst))
+
+
+def fold_static(model, workdir: Path, max_passes: int = 4):
+    """Shape inference + constant folding, repeated while it still removes nodes.
+
+    With static input shapes every Shape op, the attention scales and reshape targets,
+    and the fixed timestep/embedding branches become constants; each pass can resolve
+    what the previous fold exposed (e.g. integer Div of a head count). Folded constants
+    larger than 64 MiB are never materialised.
+    """
+    import onnx_graphsurgeon as gs
+
+    count = len(model.graph.node)
+    for _ in range(max_passes):
+        graph = gs.import_onnx(infer_shapes(model, workdir))
+        graph.cleanup().toposort().fold_constants(size_threshold=FOLD_SIZE_THRESHOLD).cleanup().toposort()
+        model = gs.export_onnx(graph)
+        del graph
+        if len(model.graph.node) == count:
+            break
+        count = len(model.graph.node)
+    return model
+
+
+def _network_node(name: str, scopes: tuple[str, ...]) -> bool:
+    return any(name.startswith(f"/{s}/") for s in scopes)
+
+
+def to_fp16(model, scopes: tuple[str, ...], workdir: Path):
+    """fp16 inside the network scopes, fp32 glue outside, fp32 graph inputs/outputs."""
+    import onnx
+    from onnxconverter_common import float16
+
+    model = infer_shapes(model, workdir)  # the converter decides casts from inferred types
+    glue = [n.name for n in model.graph.node if not _network_node(n.name, scopes)]
+    io_types = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.input) + list(model.graph.output)}
+    model = float16.convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True,
+                                             node_block_list=glue)
+    # keep_io_types misses outputs whose producer is a blocked (fp32) node and re-declares
+    # them fp16; the producing node is fp32 glue, so the original declaration is the truth.
+    # It may also have put a Cast-to-fp16 on such an output; drop it and let the fp32
+    # producer write the output directly.
+    from onnx import TensorProto
+
+    for v in list(model.graph.input) + list(model.graph.output):
+        v.type.tensor_type.elem_type = io_types[v.name]
+    outputs = {o.name for o in model.graph.output}
+    for cast in [n for n in model.graph.node if n.op_type == "Cast" and n.output[0] in outputs]:
+        if any(a.name == "to" and a.i == TensorProto.FLOAT16 for a in cast.attribute) and \
+                io_types[cast.output[0]] == TensorProto.FLOAT:
+            src = cast.input[0]
+            for n in model.graph.node:
+                n.output[:] = [cast.output[0] if o == src else o for o in n.output]
+                n.input[:] = [cast.output[0] if i == src else i for i in n.input]
+            model.graph.node.remove(cast)
+    _retarget_network_casts(model, scopes)
+    # The converter retypes Casts but not every inferred value_info; stale entries would
+    # contradict the graph, so drop them (runtimes infer intermediate types themselves).
+    del model.graph.value_info[:]
+    return model
+
+
+def _retarget_network_casts(model, scopes: tuple[str, ...]) -> None:
+    """Casts to fp32 inside the network (``x.to(query.dtype)`` traced in fp32) mean "to the
+    compute dtype": make them fp16, unless fp32 glue reads them (that border must stay fp32)."""
+    from onnx import TensorProto
+
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    outputs = {o.name for o in model.graph.output}
+    for n in model.graph.node:
+        if n.op_type != "Cast" or not _network_node(n.name, scopes) or n.output[0] in outputs:
+            continue
+        if all(_network_node(c.name, scopes) for c in consumers.get(n.output[0], [])):
+            for a in n.attribute:
+                if a.name == "to" and a.i == TensorProto.FLOAT:
+                    a.i = TensorProto.FLOAT16
+
+
+def export_part(module, contract: ComponentContract, onnx_path: Path, *, opset: int = DEFAULT_OPSET,
+                precision: str = "fp32") -> dict:
+    """Export the fp32 ``module`` to ``onnx_path`` atomically, converted to ``precision``.
 
     Returns facts for the manifest: files written, whether external data and folding were used.
     """
@@ -67,13 +169,10 @@ def export_part(module, contract: ComponentContract, onnx_path: Path, *, opset: 
                 opset_version=opset, do_constant_folding=True, dynamo=False,
             )
         model = onnx.load(str(raw))  # pulls in any external data torch wrote beside it
-        graph = gs.import_onnx(model)
-        graph.cleanup().toposort()
         size = _initializer_bytes(model)
-        folded = size < FOLD_LIMIT_BYTES
-        if folded:
-            graph.fold_constants().cleanup().toposort()
-        model = gs.export_onnx(graph)
+        model = fold_static(model, Path(tmp))
+        if precision == "fp16":
+            model = to_fp16(model, module.NETWORK_SCOPES, Path(tmp))
         model.producer_name, model.doc_string = "dfosd", f"dfosd {contract.stem}"
         external = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
         staged = Path(tmp) / onnx_path.name
@@ -92,8 +191,8 @@ def export_part(module, contract: ComponentContract, onnx_path: Path, *, opset: 
             old_data.unlink()
         os.replace(staged, onnx_path)
     files = [onnx_path.name] + ([data_name] if external else [])
-    return {"files": files, "external_data": data_name if external else None, "folded": folded,
-            "opset": opset, "initializer_bytes": size}
+    return {"files": files, "external_data": data_name if external else None,
+            "opset": opset, "precision": precision, "initializer_bytes": _initializer_bytes(model)}
 
 
 def clear_stale(folder: Path, keep: set[str]) -> None:

@@ -107,7 +107,8 @@ def test_external_data_above_threshold(tiny_eager, tmp_path, monkeypatch):
     info = ox.export_part(tiny_eager.part("unet"), contract, tmp_path / "unet_b1.onnx")
     assert info["external_data"] == "unet_b1.onnx.data"
     assert (tmp_path / "unet_b1.onnx.data").stat().st_size > 1_000_000
-    assert (tmp_path / "unet_b1.onnx").stat().st_size < 200_000
+    # the graph file keeps only the graph: the weights went to the data file
+    assert (tmp_path / "unet_b1.onnx").stat().st_size < (tmp_path / "unet_b1.onnx.data").stat().st_size / 4
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(tmp_path / "unet_b1.onnx"), providers=["CPUExecutionProvider"])
