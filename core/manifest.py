@@ -33,9 +33,22 @@ def package_versions(*names: str) -> dict[str, str | None]:
     return out
 
 
+def source_fingerprint(stages: tuple[str, ...] = ("core", "export", "calibration")) -> str:
+    """Hash of the code that produces artifacts: an edited exporter invalidates old exports
+    even when the package version did not change (editable installs, development)."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for stage in stages:
+        for f in sorted((root / stage).glob("*.py")):
+            h.update(f"{stage}/{f.name}".encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 def software_versions() -> dict[str, Any]:
-    return {"python": platform.python_version(),
-            **package_versions("dfosd", "torch", "diffusers", "onnx", "onnxruntime", "onnxruntime-gpu")}
+    return {"python": platform.python_version(), "dfosd_source": source_fingerprint(),
+            **package_versions("dfosd", "torch", "diffusers", "onnx", "onnxruntime", "onnxruntime-gpu",
+                               "onnxconverter-common")}
 
 
 def build_key(inputs: dict[str, Any]) -> str:
