@@ -174,14 +174,18 @@ class OneStepSR(nn.Module):
 
 
 def build_onestep(base: "Base", checkpoint: "DfosdCheckpoint", *, dtype: torch.dtype = torch.float32,
-                  merge: bool = True) -> OneStepSR:
-    """Eager one-step model from a base and a checkpoint (LoRA merged into a copy)."""
+                  merge: bool = True, copy_unet: bool = True) -> OneStepSR:
+    """Eager one-step model from a base and a checkpoint (LoRA merged into a copy).
+
+    ``copy_unet=False`` merges into ``base.unet`` itself: for callers that own the base
+    and need the memory (a full-size UNet is 3.5 GB in fp32).
+    """
     import copy
 
     from dfosd.core.checkpoint import merge_lora, validate_checkpoint
 
     validate_checkpoint(checkpoint, base)
-    unet = copy.deepcopy(base.unet)
+    unet = copy.deepcopy(base.unet) if copy_unet else base.unet
     if merge:
         merge_lora(unet, checkpoint)
     vae = base.vae if dtype == torch.float32 else copy.deepcopy(base.vae)

@@ -49,23 +49,34 @@ def _initializer_bytes(model) -> int:
     return total
 
 
-def infer_shapes(model, workdir: Path):
-    """ONNX shape inference, through files when the model is past protobuf's 2 GiB limit."""
+def infer_shapes(model):
+    """ONNX shape inference (with data propagation) on a model of any size, in place.
+
+    Inference needs dims and dtypes, not weight bytes: large initializers are emptied for
+    the call and refilled afterwards, so a 3.5 GB UNet is inferred as a graph of a few MB
+    (no serialisation past protobuf's 2 GiB limit, no extra copy of the weights).
+    """
     import onnx
 
     # The TorchScript exporter leaves value_info entries without shapes; inference keeps
     # them and then cannot resolve the Shape ops that depend on them. Start clean.
     del model.graph.value_info[:]
-    if _initializer_bytes(model) < EXTERNAL_DATA_THRESHOLD:
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
-    src, dst = workdir / "infer_in.onnx", workdir / "infer_out.onnx"
-    onnx.save_model(model, str(src), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="infer_in.onnx.data", size_threshold=1024)
-    onnx.shape_inference.infer_shapes_path(str(src), str(dst), data_prop=True)
-    return onnx.load(str(dst))
+    stash = []
+    for init in model.graph.initializer:
+        if len(init.raw_data) > 4096:
+            stash.append((init, init.raw_data))
+            init.ClearField("raw_data")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    finally:
+        for init, data in stash:
+            init.raw_data = data
+        del stash
+    model.graph.value_info.extend(inferred.graph.value_info)
+    return model
 
 
-def fold_static(model, workdir: Path, max_passes: int = 4):
+def fold_static(model, max_passes: int = 4):
     """Shape inference + constant folding, repeated while it still removes nodes.
 
     With static input shapes every Shape op, the attention scales and reshape targets,
@@ -77,7 +88,8 @@ def fold_static(model, workdir: Path, max_passes: int = 4):
 
     count = len(model.graph.node)
     for _ in range(max_passes):
-        graph = gs.import_onnx(infer_shapes(model, workdir))
+        graph = gs.import_onnx(infer_shapes(model))
+        del model  # the graph holds its own copy of the weights
         graph.cleanup().toposort().fold_constants(size_threshold=FOLD_SIZE_THRESHOLD).cleanup().toposort()
         model = gs.export_onnx(graph)
         del graph
@@ -91,12 +103,12 @@ def _network_node(name: str, scopes: tuple[str, ...]) -> bool:
     return any(name.startswith(f"/{s}/") for s in scopes)
 
 
-def to_fp16(model, scopes: tuple[str, ...], workdir: Path):
+def to_fp16(model, scopes: tuple[str, ...]):
     """fp16 inside the network scopes, fp32 glue outside, fp32 graph inputs/outputs."""
     import onnx
     from onnxconverter_common import float16
 
-    model = infer_shapes(model, workdir)  # the converter decides casts from inferred types
+    model = infer_shapes(model)  # the converter decides casts from inferred types
     glue = [n.name for n in model.graph.node if not _network_node(n.name, scopes)]
     io_types = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.input) + list(model.graph.output)}
     model = float16.convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True,
@@ -151,11 +163,13 @@ def export_part(module, contract: ComponentContract, onnx_path: Path, *, opset: 
     Returns facts for the manifest: files written, whether external data and folding were used.
     """
     import onnx
-    import onnx_graphsurgeon as gs
     import torch
 
     onnx_path = Path(onnx_path)
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in onnx_path.parent.glob(f".{onnx_path.stem}.*"):  # left by a killed export
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
     sample = contract.sample_inputs()
     args = tuple(sample[s.name] for s in contract.inputs)
     with tempfile.TemporaryDirectory(prefix=f".{onnx_path.stem}.", dir=onnx_path.parent) as tmp:
@@ -168,11 +182,9 @@ def export_part(module, contract: ComponentContract, onnx_path: Path, *, opset: 
                 output_names=[s.name for s in contract.outputs],
                 opset_version=opset, do_constant_folding=True, dynamo=False,
             )
-        model = onnx.load(str(raw))  # pulls in any external data torch wrote beside it
-        size = _initializer_bytes(model)
-        model = fold_static(model, Path(tmp))
+        model = fold_static(onnx.load(str(raw)))  # load pulls in external data torch wrote
         if precision == "fp16":
-            model = to_fp16(model, module.NETWORK_SCOPES, Path(tmp))
+            model = to_fp16(model, module.NETWORK_SCOPES)
         model.producer_name, model.doc_string = "dfosd", f"dfosd {contract.stem}"
         external = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
         staged = Path(tmp) / onnx_path.name
