@@ -19,6 +19,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from dfosd.calibration.recipe import (
+    CONV_CALIBRATIONS,
+    FLOAT_PRECISIONS,
+    QUANT_PRECISIONS,
+    QuantRecipe,
+    parse_quantize,
+)
 from dfosd.core.contracts import Geometry, component_contracts
 from dfosd.core.errors import DfosdError
 from dfosd.core.manifest import (
@@ -27,6 +34,7 @@ from dfosd.core.manifest import (
     build_key,
     files_intact,
     file_record,
+    package_versions,
     software_versions,
     write_json_atomic,
 )
@@ -34,7 +42,9 @@ from dfosd.core.onestep import COMPONENTS
 
 log = logging.getLogger(__name__)
 
-EXPORT_PRECISIONS = ("fp32", "fp16")
+EXPORT_PRECISIONS = ("fp32", "fp16", "int8", "fp8")
+DEFAULT_OPSET = 17
+QDQ_FP16_OPSET = 19  # QuantizeLinear with fp16 scales, and any FP8 Q/DQ
 
 
 @dataclass(frozen=True)
@@ -42,24 +52,74 @@ class ExportConfig:
     precision: str = "fp16"
     tile: int = 128
     batches: tuple[int, ...] = (1,)
-    opset: int = 17
+    opset: int | None = None  # None: 17, or 19 where Q/DQ need it (fp8; int8 in fp16)
+    # int8/fp8 only: the precision of everything left in float, and the calibration.
+    float_precision: str | None = None  # default fp16; equals precision for fp32/fp16
+    calib_data: str | None = None
+    calib_count: int = 64
+    quantize: tuple[str, ...] = COMPONENTS  # parts to quantize; () for fp32/fp16
+    conv_calibration: str = "percentile"
 
     def __post_init__(self):
         problems = []
         if self.precision not in EXPORT_PRECISIONS:
-            problems.append(f"--precision {self.precision!r}: choose one of {', '.join(EXPORT_PRECISIONS)} "
-                            "(int8/fp8 need calibration data: see README, 'Quantization')")
+            problems.append(f"--precision {self.precision!r}: choose one of {', '.join(EXPORT_PRECISIONS)}")
+        elif self.precision in QUANT_PRECISIONS:
+            self._check_quantization(problems)
+        else:
+            if self.calib_data is not None:
+                problems.append(f"--calib-data is used by --precision int8/fp8 only (got {self.precision})")
+            if self.float_precision not in (None, self.precision):
+                problems.append(f"--float-precision applies to int8/fp8 exports (got {self.precision})")
+            object.__setattr__(self, "float_precision", self.precision)
+            object.__setattr__(self, "quantize", ())
         if not self.batches or any(b < 1 for b in self.batches):
             problems.append(f"--batch {list(self.batches)}: tile batches must be integers >= 1")
         if len(set(self.batches)) != len(self.batches):
             problems.append(f"--batch {list(self.batches)}: repeated tile batch")
         if self.tile < 8 or self.tile % 2:
             problems.append(f"--tile {self.tile}: must be an even number >= 8 (LR pixels)")
-        if not 13 <= self.opset <= 21:
-            problems.append(f"--opset {self.opset}: choose 13..21")
+        needed = self.min_opset
+        if self.opset is None:
+            object.__setattr__(self, "opset", max(DEFAULT_OPSET, needed))
+        elif not max(13, needed) <= self.opset <= 21:
+            why = f" ({self.precision} Q/DQ in {self.float_precision} need {needed})" if needed > 13 else ""
+            problems.append(f"--opset {self.opset}: choose {max(13, needed)}..21{why}")
         if problems:
             raise DfosdError("; ".join(problems))
         object.__setattr__(self, "batches", tuple(sorted(self.batches)))
+
+    def _check_quantization(self, problems: list[str]) -> None:
+        if self.float_precision is None:
+            object.__setattr__(self, "float_precision", "fp16")
+        elif self.float_precision not in FLOAT_PRECISIONS:
+            problems.append(f"--float-precision {self.float_precision!r}: choose one of {', '.join(FLOAT_PRECISIONS)}")
+        if self.calib_data is None:
+            problems.append(f"--precision {self.precision} needs --calib-data DIR (LR photos to calibrate on)")
+        else:
+            object.__setattr__(self, "calib_data", str(Path(self.calib_data).expanduser().resolve()))
+        if self.calib_count < 1:
+            problems.append(f"--calib-count {self.calib_count}: must be >= 1")
+        if self.conv_calibration not in CONV_CALIBRATIONS:
+            problems.append(f"--conv-calibration {self.conv_calibration!r}: choose one of {', '.join(CONV_CALIBRATIONS)}")
+        try:
+            object.__setattr__(self, "quantize", parse_quantize(self.quantize))
+        except DfosdError as exc:
+            problems.append(exc.message)
+
+    @property
+    def min_opset(self) -> int:
+        if self.precision == "fp8" or (self.precision == "int8" and self.float_precision == "fp16"):
+            return QDQ_FP16_OPSET
+        return 13
+
+    def recipe(self) -> "QuantRecipe":
+        """The quantization recipe of an int8/fp8 export."""
+        return QuantRecipe(precision=self.precision, float_precision=self.float_precision,
+                           conv_calibration=self.conv_calibration)
+
+    def component_precision(self, component: str) -> str:
+        return self.precision if component in self.quantize else self.float_precision
 
 
 @dataclass
@@ -71,20 +131,20 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _torch_dtype(precision: str):
-    import torch
-
-    return {"fp32": torch.float32, "fp16": torch.float16}[precision]
-
-
 def export_inputs(base_spec: str, base_fp: str | None, ckpt, cfg: ExportConfig) -> dict:
-    return {
+    inputs = {
         "base": base_spec,
         "base_fingerprint": base_fp,
         "checkpoint_sha256": ckpt.sha256,
         "config": asdict(cfg),
         "software": software_versions(),
     }
+    if cfg.quantize:
+        from dfosd.calibration.data import file_list_sha256
+
+        inputs["calibration_sha256"] = file_list_sha256(cfg.calib_data)  # new photos -> new build key
+        inputs["software"].update(package_versions("nvidia-modelopt"))
+    return inputs
 
 
 def reusable(out_dir: Path, key: str) -> dict | None:
@@ -129,19 +189,36 @@ def export_checkpoint(ckpt_path: str | Path, base_spec: str, out_dir: str | Path
     from dfosd.core.onestep import build_onestep
     from dfosd.export.onnx_export import clear_stale, export_part
 
-    model = build_onestep(base, ckpt, dtype=_torch_dtype(cfg.precision))
+    # NOTE (lead): the eager model is always built and traced in fp32; fp16 is made on the ONNX
+    # graph by export_part(precision="fp16") with fp32 islands (see export/onnx_export.py). Tracing
+    # torch half modules on the CPU took >5 min for the full-size encoder alone. Quantized parts
+    # may still build their own half copy if ModelOpt needs it.
+    model = build_onestep(base, ckpt, copy_unet=False)  # this base is ours alone: merge in place
+    quantized, calibration = {}, None
+    if cfg.quantize:
+        from dfosd.calibration.export import quantize_for_export
+
+        quantized, calibration = quantize_for_export(model, cfg, progress=progress)
     components, files = {}, {}
     for batch in cfg.batches:
         geo = Geometry(tile=cfg.tile, batch=batch, upscale=ckpt.metadata.upscale,
                        vae_scale_factor=base.vae_scale_factor, latent_channels=base.latent_channels)
         for name, contract in component_contracts(geo).items():
             t = time.perf_counter()
-            progress(f"exporting {contract.stem} ({cfg.precision})")
-            info = export_part(model.part(name), contract, out_dir / f"{contract.stem}.onnx", opset=cfg.opset)
+            precision = cfg.component_precision(name)
+            progress(f"exporting {contract.stem} ({precision})")
+            if name in quantized:
+                from dfosd.calibration.onnx_qdq import export_quantized_part
+
+                info = export_quantized_part(quantized[name], contract, out_dir / f"{contract.stem}.onnx",
+                                             opset=cfg.opset, precision=cfg.precision)
+            else:
+                info = export_part(model.part(name), contract, out_dir / f"{contract.stem}.onnx", opset=cfg.opset,
+                                   precision=precision)
             for f in info["files"]:
                 files[f] = file_record(out_dir / f)
             components[contract.stem] = {"component": name, "batch": batch, "onnx": f"{contract.stem}.onnx",
-                                         "contract": contract.to_dict(), "export_seconds":
+                                         "precision": precision, "contract": contract.to_dict(), "export_seconds":
                                          round(time.perf_counter() - t, 2), **info}
     clear_stale(out_dir, set(files))
     meta = ckpt.metadata
@@ -152,6 +229,7 @@ def export_checkpoint(ckpt_path: str | Path, base_spec: str, out_dir: str | Path
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "inputs": {**inputs, "checkpoint": str(Path(ckpt_path).resolve())},
         "precision": cfg.precision,
+        "float_precision": cfg.float_precision,
         "tile": cfg.tile,
         "batches": list(cfg.batches),
         "upscale": meta.upscale,
@@ -162,6 +240,8 @@ def export_checkpoint(ckpt_path: str | Path, base_spec: str, out_dir: str | Path
         "components": components,
         "files": files,
     }
+    if calibration is not None:
+        manifest["calibration"] = calibration
     write_json_atomic(out_dir / MANIFEST_NAME, manifest)
     return ExportResult(out_dir, manifest, reused=False, seconds=time.perf_counter() - t0)
 

@@ -14,27 +14,41 @@ from dfosd.engines.base import BACKEND_CHOICES
 @click.option("--base", default=None,
               help="Base model: diffusers dir, hub id, single file, synthetic:tiny or synthetic:sd21-base. "
                    "Default: the checkpoint's base_model.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp16", show_default=True,
-              help="fp16: fp16 graph with fp32 pre/post-processing and x0 step.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "fp8"]), default="fp16", show_default=True,
+              help="fp16: fp16 graph with fp32 pre/post-processing and x0 step. int8/fp8: ModelOpt Q/DQ graphs "
+                   "calibrated on --calib-data (needs dfosd[quant]).")
+@click.option("--float-precision", type=click.Choice(["fp16", "fp32"]), default=None,
+              help="int8/fp8: precision of the parts not quantized and of the ops left in float. [default: fp16]")
+@click.option("--calib-data", type=click.Path(file_okay=False), default=None,
+              help="int8/fp8: folder of LR photos; cut into --tile tiles and run through the pipeline to calibrate.")
+@click.option("--calib-count", default=64, show_default=True, type=int, help="int8/fp8: calibration tiles.")
+@click.option("--quantize", "quantize", default="unet,vae-enc,vae-dec", show_default=True,
+              help="int8/fp8: parts to quantize, comma-separated (the others stay in --float-precision).")
+@click.option("--conv-calibration", type=click.Choice(["percentile", "max"]), default="percentile",
+              show_default=True, help="int8/fp8: amax of the Conv inputs (99.99th percentile of |x|, or max).")
 @click.option("--out", "out_dir", default="dfosd-engines", show_default=True, type=click.Path(file_okay=False),
               help="Artifact directory (ONNX, manifest, engines).")
 @click.option("--tile", default=128, show_default=True, type=int, help="LR tile size in pixels (output x4).")
 @click.option("--batch", "batches", default="1", show_default=True,
               help="Tile batch sizes to build, comma-separated (one static-shape set each).")
-@click.option("--opset", default=17, show_default=True, type=int, help="ONNX opset.")
+@click.option("--opset", default=None, type=int,
+              help="ONNX opset. [default: 17; 19 for fp8 and for int8 with fp16 floats]")
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
               help="Engines to prepare: onnxruntime uses the ONNX files; tensorrt also builds plans.")
 @click.option("--force", is_flag=True, help="Rebuild even when the manifest says the artifacts are current.")
 @click.option("-v", "--verbose", is_flag=True)
 @user_errors
-def main(ckpt, base, precision, out_dir, tile, batches, opset, backend, force, verbose):
+def main(ckpt, base, precision, float_precision, calib_data, calib_count, quantize, conv_calibration, out_dir, tile,
+         batches, opset, backend, force, verbose):
     """Export a DFOSD checkpoint to static-shape ONNX (and engines) for dfosd-trt-run."""
     setup_logging(verbose)
     from dfosd.core.checkpoint import read_checkpoint
     from dfosd.engines.base import select_backend
     from dfosd.export.artifacts import ExportConfig, export_checkpoint
 
-    cfg = ExportConfig(precision=precision, tile=tile, batches=parse_int_list(batches, "--batch"), opset=opset)
+    cfg = ExportConfig(precision=precision, tile=tile, batches=parse_int_list(batches, "--batch"), opset=opset,
+                       float_precision=float_precision, calib_data=calib_data, calib_count=calib_count,
+                       quantize=quantize, conv_calibration=conv_calibration)
     backend_cls, why = select_backend(backend)
     say(why)
     if base is None:
@@ -46,6 +60,8 @@ def main(ckpt, base, precision, out_dir, tile, batches, opset, backend, force, v
 
         build_engines(result.out_dir, progress=say)
     verb = "reused" if result.reused else "wrote"
+    if cfg.quantize:
+        precision = f"{precision} {'+'.join(cfg.quantize)}, {cfg.float_precision} elsewhere"
     say(f"{verb} {len(result.manifest['components'])} ONNX parts ({precision}, tile {tile}, "
         f"batches {list(cfg.batches)}) in {result.out_dir} [{result.seconds:.1f} s]")
     click.echo(str(result.out_dir))

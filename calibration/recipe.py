@@ -1,0 +1,98 @@
+"""The 8-bit recipe: what is quantized, how it is calibrated, as one record.
+
+Light on purpose (no ModelOpt import): the export config validates against it and the
+manifest stores ``QuantRecipe.to_dict()``; ``calibration.quantize`` turns it into a
+ModelOpt config.
+
+INT8 (what NVIDIA's diffusion recipes do, notes/model.md): per-channel weights, per-tensor
+activations; SmoothQuant (alpha 0.8) on Linear layers; percentile (or max) calibration
+of the Conv inputs. FP8 E4M3: per-tensor weights and activations, max calibration of the
+Linear inputs and the same Conv choice. Never quantized (ModelOpt name patterns): conv_in,
+conv_out, conv_shortcut, the time embedding (``time_embedding`` and the ResNets'
+``time_emb_proj``), norm_out, proj_out, and the cross-attention K/V projections, whose
+only input is the checkpoint's fixed text embedding: left in float they fold into
+constants at export, quantized they would be runtime work with quantization error for
+nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable
+
+from dfosd.core.errors import DfosdError
+from dfosd.core.onestep import COMPONENTS
+
+QUANT_PRECISIONS = ("int8", "fp8")
+FLOAT_PRECISIONS = ("fp32", "fp16")
+CONV_CALIBRATIONS = ("percentile", "max")
+# --quantize names (CLI) -> component names (contracts, manifest); component names are accepted too.
+QUANTIZE_NAMES = {"unet": "unet", "vae-enc": "encoder", "vae-dec": "decoder"}
+EXCLUDE_PATTERNS = (
+    "*conv_in*",
+    "*conv_out*",
+    "*conv_shortcut*",
+    "*time_emb*",  # time_embedding.linear_1/2 and every ResNet's time_emb_proj
+    "*norm_out*",
+    "*proj_out*",
+    "*attn2.to_k*",  # input = the fixed text embedding: folded at export
+    "*attn2.to_v*",
+)
+# Layer classes the recipe quantizes; each must end with at least one enabled quantizer.
+QUANTIZED_CLASSES = ("Linear", "Conv2d")
+
+
+def parse_quantize(value: str | Iterable[str]) -> tuple[str, ...]:
+    """``"unet,vae-enc"`` (or component names) -> component names in pipeline order."""
+    items = [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()]
+    if not items:
+        raise DfosdError("--quantize is empty: name at least one of " + ", ".join(QUANTIZE_NAMES))
+    comps = set()
+    for item in items:
+        comp = QUANTIZE_NAMES.get(item, item if item in COMPONENTS else None)
+        if comp is None:
+            raise DfosdError(f"--quantize {item!r}: choose from {', '.join(QUANTIZE_NAMES)}")
+        comps.add(comp)
+    return tuple(c for c in COMPONENTS if c in comps)
+
+
+@dataclass(frozen=True)
+class QuantRecipe:
+    precision: str = "int8"
+    float_precision: str = "fp16"  # of every op left unquantized (and of unquantized parts)
+    conv_calibration: str = "percentile"
+    percentile: float = 99.99
+    smoothquant_alpha: float = 0.8
+    exclude: tuple[str, ...] = EXCLUDE_PATTERNS
+
+    def __post_init__(self):
+        problems = []
+        if self.precision not in QUANT_PRECISIONS:
+            problems.append(f"precision {self.precision!r} is not one of {', '.join(QUANT_PRECISIONS)}")
+        if self.float_precision not in FLOAT_PRECISIONS:
+            problems.append(f"float precision {self.float_precision!r} is not one of {', '.join(FLOAT_PRECISIONS)}")
+        if self.conv_calibration not in CONV_CALIBRATIONS:
+            problems.append(f"conv calibration {self.conv_calibration!r} is not one of {', '.join(CONV_CALIBRATIONS)}")
+        if not 50.0 < self.percentile <= 100.0:
+            problems.append(f"percentile {self.percentile} must be in (50, 100]")
+        if not 0.0 <= self.smoothquant_alpha <= 1.0:
+            problems.append(f"SmoothQuant alpha {self.smoothquant_alpha} must be in [0, 1]")
+        if problems:
+            raise DfosdError("; ".join(problems))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    @property
+    def algorithm(self) -> dict[str, Any] | str:
+        """ModelOpt's calibration algorithm: SmoothQuant is INT8-only."""
+        if self.precision == "int8":
+            return {"method": "smoothquant", "alpha": self.smoothquant_alpha}
+        return "max"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["exclude"] = list(self.exclude)
+        d["algorithm"] = self.algorithm
+        d["weights"] = "per-channel (axis 0)" if self.precision == "int8" else "per-tensor"
+        d["activations"] = "per-tensor"
+        d["linear_calibration"] = "smoothquant+max" if self.precision == "int8" else "max"
+        return d

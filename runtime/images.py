@@ -1,0 +1,358 @@
+"""Image files in and out: finding inputs, decoding any common file to uint8 RGB, writing safely.
+
+The engines only understand uint8 RGB [3,H,W]. Real folders hold more than that:
+grayscale scans, PNGs with transparency, palette images, 16-bit TIFFs, CMYK JPEGs from
+print workflows, phone photos stored sideways with an EXIF orientation tag. ``load_image``
+turns each into RGB plus what is needed to give the output the input's form back
+(grayscale flag, alpha plane), and records anything lossy in ``notes`` so the run report
+says what happened instead of changing images silently.
+
+A broken file is a user problem, not a crash: it raises ``ImageInputError`` with one
+line naming the file, and a batch run reports it and goes on.
+
+Outputs are written to a temporary dot-file next to the destination and renamed into
+place (``os.replace`` is atomic on one file system), so an interrupted run never leaves a
+half-written image that a later ``--skip-existing`` run would take for a finished one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from dfosd.core.errors import DfosdError
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
+
+# format name -> (PIL format, file suffix)
+OUTPUT_FORMATS = {"png": ("PNG", ".png"), "jpg": ("JPEG", ".jpg"), "webp": ("WEBP", ".webp")}
+# Largest side each encoder can hold; checked up front for a clear message.
+_MAX_SIDE = {"jpg": 65_535, "webp": 16_383}
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+NOTE_16BIT = "16-bit input written as 8-bit"
+
+
+class ImageInputError(DfosdError):
+    """An input file that cannot be used (missing, empty, not an image, truncated, ...)."""
+
+
+class ImageOutputError(DfosdError, OSError):
+    """An output that cannot be written as asked. Also an OSError, so callers that report
+    write failures per file (and go on) catch it along with disk-full and permission errors."""
+
+
+# ----------------------------------------------------------------------------- finding inputs
+
+def is_image_name(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _is_hidden(rel: Path) -> bool:
+    # Skips our own temporary dot-files, macOS "._name.jpg" resource forks, .thumbnails/ ...
+    return any(part.startswith(".") for part in rel.parts)
+
+
+def _scan_folder(folder: Path) -> list[tuple[Path, Path]]:
+    """Image files under ``folder`` (recursive, hidden ones skipped), sorted, with paths relative to it."""
+    found = []
+    for path in folder.rglob("*"):
+        rel = path.relative_to(folder)
+        if is_image_name(path) and not _is_hidden(rel) and path.is_file():
+            found.append((path, rel))
+    return sorted(found, key=lambda pr: pr[1].parts)
+
+
+def _expand_glob(pattern: str) -> list[tuple[Path, Path]]:
+    """Image files matching a glob pattern (``**`` recurses), sorted; outputs use the bare file name."""
+    paths = sorted(Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True))
+    return [(p, Path(p.name)) for p in paths if p.is_file() and is_image_name(p)]
+
+
+def collect_inputs(inputs: Sequence[str]) -> tuple[list[tuple[Path, Path]], list[str]]:
+    """Expand INPUT arguments into (file, relative output path) pairs, plus problem messages.
+
+    * a file: used as given, whatever its suffix (a wrong file should be reported by
+      ``load_image``, not skipped silently); output named after the file;
+    * a folder: its image files, recursively, outputs mirroring its sub-folders;
+    * anything else with glob characters: a pattern; matching image files, by file name.
+
+    Inputs that yield nothing become problems ("no such file or folder: X"). The same
+    file reached twice is kept once. Two different files whose outputs would have the
+    same name (a/x.png and b/x.png given as files, or x.png next to x.jpg) would
+    overwrite each other: the later one is dropped with a problem message.
+    """
+    pairs: list[tuple[Path, Path]] = []
+    problems: list[str] = []
+    seen: set[Path] = set()
+    outputs: dict[Path, Path] = {}  # output name without suffix -> the file that claimed it
+    for raw in inputs:
+        path = Path(raw).expanduser()
+        if path.is_file():
+            found = [(path, Path(path.name))]
+        elif path.is_dir():
+            found = _scan_folder(path)
+            if not found:
+                problems.append(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder: {raw}")
+        elif glob.has_magic(raw):
+            found = _expand_glob(raw)
+            if not found:
+                problems.append(f"no image files match: {raw}")
+        else:
+            found = []
+            problems.append(f"no such file or folder: {raw}")
+        for src, rel in found:
+            key = src.resolve()
+            if key in seen:
+                continue
+            seen.add(key)
+            stem = rel.with_suffix("")
+            if stem in outputs:
+                problems.append(f"{src}: skipped, its output would overwrite that of {outputs[stem]} "
+                                f"(both are {stem}.*)")
+                continue
+            outputs[stem] = src
+            pairs.append((src, rel))
+    return pairs, problems
+
+
+def output_path_for(rel: Path, out_dir: Path, fmt: str) -> Path:
+    """Where the output for relative input path ``rel`` goes: ``out_dir/rel`` with the format's suffix."""
+    if fmt not in OUTPUT_FORMATS:
+        raise DfosdError(f"unknown output format {fmt!r}", hint=f"use one of: {', '.join(OUTPUT_FORMATS)}")
+    rel = Path(rel)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise ValueError(f"output path must be relative and stay inside the output folder: {rel}")
+    return Path(out_dir) / rel.with_suffix(OUTPUT_FORMATS[fmt][1])
+
+
+# ----------------------------------------------------------------------------- loading
+
+@dataclass
+class LoadedImage:
+    path: Path
+    rgb: torch.Tensor  # uint8 [3,H,W], what the model sees
+    alpha: torch.Tensor | None  # uint8 [H,W] when the input had transparency
+    grayscale: bool  # input had one colour channel: write the output as grayscale too
+    notes: list[str] = field(default_factory=list)  # anything lossy or unusual, for the report
+    icc_profile: bytes | None = None  # colour profile to carry over to the output
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise ImageInputError(f"{path}: no such file")
+    if not path.is_file():
+        raise ImageInputError(f"{path}: not a file")
+    if path.stat().st_size == 0:
+        raise ImageInputError(f"{path}: empty file (0 bytes)")
+
+
+def _decode(path: Path) -> tuple[Image.Image, bool, int]:
+    """Open and fully decode; returns the image, whether the data was 16-bit, and the frame count.
+
+    ``Image.open`` only reads the header; ``load()`` decodes the pixels, which is where a
+    truncated or corrupt file fails. Doing it here turns that into one clear error.
+    """
+    try:
+        with Image.open(path) as img:
+            # PIL decodes 16-bit RGB PNGs straight to 8-bit "RGB"; only the raw mode tells.
+            was_16bit = any(";16" in str(t.args) for t in img.tile)
+            img.load()
+            frames = getattr(img, "n_frames", 1)
+            return img.copy(), was_16bit, frames  # a copy: the with-block closes the file
+    except UnidentifiedImageError:
+        raise ImageInputError(f"{path}: not an image PIL can read") from None
+    except PermissionError as exc:
+        raise ImageInputError(f"{path}: cannot read ({exc.strerror})") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageInputError(f"{path}: too large to decode safely ({exc})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        # PIL reports bad data as any of these: "image file is truncated", "broken PNG file", ...
+        raise ImageInputError(f"{path}: truncated or corrupt image ({exc})") from None
+
+
+def _apply_orientation(img: Image.Image, notes: list[str]) -> Image.Image:
+    """Rotate/flip as the EXIF orientation tag says (phones store photos sideways)."""
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+        if orientation in (None, 1):
+            return img
+        out = ImageOps.exif_transpose(img)
+        notes.append(f"EXIF orientation {orientation} applied")
+        return out if out is not None else img
+    except Exception as exc:  # a broken EXIF block should not cost the image
+        notes.append(f"EXIF orientation unreadable ({exc}); used as stored")
+        return img
+
+
+def _high_depth_to_l(img: Image.Image, notes: list[str]) -> Image.Image:
+    """16-bit or float single-channel image -> 8-bit "L".
+
+    Integer modes are taken as 0..65535 and divided by 257 (65535 -> 255 exactly); float
+    ("F") as 0..1 when its maximum is at most 1, else like 16-bit.
+    """
+    arr = np.asarray(img).astype(np.float64)
+    if img.mode == "F":
+        notes.append("floating-point input written as 8-bit")
+        arr = np.nan_to_num(arr)
+        full = 1.0 if arr.size and arr.max() <= 1.0 else 65535.0
+    else:
+        notes.append(NOTE_16BIT)
+        full = 65535.0
+    out = np.clip(np.round(arr / full * 255.0), 0, 255).astype(np.uint8)
+    return Image.fromarray(out, "L")
+
+
+def _split_channels(img: Image.Image, notes: list[str]) -> tuple[Image.Image, Image.Image | None, bool]:
+    """Any PIL mode -> (RGB image, alpha "L" image or None, grayscale?)."""
+    mode = img.mode
+    if mode in _SIXTEEN_BIT_MODES or mode == "F":
+        img, mode = _high_depth_to_l(img, notes), "L"
+    if mode == "1":
+        img, mode = img.convert("L"), "L"
+    if mode in ("P", "PA"):
+        # Palette entries can be transparent ("transparency" in info): keep that as alpha.
+        has_alpha = mode == "PA" or "transparency" in img.info
+        img = img.convert("RGBA" if has_alpha else "RGB")
+        mode = img.mode
+    if mode in ("L", "RGB") and "transparency" in img.info:  # one colour marked transparent (PNG tRNS)
+        img = img.convert("LA" if mode == "L" else "RGBA")
+        mode = img.mode
+    if mode == "CMYK":
+        notes.append("CMYK input converted to RGB")
+        img, mode = img.convert("RGB"), "RGB"
+
+    if mode == "L":
+        return img.convert("RGB"), None, True
+    if mode in ("LA", "La"):
+        lum, alpha = img.convert("LA").split()
+        return lum.convert("RGB"), alpha, True
+    if mode in ("RGBA", "RGBa"):
+        rgba = img.convert("RGBA")
+        return rgba.convert("RGB"), rgba.getchannel("A"), False
+    if mode == "RGB":
+        return img, None, False
+    try:  # YCbCr, LAB, HSV, RGBX, ...: PIL knows how
+        return img.convert("RGB"), None, False
+    except (ValueError, OSError) as exc:
+        raise ImageInputError(f"image mode {mode} is not supported ({exc})") from None
+
+
+def _to_tensor(img: Image.Image) -> torch.Tensor:
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim == 2:
+        return torch.from_numpy(arr.copy())
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+def load_image(path: str | Path) -> LoadedImage:
+    """Read any supported image file as uint8 RGB [3,H,W] (+ alpha, grayscale flag, notes).
+
+    EXIF orientation is applied; grayscale (L/LA/1) is replicated to RGB and flagged;
+    transparency (RGBA/LA/palette) is kept as a separate alpha plane; 16-bit and float
+    data are scaled to 8-bit; CMYK is converted to RGB. Raises ``ImageInputError``
+    (one line naming the file) for missing, empty, unreadable or truncated files.
+    """
+    path = Path(path)
+    _check_file(path)
+    img, was_16bit, frames = _decode(path)
+    notes: list[str] = []
+    if was_16bit and img.mode not in _SIXTEEN_BIT_MODES:
+        notes.append(NOTE_16BIT)  # PIL already reduced it; say so
+    if frames > 1:
+        notes.append(f"multi-frame image ({frames} frames): first frame only")
+    # A CMYK profile does not describe the converted RGB; any other profile still applies.
+    icc = img.info.get("icc_profile") if img.mode != "CMYK" else None
+    img = _apply_orientation(img, notes)
+    try:
+        rgb, alpha, grayscale = _split_channels(img, notes)
+    except ImageInputError as exc:
+        raise ImageInputError(f"{path}: {exc.message}") from None
+    return LoadedImage(path=path, rgb=_to_tensor(rgb), alpha=None if alpha is None else _to_tensor(alpha),
+                       grayscale=grayscale, notes=notes, icc_profile=icc or None)
+
+
+# ----------------------------------------------------------------------------- writing
+
+def compose_output(sr: torch.Tensor, loaded: LoadedImage, scale: int) -> Image.Image:
+    """Give the uint8 SR output [3,H,W] the input's form: grayscale and/or alpha.
+
+    Grayscale inputs come back as "L" (the rounded mean of the three channels: the model
+    may add a faint tint, which should not make a grayscale scan colour). Alpha is NOT
+    super-resolved -- the model only sees RGB -- it is resized with PIL bicubic to the
+    output size and re-attached (giving "LA" or "RGBA").
+    """
+    h, w = loaded.rgb.shape[1:]
+    if sr.dtype != torch.uint8 or tuple(sr.shape) != (3, h * scale, w * scale):
+        raise ValueError(f"expected uint8 [3,{h * scale},{w * scale}] for {loaded.path}, "
+                         f"got {sr.dtype} {tuple(sr.shape)}")
+    if loaded.grayscale:
+        gray = torch.round(sr.float().mean(0)).clamp(0, 255).to(torch.uint8)
+        out = Image.fromarray(gray.numpy(), "L")
+    else:
+        out = Image.fromarray(np.ascontiguousarray(sr.permute(1, 2, 0).numpy()), "RGB")
+    if loaded.alpha is not None:
+        alpha = Image.fromarray(loaded.alpha.numpy(), "L").resize(out.size, Image.Resampling.BICUBIC)
+        out.putalpha(alpha)  # L -> LA, RGB -> RGBA
+    if loaded.icc_profile:
+        out.info["icc_profile"] = loaded.icc_profile
+    return out
+
+
+def _prepare_for_format(image: Image.Image, fmt: str) -> tuple[Image.Image, list[str]]:
+    """Convert to a mode the format can hold; say what was lost."""
+    notes = []
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if fmt == "jpg" and has_alpha:
+        notes.append("alpha dropped: jpg has no alpha channel")
+        gray = image.mode in ("LA", "La")
+        image = image.convert("L" if gray else "RGB")
+    elif fmt == "webp" and image.mode in ("L", "LA"):
+        notes.append("grayscale stored as RGB: webp has no grayscale mode")
+    side = _MAX_SIDE.get(fmt)
+    if side is not None and max(image.size) > side:
+        raise ImageOutputError(f"{fmt} holds at most {side} pixels per side, the output is "
+                               f"{image.size[0]}x{image.size[1]}", hint="use --format png")
+    return image, notes
+
+
+def save_image_atomic(image: Image.Image, path: Path, fmt: str, quality: int = 95) -> list[str]:
+    """Write ``image`` to ``path`` as ``fmt`` (png/jpg/webp) atomically; returns notes.
+
+    The data goes to ".<name>.<random>.tmp" in the destination folder first (a dot-name:
+    shell and Python globs of the outputs skip it, and it does not end in the image
+    suffix), is flushed to disk, and is then renamed over ``path``. On any failure the
+    temporary file is removed and the exception re-raised, so ``path`` is either the
+    old file, absent, or the complete new image -- never a partial one.
+    """
+    if fmt not in OUTPUT_FORMATS:
+        raise DfosdError(f"unknown output format {fmt!r}", hint=f"use one of: {', '.join(OUTPUT_FORMATS)}")
+    image, notes = _prepare_for_format(image, fmt)
+    pil_format = OUTPUT_FORMATS[fmt][0]
+    params: dict = {} if fmt == "png" else {"quality": int(quality)}
+    if image.info.get("icc_profile"):
+        params["icc_profile"] = image.info["icc_profile"]
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as fh:
+            image.save(fh, format=pil_format, **params)
+            fh.flush()
+            os.fsync(fh.fileno())  # the rename must not outlive the data in a crash
+        os.replace(tmp, path)
+    except BaseException:  # KeyboardInterrupt too: never leave the temp file behind
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return notes

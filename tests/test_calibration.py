@@ -1,0 +1,395 @@
+"""INT8/FP8 calibration and Q/DQ export on the tiny base, calibrated with real photographs.
+
+Calibration photos (astronaut, coffee, chelsea) and held-out photos (rocket,
+immunohistochemistry) come from scikit-image, reduced 4x to LR size and written as PNG
+files, the way a user would point --calib-data at a folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+TINY = "synthetic:tiny"
+TILE = 32
+CALIB_COUNT = 8
+CALIB_PHOTOS = ("astronaut", "coffee", "chelsea")
+HELD_OUT_PHOTOS = ("rocket", "immunohistochemistry")
+# Never quantized (the recipe's exclusions), as ONNX node-name fragments.
+EXCLUDED_NODES = ("/conv_in/", "/conv_out/", "/conv_shortcut/", "/proj_out/", "/time_emb", "/attn2/to_k/",
+                  "/attn2/to_v/")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """The tiny parts are too small for intra-op threads to pay: with another process on the
+    second core, OpenMP's barriers made this module 3-4x slower (measured); one thread is
+    also what makes fp32 results independent of the machine's core count."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_photos(folder, names):
+    from PIL import Image
+    from skimage import data
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        Image.fromarray(getattr(data, name)()).reduce(4).save(folder / f"{name}.png")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def calib_dir(tmp_path_factory):
+    return write_photos(tmp_path_factory.mktemp("calib") / "photos", CALIB_PHOTOS)
+
+
+@pytest.fixture(scope="session")
+def held_out_dir(tmp_path_factory):
+    return write_photos(tmp_path_factory.mktemp("held_out") / "photos", HELD_OUT_PHOTOS)
+
+
+def _export_8bit(tiny_ckpt, calib_dir, out, precision="int8", float_precision="fp32", quantize="unet,vae-enc,vae-dec"):
+    from dfosd.export.artifacts import ExportConfig, export_checkpoint
+
+    cfg = ExportConfig(precision=precision, float_precision=float_precision, tile=TILE, calib_data=str(calib_dir),
+                       calib_count=CALIB_COUNT, quantize=quantize)
+    return export_checkpoint(tiny_ckpt, TINY, out, cfg, progress=print)
+
+
+@pytest.fixture(scope="session")
+def int8_export(tiny_ckpt, calib_dir, tmp_path_factory):
+    return _export_8bit(tiny_ckpt, calib_dir, tmp_path_factory.mktemp("int8")).out_dir
+
+
+@pytest.fixture(scope="session")
+def fp8_export(tiny_ckpt, calib_dir, tmp_path_factory):
+    return _export_8bit(tiny_ckpt, calib_dir, tmp_path_factory.mktemp("fp8"), precision="fp8").out_dir
+
+
+def _manifest(export_dir):
+    return json.loads((export_dir / "manifest.json").read_text())
+
+
+# --- calibration data -------------------------------------------------------------------
+
+
+def test_tiles_are_deterministic_crops_from_every_photo(calib_dir):
+    from PIL import Image
+
+    from dfosd.calibration.data import load_tiles
+
+    a, b = load_tiles(calib_dir, TILE, CALIB_COUNT), load_tiles(calib_dir, TILE, CALIB_COUNT)
+    assert a.tiles.shape == (CALIB_COUNT, 3, TILE, TILE) and str(a.tiles.dtype) == "torch.uint8"
+    assert bool((a.tiles == b.tiles).all()) and a.sha256 == b.sha256
+    assert a.files == tuple(f"{n}.png" for n in sorted(CALIB_PHOTOS)) and a.files_used == 3
+    # round-robin: the first tile is a grid-aligned crop of the first photo
+    photo = np.asarray(Image.open(calib_dir / a.files[0]).convert("RGB"))
+    first = a.tiles[0].permute(1, 2, 0).numpy()
+    crops = [photo[y:y + TILE, x:x + TILE] for y in range(0, photo.shape[0] - TILE + 1, TILE)
+             for x in range(0, photo.shape[1] - TILE + 1, TILE)]
+    assert any(np.array_equal(first, c) for c in crops)
+    everything = load_tiles(calib_dir, TILE, 10_000)
+    assert everything.tiles.shape[0] == 16 + 12 + 6  # 128x128, 100x150 and 75x112 photos
+
+
+def test_file_list_hash_follows_contents_not_location(calib_dir, tmp_path):
+    from PIL import Image
+
+    from dfosd.calibration.data import file_list_sha256
+
+    copy = shutil.copytree(calib_dir, tmp_path / "copy")
+    assert file_list_sha256(copy) == file_list_sha256(calib_dir)
+    img = np.asarray(Image.open(copy / "coffee.png")).copy()
+    img[0, 0] ^= 1
+    Image.fromarray(img).save(copy / "coffee.png")
+    assert file_list_sha256(copy) != file_list_sha256(calib_dir)
+
+
+def test_unusable_calibration_folders_are_user_errors(tmp_path):
+    from PIL import Image
+
+    from dfosd.calibration.data import load_tiles
+    from dfosd.core.errors import DfosdError
+
+    with pytest.raises(DfosdError, match="does not exist"):
+        load_tiles(tmp_path / "missing", TILE, 4)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DfosdError, match="holds no images"):
+        load_tiles(tmp_path / "empty", TILE, 4)
+    (tmp_path / "small").mkdir()
+    Image.new("RGB", (TILE - 1, 200)).save(tmp_path / "small" / "thin.png")
+    with pytest.raises(DfosdError, match=f"at least {TILE}x{TILE}"):
+        load_tiles(tmp_path / "small", TILE, 4)
+
+
+# --- configuration ----------------------------------------------------------------------
+
+
+def test_export_config_for_8bit(calib_dir):
+    from dfosd.core.errors import DfosdError
+    from dfosd.export.artifacts import ExportConfig
+
+    cfg = ExportConfig(precision="int8", calib_data=str(calib_dir), quantize="vae-dec,unet")
+    assert cfg.quantize == ("unet", "decoder") and cfg.float_precision == "fp16" and cfg.opset == 19
+    assert cfg.component_precision("unet") == "int8" and cfg.component_precision("encoder") == "fp16"
+    assert ExportConfig(precision="int8", float_precision="fp32", calib_data=str(calib_dir)).opset == 17
+    assert ExportConfig(precision="fp8", float_precision="fp32", calib_data=str(calib_dir)).opset == 19
+    plain = ExportConfig(precision="fp16")  # float exports keep their meaning
+    assert (plain.opset, plain.quantize, plain.float_precision) == (17, (), "fp16")
+    with pytest.raises(DfosdError, match="needs --calib-data"):
+        ExportConfig(precision="int8")
+    with pytest.raises(DfosdError, match="int8/fp8 only"):
+        ExportConfig(precision="fp16", calib_data=str(calib_dir))
+    with pytest.raises(DfosdError, match="--quantize 'vae'"):
+        ExportConfig(precision="int8", calib_data=str(calib_dir), quantize="unet,vae")
+    with pytest.raises(DfosdError, match="choose 19..21"):
+        ExportConfig(precision="fp8", calib_data=str(calib_dir), opset=17)
+
+
+@pytest.mark.filterwarnings("ignore:2 is not calibrated")  # ModelOpt: the disabled Linear is not smoothed
+def test_summary_check_fails_when_a_meant_class_has_no_enabled_quantizer():
+    """ModelOpt configs can silently disable a layer class: that must stop the export."""
+    import torch
+    from torch import nn
+
+    from dfosd.calibration.quantize import check_summary, modelopt, modelopt_config, quantizer_summary
+    from dfosd.calibration.recipe import QuantRecipe
+    from dfosd.core.errors import DfosdError
+
+    mtq = modelopt()
+    recipe = QuantRecipe(precision="int8", float_precision="fp32")
+    data = [torch.randn(2, 3, 8, 8) for _ in range(2)]
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 8))
+
+    good = mtq.quantize(net(), modelopt_config(recipe), lambda m: [m(x) for x in data])
+    summary = quantizer_summary(good, recipe.exclude)
+    assert (summary["Conv2d"]["enabled"], summary["Linear"]["enabled"]) == (2, 2)
+    check_summary("toy", summary)
+
+    cfg = modelopt_config(recipe)
+    cfg["quant_cfg"].append({"quantizer_name": "*", "parent_class": "nn.Linear", "enable": False})
+    bad = mtq.quantize(net(), cfg, lambda m: [m(x) for x in data])
+    summary = quantizer_summary(bad, recipe.exclude)
+    assert summary["Linear"]["meant_but_disabled"] == ["2"]
+    with pytest.raises(DfosdError, match="every Linear quantizer disabled"):
+        check_summary("toy", summary)
+
+
+# --- INT8 export ------------------------------------------------------------------------
+
+
+def test_int8_manifest_records_calibration(int8_export, calib_dir):
+    from dfosd.calibration.data import file_list_sha256
+
+    m = _manifest(int8_export)
+    cal = m["calibration"]
+    assert (cal["tiles"], cal["tile"], cal["files"], cal["files_used"]) == (CALIB_COUNT, TILE, 3, 3)
+    assert cal["file_list_sha256"] == file_list_sha256(calib_dir) == m["inputs"]["calibration_sha256"]
+    assert cal["components"] == ["encoder", "unet", "decoder"]
+    recipe = cal["recipe"]
+    assert recipe["algorithm"] == {"method": "smoothquant", "alpha": 0.8}
+    assert (recipe["conv_calibration"], recipe["percentile"], recipe["weights"]) == (
+        "percentile", 99.99, "per-channel (axis 0)")
+    assert {"*conv_in*", "*conv_out*", "*conv_shortcut*", "*time_emb*", "*norm_out*", "*proj_out*"} <= set(
+        recipe["exclude"])
+    for part, summary in cal["quantizers"].items():
+        for cls in ("Linear", "Conv2d"):
+            assert summary[cls]["enabled"] > 0 and not summary[cls]["meant_but_disabled"], (part, cls)
+    assert {c["component"]: c["precision"] for c in m["components"].values()} == {
+        "encoder": "int8", "unet": "int8", "decoder": "int8"}
+    assert m["inputs"]["software"]["nvidia-modelopt"]
+
+
+def test_int8_onnx_has_per_channel_qdq_and_honours_exclusions(int8_export):
+    import onnx
+
+    for entry in _manifest(int8_export)["components"].values():
+        qdq = entry["qdq"]
+        assert qdq["quantize_linear"] > 0 and qdq["per_channel_dequantize"] > 0, entry["onnx"]
+        assert qdq["zero_point_types"] == ["INT8"] and qdq["custom_ops"] == []
+        model = onnx.load(str(int8_export / entry["onnx"]))
+        onnx.checker.check_model(model)
+        assert model.opset_import[0].version == 17
+        q_names = [n.name for n in model.graph.node if n.op_type == "QuantizeLinear"]
+        assert [n for n in q_names if any(x in n for x in EXCLUDED_NODES)] == []
+        # every quantized Conv reads a dequantized weight (what TensorRT fuses into INT8 kernels)
+        producers = {o: n.op_type for n in model.graph.node for o in n.output}
+        convs = [n for n in model.graph.node if n.op_type == "Conv"]
+        assert sum(producers.get(n.input[1]) == "DequantizeLinear" for n in convs) > 0
+    # the cross-attention K/V of the fixed embedding stayed float and folded away
+    unet = onnx.load(str(int8_export / "unet_b1.onnx"))
+    assert not [n.name for n in unet.graph.node if "/attn2/to_k/" in n.name or "/attn2/to_v/" in n.name]
+
+
+def _float_noise(part, x):
+    """How much the fake-quantized part itself changes between fp32 and fp64 arithmetic:
+    float rounding differences flip quantization rounding decisions, and the flips cascade
+    through later layers. Two backends' fp32 kernels differ from each other the same way."""
+    import copy
+
+    import torch
+
+    wide = copy.deepcopy(part).double()
+    wide.dtype = torch.float64  # the parts cast their inputs to .dtype
+    with torch.no_grad():
+        a, b = part(x).double(), wide(x if x.dtype == torch.uint8 else x.double()).double()
+    return float((a - b).abs().mean())
+
+
+def test_tensorrt_inputs_match_eager_torch(int8_export, tiny_eager, calib_dir, held_out_dir):
+    """The exact Q/DQ files TensorRT would build, run by ONNX Runtime, against eager torch:
+    ModelOpt's fake-quantized modules (same calibration) and the fp32 model."""
+    import onnxruntime as ort
+    import torch
+
+    from dfosd.calibration.data import load_tiles
+    from dfosd.calibration.quantize import calibrate_onestep
+    from dfosd.calibration.recipe import QuantRecipe
+    from dfosd.engines.tensorrt_build import QDQ_OPT_LEVEL, plan_jobs
+
+    jobs = plan_jobs(int8_export)
+    assert [j.stem for j in jobs] == ["decoder_b1", "encoder_b1", "unet_b1"]
+    assert all(j.qdq and j.optimization_level == QDQ_OPT_LEVEL and j.precision == "int8" for j in jobs)
+    # the same tiles and recipe as the export: calibration is deterministic
+    fake = calibrate_onestep(tiny_eager, load_tiles(calib_dir, TILE, CALIB_COUNT).tiles,
+                             QuantRecipe(precision="int8", float_precision="fp32"), ("encoder", "unet", "decoder"))
+    x = load_tiles(held_out_dir, TILE, 4).tiles[:1]
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # no QLinear fusion
+    by_component = {j.component: j for j in jobs}
+    for name in ("encoder", "unet", "decoder"):
+        job = by_component[name]
+        sess = ort.InferenceSession(str(job.onnx), opts, providers=["CPUExecutionProvider"])
+        ort_out = sess.run(None, {job.contract.inputs[0].name: x.numpy()})[0].astype(np.float64)
+        with torch.no_grad():
+            fq = fake.parts[name](x).double().numpy()
+            fp32 = tiny_eager.part(name)(x).double().numpy()
+        quant_err, ort_err = np.abs(fq - fp32).mean(), np.abs(ort_out - fp32).mean()
+        agree, noise = np.abs(ort_out - fq).mean(), _float_noise(fake.parts[name], x)
+        print(f"{name}: mean |fake-quant - fp32| {quant_err:.4g}, |ORT - fp32| {ort_err:.4g}, "
+              f"|ORT - fake-quant| {agree:.4g} (max {np.abs(ort_out - fq).max():.4g}), "
+              f"fake-quant's own change from fp32 to fp64 arithmetic {noise:.4g}")
+        # the graph carries ModelOpt's quantization: the same error against fp32 (a lost Q/DQ or
+        # a wrong scale would shrink or blow it up) ...
+        assert 0.5 * quant_err <= ort_err <= 2.0 * quant_err, name
+        # ... and differs from the fake-quantized module no more than float noise explains
+        assert agree <= 2.0 * noise + 1e-3 * quant_err, name
+        x = torch.from_numpy(fp32).float() if name != "decoder" else x
+
+
+def test_parity_report_per_component(tiny_ckpt, calib_dir, held_out_dir, int8_export, tiny_export_fp32,
+                                     tiny_eager, tmp_path):
+    from dfosd.calibration.report import format_report, parity_report
+    from dfosd.core.errors import DfosdError
+
+    exports = {"fp32 (no 8-bit)": tiny_export_fp32}
+    for choice in ("unet", "vae-enc", "vae-dec"):
+        exports[f"int8 {choice}"] = _export_8bit(tiny_ckpt, calib_dir, tmp_path / choice, quantize=choice).out_dir
+    exports["int8 all"] = int8_export
+    rows = parity_report(exports, tiny_eager, held_out_dir, max_tiles=16)
+    print("\n" + format_report(rows))
+    by = {r.label: r for r in rows}
+    assert all(r.tiles == 16 for r in rows)
+    assert by["fp32 (no 8-bit)"].psnr_db > 60 and by["fp32 (no 8-bit)"].max_abs <= 2
+    assert [by[f"int8 {c}"].quantized for c in ("unet", "vae-enc", "vae-dec")] == [
+        ("unet",), ("encoder",), ("decoder",)]
+    for label, row in by.items():
+        if label.startswith("int8"):
+            assert 20 < row.psnr_db < 60 and row.max_abs > 2, label
+    with pytest.raises(DfosdError, match="held-out"):
+        parity_report({"int8 all": int8_export}, tiny_eager, calib_dir)
+
+
+def test_reexport_is_reused_and_new_photos_change_the_key(tiny_ckpt, calib_dir, int8_export, tmp_path):
+    from dfosd.core.bases import base_fingerprint
+    from dfosd.core.checkpoint import read_checkpoint
+    from dfosd.core.manifest import build_key
+    from dfosd.export.artifacts import ExportConfig, export_inputs
+
+    again = _export_8bit(tiny_ckpt, calib_dir, int8_export)
+    assert again.reused
+    other = shutil.copytree(calib_dir, tmp_path / "other")
+    (other / "chelsea.png").unlink()
+    ckpt = read_checkpoint(tiny_ckpt)
+
+    def key(folder):
+        cfg = ExportConfig(precision="int8", float_precision="fp32", tile=TILE, calib_data=str(folder),
+                           calib_count=CALIB_COUNT)
+        inputs = export_inputs(TINY, base_fingerprint(TINY), ckpt, cfg)
+        inputs["config"].pop("calib_data")  # only the photos differ, not the path
+        return build_key(inputs)
+
+    assert key(calib_dir) == key(shutil.copytree(calib_dir, tmp_path / "same")) != key(other)
+
+
+# --- FP8, fp16 floats, CLI --------------------------------------------------------------
+
+
+def test_fp8_export_is_standard_qdq_that_onnxruntime_runs(fp8_export, tiny_eager, held_out_dir):
+    import onnx
+
+    from dfosd.calibration.report import parity_report
+
+    m = _manifest(fp8_export)
+    assert m["calibration"]["recipe"]["algorithm"] == "max" and m["calibration"]["recipe"]["weights"] == "per-tensor"
+    for entry in m["components"].values():
+        assert entry["opset"] == 19 and entry["fp8_ops_standardized"] > 0
+        assert entry["qdq"]["zero_point_types"] == ["FLOAT8E4M3FN"] and entry["qdq"]["custom_ops"] == []
+        assert entry["qdq"]["per_channel_dequantize"] == 0
+        model = onnx.load(str(fp8_export / entry["onnx"]))
+        onnx.checker.check_model(model)
+        assert [o.domain for o in model.opset_import] == [""]
+    (row,) = parity_report({"fp8 all": fp8_export}, tiny_eager, held_out_dir)
+    print(f"\nfp8 all: PSNR {row.psnr_db:.2f} dB, max {row.max_abs}, mean {row.mean_abs:.3f}")
+    assert 15 < row.psnr_db < 60
+
+
+def test_int8_with_fp16_floats(tiny_ckpt, calib_dir, tiny_eager, held_out_dir, tmp_path):
+    """fp16 around the Q/DQ (TensorRT strongly typed): fp16 scales, opset 19, runs in ONNX Runtime."""
+    import onnx
+
+    from dfosd.calibration.report import parity_report
+
+    out = _export_8bit(tiny_ckpt, calib_dir, tmp_path / "int8_fp16", float_precision="fp16").out_dir
+    for entry in _manifest(out)["components"].values():
+        model = onnx.load(str(out / entry["onnx"]))
+        inits = {i.name: i.data_type for i in model.graph.initializer}
+        scales = {inits.get(n.input[1]) for n in model.graph.node if n.op_type == "QuantizeLinear"}
+        assert scales == {onnx.TensorProto.FLOAT16} and entry["opset"] == 19, entry["onnx"]
+    (row,) = parity_report({"int8 fp16": out}, tiny_eager, held_out_dir, max_tiles=8)
+    print(f"\nint8 with fp16 floats: PSNR {row.psnr_db:.2f} dB, max {row.max_abs}")
+    assert 20 < row.psnr_db < 60
+
+
+def test_cli_int8_export(tiny_ckpt, calib_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from dfosd.export.cli import main
+
+    out = tmp_path / "cli_int8"
+    args = ["--ckpt", str(tiny_ckpt), "--base", TINY, "--tile", str(TILE), "--out", str(out),
+            "--backend", "onnxruntime", "--precision", "int8", "--float-precision", "fp32"]
+    result = CliRunner().invoke(main, args + ["--calib-data", str(calib_dir), "--calib-count", "4",
+                                              "--quantize", "vae-dec"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().splitlines()[-1] == str(out)  # ModelOpt's prints stay off stdout
+    assert "decoder: " in result.stderr and "Conv2d" in result.stderr
+    m = _manifest(out)
+    assert m["calibration"]["components"] == ["decoder"] and m["calibration"]["tiles"] == 4
+    assert {c["component"]: c["precision"] for c in m["components"].values()} == {
+        "encoder": "fp32", "unet": "fp32", "decoder": "int8"}
+    bad = CliRunner().invoke(main, args)
+    assert bad.exit_code != 0 and "--calib-data" in bad.output
+    bad = CliRunner().invoke(main, args + ["--calib-data", str(calib_dir), "--quantize", "vae"])
+    assert bad.exit_code != 0 and "--quantize 'vae'" in bad.output

@@ -1,0 +1,371 @@
+"""Image I/O on real files: input collection, every kind of input, bad files, atomic writes."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dfosd.core.errors import DfosdError
+from dfosd.runtime.images import (
+    IMAGE_SUFFIXES,
+    ImageInputError,
+    ImageOutputError,
+    LoadedImage,
+    collect_inputs,
+    compose_output,
+    load_image,
+    output_path_for,
+    save_image_atomic,
+)
+
+
+@pytest.fixture(scope="module")
+def astronaut() -> np.ndarray:
+    from skimage import data
+
+    return np.ascontiguousarray(data.astronaut()[::2, ::2])  # 256x256x3 uint8, a real photo
+
+
+@pytest.fixture(scope="module")
+def camera() -> np.ndarray:
+    from skimage import data
+
+    return np.ascontiguousarray(data.camera()[::2, ::2])  # 256x256 uint8, a real grayscale photo
+
+
+def chw(arr: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+def touch_png(path: Path, size=(4, 4)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (10, 20, 30)).save(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- collect_inputs
+
+def test_suffixes():
+    assert {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"} == set(IMAGE_SUFFIXES)
+
+
+def test_collect_folder_is_recursive_sorted_and_mirrors_subfolders(tmp_path):
+    root = tmp_path / "in"
+    for rel in ["b.png", "a.PNG", "sub/c.JPG", "sub/deeper/d.webp", "sub/e.tiff", ".hidden.png", ".cache/f.png"]:
+        touch_png(root / rel)
+    (root / "notes.txt").write_text("not an image")
+    pairs, problems = collect_inputs([str(root)])
+    assert problems == []
+    assert [rel.as_posix() for _, rel in pairs] == ["a.PNG", "b.png", "sub/c.JPG", "sub/deeper/d.webp", "sub/e.tiff"]
+    assert all(src == root / rel for src, rel in pairs)
+
+
+def test_collect_files_globs_missing_and_duplicates(tmp_path):
+    other = tmp_path / "other"
+    d, f = touch_png(other / "d.png"), touch_png(other / "f.png")
+    odd = other / "e.xyz"
+    odd.write_bytes(b"whatever")  # given explicitly: kept, so load_image can report it
+    (tmp_path / "empty").mkdir()
+    inputs = [str(d), str(odd), str(other / "*.png"), str(tmp_path / "missing.png"),
+              str(tmp_path / "nothing" / "*.png"), str(tmp_path / "empty"), str(d)]
+    pairs, problems = collect_inputs(inputs)
+    assert pairs == [(d, Path("d.png")), (odd, Path("e.xyz")), (f, Path("f.png"))]  # d.png once
+    assert problems[0] == f"no such file or folder: {tmp_path / 'missing.png'}"
+    assert problems[1] == f"no image files match: {tmp_path / 'nothing' / '*.png'}"
+    assert problems[2].startswith("no image files") and problems[2].endswith(f"in folder: {tmp_path / 'empty'}")
+    assert len(problems) == 3
+
+
+def test_collect_reports_output_name_clashes(tmp_path):
+    a1, a2 = touch_png(tmp_path / "x" / "a.png"), touch_png(tmp_path / "y" / "a.jpg")
+    pairs, problems = collect_inputs([str(a1), str(a2)])
+    assert pairs == [(a1, Path("a.png"))]
+    assert len(problems) == 1 and str(a2) in problems[0] and str(a1) in problems[0]
+
+
+def test_output_path_for(tmp_path):
+    assert output_path_for(Path("sub/x.JPG"), tmp_path, "png") == tmp_path / "sub" / "x.png"
+    assert output_path_for(Path("x.tar.tiff"), tmp_path, "jpg") == tmp_path / "x.tar.jpg"
+    assert output_path_for(Path("noext"), tmp_path, "webp") == tmp_path / "noext.webp"
+    with pytest.raises(DfosdError):
+        output_path_for(Path("x.png"), tmp_path, "gif")
+    with pytest.raises(ValueError):
+        output_path_for(Path("../x.png"), tmp_path, "png")
+
+
+# ----------------------------------------------------------------------------- load_image
+
+def test_load_rgb_png_exact(tmp_path, astronaut):
+    p = tmp_path / "astro.png"
+    Image.fromarray(astronaut).save(p)
+    img = load_image(p)
+    assert isinstance(img, LoadedImage) and img.path == p
+    assert img.rgb.dtype == torch.uint8 and torch.equal(img.rgb, chw(astronaut))
+    assert img.alpha is None and not img.grayscale and img.notes == []
+
+
+def test_load_grayscale(tmp_path, camera):
+    p = tmp_path / "cam.png"
+    Image.fromarray(camera).save(p)
+    img = load_image(p)
+    assert img.grayscale and img.alpha is None and img.rgb.shape == (3, 256, 256)
+    for c in range(3):
+        assert torch.equal(img.rgb[c], torch.from_numpy(camera))
+
+
+def test_load_bilevel_is_grayscale(tmp_path, camera):
+    p = tmp_path / "bw.png"
+    Image.fromarray(camera).convert("1").save(p)
+    img = load_image(p)
+    assert img.grayscale and set(img.rgb.unique().tolist()) <= {0, 255}
+
+
+def test_load_rgba_keeps_alpha(tmp_path, astronaut):
+    alpha = np.tile(np.linspace(0, 255, 256).astype(np.uint8), (256, 1))
+    p = tmp_path / "rgba.png"
+    Image.fromarray(np.dstack([astronaut, alpha]), "RGBA").save(p)
+    img = load_image(p)
+    assert not img.grayscale
+    assert torch.equal(img.rgb, chw(astronaut)) and torch.equal(img.alpha, torch.from_numpy(alpha))
+
+
+def test_load_gray_with_alpha(tmp_path, camera):
+    alpha = np.full_like(camera, 128)
+    p = tmp_path / "la.png"
+    Image.fromarray(np.dstack([camera, alpha]), "LA").save(p)
+    img = load_image(p)
+    assert img.grayscale and torch.equal(img.alpha, torch.from_numpy(alpha))
+    assert torch.equal(img.rgb[1], torch.from_numpy(camera))
+
+
+def test_load_palette_with_transparency(tmp_path, astronaut):
+    pal = Image.fromarray(astronaut).quantize(16)
+    index = np.asarray(pal)
+    transparent = int(index[0, 0])
+    p = tmp_path / "pal.png"
+    pal.save(p, transparency=transparent)
+    img = load_image(p)
+    assert img.alpha is not None and not img.grayscale
+    assert torch.equal(img.alpha == 0, torch.from_numpy(index == transparent))
+    expected = np.asarray(pal.convert("RGB"))
+    assert torch.equal(img.rgb, chw(expected))
+
+
+def test_load_palette_without_transparency(tmp_path, astronaut):
+    p = tmp_path / "pal.bmp"
+    Image.fromarray(astronaut).quantize(32).save(p)
+    img = load_image(p)
+    assert img.alpha is None and img.rgb.shape == (3, 256, 256)
+
+
+def test_load_16bit_gray_png(tmp_path, camera):
+    p = tmp_path / "g16.png"
+    Image.fromarray(camera.astype(np.uint16) * 257).save(p)  # full 16-bit range
+    assert Image.open(p).mode.startswith("I")
+    img = load_image(p)
+    assert img.grayscale and "16-bit input written as 8-bit" in img.notes
+    assert torch.equal(img.rgb[0], torch.from_numpy(camera))  # x*257/257 == x: exact
+
+
+def _png_rgb48(rgb16: np.ndarray) -> bytes:
+    """A 16-bit-per-channel RGB PNG, encoded by hand (PIL cannot write one)."""
+    h, w, _ = rgb16.shape
+    rows = b"".join(b"\x00" + rgb16[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def test_load_16bit_rgb_png_is_noted(tmp_path, astronaut):
+    p = tmp_path / "rgb48.png"
+    p.write_bytes(_png_rgb48(astronaut[:32, :48].astype(np.uint16) * 257))
+    img = load_image(p)
+    assert "16-bit input written as 8-bit" in img.notes
+    assert img.rgb.shape == (3, 32, 48)
+    assert (img.rgb.int() - chw(astronaut[:32, :48]).int()).abs().max() <= 1
+
+
+def test_load_float_tiff(tmp_path, camera):
+    p = tmp_path / "f.tif"
+    Image.fromarray(camera.astype(np.float32) / 255).save(p)
+    img = load_image(p)
+    assert img.grayscale and any("floating-point" in n for n in img.notes)
+    assert (img.rgb[0].int() - torch.from_numpy(camera).int()).abs().max() <= 1
+
+
+def test_load_applies_exif_orientation(tmp_path, astronaut):
+    src = astronaut[:120, :200]  # landscape 120x200 (HxW)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display", as phones write portrait shots
+    p = tmp_path / "phone.jpg"
+    Image.fromarray(src).save(p, quality=95, exif=exif)
+    img = load_image(p)
+    assert img.rgb.shape == (3, 200, 120)  # portrait after orientation
+    assert any("EXIF orientation 6" in n for n in img.notes)
+    cw = chw(np.rot90(src, k=-1))
+    ccw = chw(np.rot90(src, k=1))
+    assert (img.rgb.float() - cw.float()).abs().mean() < 4  # JPEG-close to the clockwise turn
+    assert (img.rgb.float() - ccw.float()).abs().mean() > 20  # and not the other way round
+
+
+def test_load_cmyk_jpeg(tmp_path, astronaut):
+    p = tmp_path / "print.jpg"
+    Image.fromarray(astronaut).convert("CMYK").save(p, quality=95)
+    assert Image.open(p).mode == "CMYK"
+    img = load_image(p)
+    assert img.rgb.shape == (3, 256, 256) and not img.grayscale
+    assert any("CMYK" in n for n in img.notes)
+    assert (img.rgb.float() - chw(astronaut).float()).abs().mean() < 6
+
+
+def test_icc_profile_is_carried_over(tmp_path, astronaut):
+    from PIL import ImageCms
+
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    p = tmp_path / "icc.png"
+    Image.fromarray(astronaut[:16, :16]).save(p, icc_profile=icc)
+    img = load_image(p)
+    assert img.icc_profile == icc
+    sr = torch.zeros(3, 64, 64, dtype=torch.uint8)
+    for fmt in ("png", "jpg", "webp"):
+        out = tmp_path / f"out.{fmt}"
+        save_image_atomic(compose_output(sr, img, 4), out, fmt)
+        assert Image.open(out).info.get("icc_profile") == icc
+
+
+@pytest.mark.parametrize("make,needle", [
+    (lambda p: p.write_bytes(b""), "empty file (0 bytes)"),
+    (lambda p: p.write_bytes(np.random.default_rng(0).bytes(4096)), "not an image PIL can read"),
+    (lambda p: p.write_text("<html>oops</html>"), "not an image PIL can read"),
+])
+def test_bad_files_raise_one_clear_line(tmp_path, make, needle):
+    p = tmp_path / "broken file.png"
+    make(p)
+    with pytest.raises(ImageInputError) as exc:
+        load_image(p)
+    msg = str(exc.value)
+    assert str(p) in msg and needle in msg and "\n" not in msg
+    assert isinstance(exc.value, DfosdError)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_truncated_file_is_caught(tmp_path, astronaut, fmt):
+    buf = io.BytesIO()
+    Image.fromarray(astronaut).save(buf, format=fmt)
+    data = buf.getvalue()
+    p = tmp_path / f"half.{fmt.lower()}"
+    p.write_bytes(data[: len(data) // 2])
+    with Image.open(p):  # the header alone still reads: only a full decode notices
+        pass
+    with pytest.raises(ImageInputError, match="truncated or corrupt") as exc:
+        load_image(p)
+    assert str(p) in str(exc.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ImageInputError, match="no such file"):
+        load_image(tmp_path / "nope.png")
+
+
+# ----------------------------------------------------------------------------- compose_output
+
+def _loaded(h, w, *, grayscale=False, alpha=False) -> LoadedImage:
+    a = torch.arange(h * w, dtype=torch.int64).reshape(h, w).remainder(256).to(torch.uint8) if alpha else None
+    return LoadedImage(Path("x.png"), torch.zeros(3, h, w, dtype=torch.uint8), a, grayscale, [])
+
+
+def test_compose_rgb_and_rgba(astronaut):
+    sr = chw(astronaut)  # pretend 64x64 -> 256x256
+    out = compose_output(sr, _loaded(64, 64), 4)
+    assert out.mode == "RGB" and out.size == (256, 256)
+    assert np.array_equal(np.asarray(out), astronaut)
+    loaded = _loaded(64, 64, alpha=True)
+    out = compose_output(sr, loaded, 4)
+    assert out.mode == "RGBA" and out.size == (256, 256)
+    expected_alpha = Image.fromarray(loaded.alpha.numpy()).resize((256, 256), Image.Resampling.BICUBIC)
+    assert np.array_equal(np.asarray(out.getchannel("A")), np.asarray(expected_alpha))
+    assert np.array_equal(np.asarray(out.convert("RGB")), astronaut)
+
+
+def test_compose_grayscale_and_la():
+    sr = torch.stack([torch.full((8, 12), v, dtype=torch.uint8) for v in (10, 11, 13)])  # mean 11.33
+    out = compose_output(sr, _loaded(2, 3, grayscale=True), 4)
+    assert out.mode == "L" and out.size == (12, 8) and set(np.asarray(out).ravel()) == {11}
+    out = compose_output(sr, _loaded(2, 3, grayscale=True, alpha=True), 4)
+    assert out.mode == "LA" and out.size == (12, 8)
+
+
+def test_compose_rejects_wrong_size():
+    with pytest.raises(ValueError):
+        compose_output(torch.zeros(3, 8, 8, dtype=torch.uint8), _loaded(3, 3), 4)
+
+
+# ----------------------------------------------------------------------------- save_image_atomic
+
+def test_save_formats_roundtrip_and_leave_no_temp(tmp_path, astronaut):
+    img = Image.fromarray(astronaut)
+    for fmt in ("png", "jpg", "webp"):
+        dst = tmp_path / "deep" / "er" / f"x.{fmt}"
+        assert save_image_atomic(img, dst, fmt, quality=90) == []
+        back = np.asarray(Image.open(dst).convert("RGB")).astype(int)
+        assert back.shape == astronaut.shape
+        assert np.abs(back - astronaut).mean() < (0.001 if fmt == "png" else 4)
+    assert sorted(os.listdir(tmp_path / "deep" / "er")) == ["x.jpg", "x.png", "x.webp"]
+
+
+def test_save_overwrites_atomically(tmp_path):
+    dst = tmp_path / "x.png"
+    save_image_atomic(Image.new("RGB", (4, 4), (255, 0, 0)), dst, "png")
+    save_image_atomic(Image.new("RGB", (4, 4), (0, 0, 255)), dst, "png")
+    assert Image.open(dst).getpixel((0, 0)) == (0, 0, 255) and os.listdir(tmp_path) == ["x.png"]
+
+
+def test_save_jpg_drops_alpha_with_a_note(tmp_path):
+    rgba = Image.new("RGBA", (8, 8), (200, 100, 50, 128))
+    notes = save_image_atomic(rgba, tmp_path / "a.jpg", "jpg")
+    assert notes == ["alpha dropped: jpg has no alpha channel"]
+    assert Image.open(tmp_path / "a.jpg").mode == "RGB"
+    notes = save_image_atomic(Image.new("LA", (8, 8), (90, 10)), tmp_path / "g.jpg", "jpg")
+    assert notes and Image.open(tmp_path / "g.jpg").mode == "L"
+    # png and webp keep it
+    assert save_image_atomic(rgba, tmp_path / "a.png", "png") == []
+    assert Image.open(tmp_path / "a.png").mode == "RGBA"
+    assert save_image_atomic(rgba, tmp_path / "a.webp", "webp") == []
+    assert Image.open(tmp_path / "a.webp").mode == "RGBA"
+
+
+def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
+    def broken_save(self, fp, *args, **kwargs):
+        fp.write(b"\x89PNG partial data")
+        raise OSError("disk full (simulated)")
+
+    old = tmp_path / "keep.png"
+    save_image_atomic(Image.new("RGB", (4, 4), (1, 2, 3)), old, "png")
+    before = old.read_bytes()
+    monkeypatch.setattr(Image.Image, "save", broken_save)
+    with pytest.raises(OSError, match="simulated"):
+        save_image_atomic(Image.new("RGB", (4, 4)), tmp_path / "new.png", "png")
+    with pytest.raises(OSError, match="simulated"):
+        save_image_atomic(Image.new("RGB", (4, 4)), old, "png")
+    assert os.listdir(tmp_path) == ["keep.png"]  # no partial new.png, no temp files
+    assert old.read_bytes() == before  # the previous output is untouched
+
+
+def test_save_too_large_for_format_is_a_clear_write_error(tmp_path):
+    with pytest.raises(ImageOutputError, match="webp holds at most 16383") as exc:
+        save_image_atomic(Image.new("L", (16_384, 1)), tmp_path / "wide.webp", "webp")
+    assert isinstance(exc.value, OSError)  # batch runners report write errors per file
+    assert not (tmp_path / "wide.webp").exists()
+    with pytest.raises(DfosdError, match="unknown output format"):
+        save_image_atomic(Image.new("RGB", (4, 4)), tmp_path / "x.gif", "gif")
