@@ -12,6 +12,10 @@ class LazyGroup(click.Group):
         "export": ("dfosd.export.cli", "main", "Export a checkpoint to ONNX (and engines)."),
         "run": ("dfosd.runtime.cli", "main", "Upscale images with exported engines."),
         "bench": ("dfosd.bench.cli", "main", "Compare eager PyTorch with the engines."),
+        "aoti-export": ("dfosd.export.aoti_cli", "main", "Compile an export to AOTInductor packages (.pt2)."),
+        "parity": ("dfosd.calibration.parity_cli", "main", "PSNR/max error of exports vs eager fp32 on held-out photos."),
+        "train": ("dfosd.training.cli", "main", "Train a DFOSD checkpoint (LoRA + embedding) on HR photos."),
+        "triton-repo": ("dfosd.serving.cli", "triton_repo_main", "Write a Triton model repository from an export."),
         "demo": ("dfosd.bench.demo", "main", "Synthetic checkpoint -> export -> upscale photos -> latency."),
     }
 

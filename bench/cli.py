@@ -17,14 +17,21 @@ from dfosd.core.cli_support import say, setup_logging, user_errors
               help="Where bench.json/.md/.png go (default: --work).")
 @click.option("--tile", default=128, show_default=True, type=int, help="LR tile (output is x4).")
 @click.option("--batch", default=1, show_default=True, type=int, help="Tile batch.")
-@click.option("--precisions", default="fp32,fp16", show_default=True, help="Exported precisions to time.")
+@click.option("--precisions", default="fp32,fp16", show_default=True,
+              help="Exported precisions to time (fp32, fp16, int8, fp8).")
+@click.option("--calib-data", default=None, type=click.Path(file_okay=False),
+              help="int8/fp8: calibration photos (default: scikit-image photos that are not timed inputs).")
+@click.option("--calib-count", default=8, show_default=True, type=int, help="int8/fp8: calibration tiles.")
+@click.option("--float-precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="int8/fp8: precision of what is not quantized (fp16 pays only on a GPU).")
 @click.option("--backends", default="onnxruntime", show_default=True,
               help="Backends to time (comma-separated: onnxruntime, tensorrt).")
 @click.option("--warmup", default=1, show_default=True, type=int)
 @click.option("--repeats", default=5, show_default=True, type=int)
 @click.option("-v", "--verbose", is_flag=True)
 @user_errors
-def main(base, ckpt, work_dir, out_dir, tile, batch, precisions, backends, warmup, repeats, verbose):
+def main(base, ckpt, work_dir, out_dir, tile, batch, precisions, calib_data, calib_count, float_precision, backends,
+         warmup, repeats, verbose):
     """Time eager PyTorch and every available engine on the same weights and inputs."""
     setup_logging(verbose)
     from dfosd.bench.run import BenchConfig, markdown_table, run_bench, write_outputs
@@ -32,7 +39,8 @@ def main(base, ckpt, work_dir, out_dir, tile, batch, precisions, backends, warmu
     cfg = BenchConfig(base=base, ckpt=ckpt, work_dir=work_dir, tile=tile, batch=batch,
                       precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()),
                       backends=tuple(b.strip() for b in backends.split(",") if b.strip()),
-                      warmup=warmup, repeats=repeats)
+                      warmup=warmup, repeats=repeats, calib_data=calib_data, calib_count=calib_count,
+                      float_precision=float_precision)
     result = run_bench(cfg, say=say)
     paths = write_outputs(result, out_dir or work_dir)
     click.echo(markdown_table(result))

@@ -29,10 +29,34 @@ class BenchConfig:
     backends: tuple[str, ...] = ("onnxruntime",)
     warmup: int = 1
     repeats: int = 5
+    # int8/fp8 rows: calibration photos (default: scikit-image photos held out from the timed
+    # inputs, written into the work dir), tile count, and the precision of what stays float.
+    calib_data: str | None = None
+    calib_count: int = 8
+    float_precision: str = "fp32"
 
     def __post_init__(self):
+        from dfosd.export.artifacts import EXPORT_PRECISIONS
+
+        problems = []
         if self.repeats < 1 or self.warmup < 0:
-            raise DfosdError("--repeats must be >= 1 and --warmup >= 0")
+            problems.append("--repeats must be >= 1 and --warmup >= 0")
+        bad = [p for p in self.precisions if p not in EXPORT_PRECISIONS]
+        if bad:
+            problems.append(f"--precisions {','.join(bad)}: choose from {', '.join(EXPORT_PRECISIONS)}")
+        if self.float_precision not in ("fp32", "fp16"):
+            problems.append(f"--float-precision {self.float_precision!r}: choose fp32 or fp16")
+        if problems:
+            raise DfosdError("; ".join(problems))
+
+    def export_config(self, precision: str, calib_dir: Path | None) -> "ExportConfig":
+        from dfosd.export.artifacts import ExportConfig
+
+        if precision in ("int8", "fp8"):
+            return ExportConfig(precision=precision, tile=self.tile, batches=(self.batch,),
+                                float_precision=self.float_precision, calib_data=str(calib_dir),
+                                calib_count=self.calib_count)
+        return ExportConfig(precision=precision, tile=self.tile, batches=(self.batch,))
 
 
 @dataclass
@@ -68,6 +92,29 @@ def machine_description() -> dict:
     return info
 
 
+BENCH_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
+# Calibration photos for the 8-bit rows: real photographs, none of them a timed input.
+CALIB_PHOTOS = ("immunohistochemistry", "hubble_deep_field", "retina", "coins", "page")
+
+
+def write_calibration_photos(folder: Path, lr_side: int) -> Path:
+    """scikit-image photos held out from the timed inputs, at about LR size (PNG)."""
+    from PIL import Image
+    from skimage import data
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in CALIB_PHOTOS:
+        img = Image.fromarray(getattr(data, name)()).convert("RGB")
+        scale = 2 * lr_side / min(img.size)  # short side = two LR tiles: >= 4 calibration tiles each
+        img = img.resize((round(img.width * scale), round(img.height * scale)), Image.BICUBIC)
+        target = folder / f"{name}.png"
+        if not target.exists():
+            tmp = folder / f".{name}.tmp.png"
+            img.save(tmp)
+            tmp.replace(target)
+    return folder
+
+
 def bench_inputs(tile: int, batch: int):
     """LR tiles cut from real photographs that scikit-image ships (no download)."""
     import numpy as np
@@ -75,7 +122,7 @@ def bench_inputs(tile: int, batch: int):
     from PIL import Image
     from skimage import data
 
-    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
+    photos = [getattr(data, name)() for name in BENCH_PHOTOS]
     tiles = []
     for i in range(batch):
         img = Image.fromarray(photos[i % len(photos)]).convert("RGB")
@@ -93,7 +140,7 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
     from dfosd.core.checkpoint import read_checkpoint, write_random_checkpoint
     from dfosd.core.metrics import max_abs_diff, psnr_uint8
     from dfosd.core.onestep import build_onestep
-    from dfosd.export.artifacts import ExportConfig, export_checkpoint
+    from dfosd.export.artifacts import export_checkpoint
     from dfosd.runtime.step import OneStepRunner
 
     work = Path(cfg.work_dir)
@@ -144,10 +191,14 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
         gc.collect()
 
     exports = {}
+    calib_dir = Path(cfg.calib_data) if cfg.calib_data else None
     for prec in cfg.precisions:
+        if prec in ("int8", "fp8") and calib_dir is None:
+            calib_dir = write_calibration_photos(work / "calibration-photos", cfg.tile)
+            say(f"calibration photos (held out from the timed inputs): {calib_dir}")
         say(f"export {prec} (reused when current)")
-        res = export_checkpoint(ckpt_path, cfg.base, work / f"onnx-{prec}",
-                                ExportConfig(precision=prec, tile=cfg.tile, batches=(cfg.batch,)), progress=say)
+        res = export_checkpoint(ckpt_path, cfg.base, work / f"onnx-{prec}", cfg.export_config(prec, calib_dir),
+                                progress=say)
         exports[prec] = res.out_dir
         gc.collect()
     del base

@@ -62,18 +62,7 @@ def infer_shapes(model):
     # The TorchScript exporter leaves value_info entries without shapes; inference keeps
     # them and then cannot resolve the Shape ops that depend on them. Start clean.
     del model.graph.value_info[:]
-    light = onnx.ModelProto()
-    light.ir_version = model.ir_version
-    light.opset_import.extend(model.opset_import)
-    g = light.graph
-    g.node.extend(model.graph.node)
-    g.input.extend(model.graph.input)
-    g.output.extend(model.graph.output)
-    for init in model.graph.initializer:
-        if init.ByteSize() <= 4096:  # small constants feed data propagation (shapes, axes)
-            g.initializer.append(init)
-        else:
-            g.initializer.add(name=init.name, data_type=init.data_type, dims=init.dims)
+    light, _ = _weightless(model)  # small constants stay: they feed data propagation (shapes, axes)
     inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
     model.graph.value_info.extend(inferred.graph.value_info)
     return model
@@ -108,12 +97,67 @@ def _network_node(name: str, scopes: tuple[str, ...]) -> bool:
     return any(name.startswith(f"/{s}/") for s in scopes)
 
 
-def to_fp16(model, scopes: tuple[str, ...]):
-    """fp16 inside the network scopes, fp32 glue outside, fp32 graph inputs/outputs."""
+def _weightless(model, max_bytes: int = 4096):
+    """A copy of ``model`` whose large initializers keep name, dtype and dims but no data,
+    and the names of those initializers."""
     import onnx
+
+    light = onnx.ModelProto()  # built piece by piece: the weights are never copied
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    g = light.graph
+    for field in ("node", "input", "output", "value_info"):
+        getattr(g, field).extend(getattr(model.graph, field))
+    stripped = set()
+    for init in model.graph.initializer:
+        if init.ByteSize() <= max_bytes:
+            g.initializer.append(init)
+        else:
+            g.initializer.add(name=init.name, data_type=init.data_type, dims=init.dims)
+            stripped.add(init.name)
+    return light, stripped
+
+
+def to_fp16(model, scopes: tuple[str, ...]):
+    """fp16 inside the network scopes, fp32 glue outside, fp32 graph inputs/outputs.
+
+    The converter decides every type on a weightless copy of the graph; the weights it
+    chose to make fp16 are then converted in place, one tensor at a time. Run on the full
+    model, the converter's copies pushed a full-size fp16 UNet export past 23 GiB (killed
+    on our 24 GiB machine); this way the peak is the fp32 weights plus their fp16 copy.
+    """
+    from onnx import TensorProto, numpy_helper
     from onnxconverter_common import float16
 
     model = infer_shapes(model)  # the converter decides casts from inferred types
+    light, stripped = _weightless(model)
+    light = _convert_graph_fp16(light, scopes)
+    new_types = {i.name: i.data_type for i in light.graph.initializer if i.name in stripped}
+    for init in model.graph.initializer:
+        if init.name in stripped and init.data_type == TensorProto.FLOAT and new_types[init.name] == TensorProto.FLOAT16:
+            # the converter's own clamping (tiny values -> 1e-7, huge -> 1e4), tensor by tensor
+            half = float16.convert_np_to_float16(numpy_helper.to_array(init), 1e-7, 1e4)
+            init.ClearField("float_data")
+            init.raw_data = half.tobytes()
+            init.data_type = TensorProto.FLOAT16
+    g = model.graph
+    for field in ("node", "input", "output", "value_info"):
+        del getattr(g, field)[:]
+        getattr(g, field).extend(getattr(light.graph, field))
+    # The weights stay where they are (no copy); the small initializers come from the
+    # converted copy, which may have retyped them.
+    for i in reversed(range(len(g.initializer))):
+        if g.initializer[i].name not in stripped:
+            del g.initializer[i]
+    g.initializer.extend(i for i in light.graph.initializer if i.name not in stripped)
+    return model
+
+
+def _convert_graph_fp16(model, scopes: tuple[str, ...]):
+    """onnxconverter-common's fp16 conversion with dfosd's fp32 islands and border fixes."""
+    from onnx import TensorProto
+    from onnxconverter_common import float16
+
     glue = [n.name for n in model.graph.node if not _network_node(n.name, scopes)]
     io_types = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.input) + list(model.graph.output)}
     model = float16.convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True,
@@ -122,8 +166,6 @@ def to_fp16(model, scopes: tuple[str, ...]):
     # them fp16; the producing node is fp32 glue, so the original declaration is the truth.
     # It may also have put a Cast-to-fp16 on such an output; drop it and let the fp32
     # producer write the output directly.
-    from onnx import TensorProto
-
     for v in list(model.graph.input) + list(model.graph.output):
         v.type.tensor_type.elem_type = io_types[v.name]
     outputs = {o.name for o in model.graph.output}

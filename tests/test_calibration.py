@@ -393,3 +393,30 @@ def test_cli_int8_export(tiny_ckpt, calib_dir, tmp_path):
     assert bad.exit_code != 0 and "--calib-data" in bad.output
     bad = CliRunner().invoke(main, args + ["--calib-data", str(calib_dir), "--quantize", "vae"])
     assert bad.exit_code != 0 and "--quantize 'vae'" in bad.output
+
+
+def test_parity_cli_compares_exports_and_names_bad_inputs(int8_export, tiny_export_fp32, held_out_dir, calib_dir,
+                                                         tmp_path):
+    from click.testing import CliRunner
+
+    from dfosd.calibration.parity_cli import main
+    from dfosd.core.checkpoint import write_random_checkpoint
+    from dfosd.core.bases import load_base
+    from dfosd.export.artifacts import ExportConfig, export_checkpoint
+
+    report = tmp_path / "parity.json"
+    ok = CliRunner().invoke(main, [str(tiny_export_fp32), str(int8_export), "--photos", str(held_out_dir),
+                                   "--max-tiles", "4", "--json", str(report)])
+    assert ok.exit_code == 0, ok.output
+    rows = {r["precision"]: r for r in json.loads(report.read_text())["rows"]}
+    assert rows["fp32"]["psnr_db"] > 60 and rows["int8"]["quantized"] == ["encoder", "unet", "decoder"]
+    assert 20 < rows["int8"]["psnr_db"] < 60 and rows["int8"]["tiles"] == 4
+    assert "PSNR dB" in ok.stdout
+    # the calibration photos are not held out
+    bad = CliRunner().invoke(main, [str(int8_export), "--photos", str(calib_dir)])
+    assert bad.exit_code == 1 and "held-out" in bad.output and "Traceback" not in bad.output
+    # exports of two different checkpoints cannot share one reference
+    other_ckpt = write_random_checkpoint(tmp_path / "other.safetensors", load_base(TINY), seed=1)
+    other = export_checkpoint(other_ckpt, TINY, tmp_path / "other", ExportConfig(precision="fp32", tile=TILE)).out_dir
+    bad = CliRunner().invoke(main, [str(tiny_export_fp32), str(other), "--photos", str(held_out_dir)])
+    assert bad.exit_code == 1 and "different checkpoints" in bad.output
