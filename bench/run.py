@@ -189,6 +189,8 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
         add(f"eager PyTorch {prec}", "torch", prec, dev, timing, out, ref)
         del model
         gc.collect()
+    del base  # each export loads its own: two full-size bases at once pushed the fp16 export out of memory
+    gc.collect()
 
     exports = {}
     calib_dir = Path(cfg.calib_data) if cfg.calib_data else None
@@ -201,8 +203,6 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
                                 progress=say)
         exports[prec] = res.out_dir
         gc.collect()
-    del base
-    gc.collect()
     for backend in cfg.backends:
         for prec, folder in exports.items():
             runner = OneStepRunner(folder, backend=backend, batch=cfg.batch, say=say)
