@@ -21,11 +21,11 @@ COLOR_FIXES = ("none", "adain", "wavelet")
 REPORT_NAME = "dfosd-report.json"
 
 
-def _process_one(src, rel, runner, tcfg, opts, out_dir):
-    """Upscale one file; returns the report record (raises nothing for bad input)."""
+def _process_one(src, rel, upscale, tcfg, opts, out_dir):
+    """Upscale one file with ``upscale`` (uint8 [3,H,W] -> x scale); returns the report record
+    (raises nothing for bad input)."""
     from dfosd.runtime.color_fix import apply_color_fix
     from dfosd.runtime.images import ImageInputError, compose_output, load_image, output_path_for, save_image_atomic
-    from dfosd.runtime.tiling import upscale_tiled
 
     dst = output_path_for(Path(rel), out_dir, opts["fmt"])
     rec = {"input": str(src), "output": str(dst)}
@@ -34,7 +34,7 @@ def _process_one(src, rel, runner, tcfg, opts, out_dir):
     t0 = time.perf_counter()
     try:
         img = load_image(src)
-        sr = upscale_tiled(img.rgb, runner, tcfg)
+        sr = upscale(img.rgb)
         sr = apply_color_fix(sr, img.rgb, opts["color_fix"], tcfg.scale)
         notes = list(img.notes) + list(save_image_atomic(compose_output(sr, img, tcfg.scale), dst, opts["fmt"],
                                                           quality=opts["quality"]) or [])
@@ -65,11 +65,14 @@ def _process_one(src, rel, runner, tcfg, opts, out_dir):
 @click.option("--skip-existing", is_flag=True, help="Leave images whose output already exists.")
 @click.option("--report", type=click.Path(dir_okay=False), default=None,
               help=f"JSON report path (default: OUT/{REPORT_NAME}).")
+@click.option("--server", default=None, metavar="URL",
+              help="Upscale on a dfosd-serve / Triton server (http://HOST:PORT or grpc://HOST:PORT) instead of "
+                   "loading engines here; --engines/--backend/--batch do not apply.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.option("-v", "--verbose", is_flag=True)
 @user_errors
 def main(inputs, engines_dir, out_dir, backend, batch, tile, overlap, color_fix, fmt, quality, skip_existing,
-         report, progress, verbose):
+         report, server, progress, verbose):
     """Upscale INPUT... (files, folders searched recursively, or glob patterns) x4.
 
     Grayscale inputs give grayscale outputs; alpha is carried over bicubic-resized (not
@@ -89,25 +92,41 @@ def main(inputs, engines_dir, out_dir, backend, batch, tile, overlap, color_fix,
         say(f"error: {p}")
     if not pairs and not problems:
         raise DfosdError("no input images found", hint="pass image files, folders or glob patterns")
-    runner = OneStepRunner(engines_dir, backend=backend, batch=batch, say=say)
+    if server is not None:
+        from dfosd.serving.client import local_only_options, remote_runner
+
+        local_only_options(click.get_current_context(), ("engines_dir", "backend", "batch"))
+        runner = remote_runner(server, say)  # same attributes as OneStepRunner: tile, batch, scale, ...
+    else:
+        runner = OneStepRunner(engines_dir, backend=backend, batch=batch, say=say)
     if tile is not None and tile != runner.tile:
         raise DfosdError(f"--tile {tile} differs from the engines' tile {runner.tile} (engines have static shapes)",
                          hint=f"omit --tile, or re-export with dfosd-export --tile {tile}")
     tcfg = TilingConfig(tile=runner.tile, overlap=runner.tile // 4 if overlap is None else overlap,
                         batch=runner.batch, scale=runner.scale)
+    if server is not None:
+        def upscale(rgb):
+            return runner.upscale(rgb, overlap=tcfg.overlap)  # the server tiles and blends
+    else:
+        from dfosd.runtime.tiling import upscale_tiled
+
+        def upscale(rgb):
+            return upscale_tiled(rgb, runner, tcfg)
     out = Path(out_dir)
     opts = {"fmt": fmt, "quality": quality, "skip_existing": skip_existing, "color_fix": color_fix}
     records = [{"input": p, "status": "failed", "error": p} for p in problems]
     t_all = time.perf_counter()
     for src, rel in tqdm(pairs, desc="dfosd", unit="img", disable=not progress, file=click.get_text_stream("stderr")):
-        rec = _process_one(src, rel, runner, tcfg, opts, out)
+        rec = _process_one(src, rel, upscale, tcfg, opts, out)
         if rec["status"] == "failed":
             tqdm.write(f"error: {rec['error']}", file=click.get_text_stream("stderr"))
         records.append(rec)
+    if server is not None:
+        runner.client.close()  # an idle keep-alive connection would hold up the server's shutdown
     counts = {s: sum(r["status"] == s for r in records) for s in ("ok", "skipped", "failed")}
     report_path = Path(report) if report else out / REPORT_NAME
     write_json_atomic(report_path, {
-        "engines": str(Path(engines_dir).resolve()), "backend": runner.backend.describe(),
+        "engines": server or str(Path(engines_dir).resolve()), "backend": runner.backend.describe(),
         "precision": runner.precision, "tiling": {"tile": tcfg.tile, "overlap": tcfg.overlap, "batch": tcfg.batch},
         "color_fix": color_fix, "total_seconds": round(time.perf_counter() - t_all, 3), "summary": counts,
         "images": records,

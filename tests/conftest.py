@@ -83,3 +83,18 @@ def photo_lr():
 
     img = Image.fromarray(data.astronaut()).resize((64, 64), Image.BICUBIC)
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: one intra-op thread for a whole module (its module fixtures included).
+
+    Two OpenMP threads on a shared 2-core machine spin-wait for each other under load (small
+    ops 100x slower, measured), and a fixed thread count keeps float reductions in one order,
+    which the exact resume and fp32 parity checks rely on. Restored after the module."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -23,17 +23,7 @@ EXCLUDED_NODES = ("/conv_in/", "/conv_out/", "/conv_shortcut/", "/proj_out/", "/
                   "/attn2/to_v/")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The tiny parts are too small for intra-op threads to pay: with another process on the
-    second core, OpenMP's barriers made this module 3-4x slower (measured); one thread is
-    also what makes fp32 results independent of the machine's core count."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_photos(folder, names):

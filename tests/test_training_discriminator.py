@@ -15,14 +15,7 @@ from dfosd.training.discriminator import NoiseAwareDiscriminator
 from dfosd.training.losses import d_adv_loss, g_adv_loss
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread. Two OpenMP threads on a shared 2-core machine spin-wait
-    for each other under load (100x slower small ops); restored after each test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TINY = Path(dfosd.__file__).parent / "core" / "configs" / "tiny"

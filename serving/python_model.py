@@ -1,0 +1,100 @@
+"""The Triton Python-backend model: dfosd's runtime serving images of any size.
+
+Runs inside Triton's backend stub process (``triton_python_backend_utils`` exists only
+there, hence the imports inside methods). The model directory's ``config.pbtxt``
+parameters say where the engines are and how to tile (see ``triton_repo``); each request
+is handled by ``UpscaleService``.
+
+Tensors cross the stub boundary through DLPack (torch), never through
+``pb_utils.Tensor(name, ndarray)`` / ``as_numpy()``: the stub that PyPI's
+nvidia-pytriton 0.7.0 ships was built against NumPy 1.x, and with NumPy 2 in the
+environment its NumPy path reads input arrays as zeros and returns empty outputs
+(observed here: numpy 2.4.6). DLPack is independent of NumPy's ABI and copies nothing.
+
+Request parameters (optional): ``layout`` = ``HWC`` (default) or ``CHW``; ``overlap`` =
+tile overlap in LR pixels (default from the config). A bad request gets an error
+response naming the problem; the model keeps serving.
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from pathlib import Path
+
+from dfosd.serving.triton_repo import IMAGE_IN, IMAGE_OUT
+from dfosd.serving.upscale_service import RequestError, UpscaleService, parse_overlap
+
+
+def config_parameters(model_config: dict) -> dict[str, str]:
+    return {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}
+
+
+def engines_path(value: str, version_dir: Path) -> Path:
+    """``engines`` parameter: absolute, or relative to the model's version folder."""
+    path = Path(value)
+    return path if path.is_absolute() else version_dir / path
+
+
+def _triton_error(pb_utils, message: str, code: str):
+    value = getattr(pb_utils.TritonError, code, None)  # error codes: Triton 23.x and later
+    return pb_utils.TritonError(message) if value is None else pb_utils.TritonError(message, value)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        import triton_python_backend_utils as pb_utils
+
+        self.log = pb_utils.Logger
+        config = json.loads(args["model_config"])
+        params = config_parameters(config)
+        if args.get("model_instance_kind") == "GPU":
+            import torch
+
+            torch.cuda.set_device(int(args["model_instance_device_id"]))
+        version_dir = Path(args["model_repository"]) / str(args["model_version"])
+        tile_batch = params.get("tile_batch")
+        self.service = UpscaleService.from_export(
+            engines_path(params.get("engines", "engines"), version_dir),
+            backend=params.get("backend", "auto"),
+            tile_batch=int(tile_batch) if tile_batch else None,
+            overlap=int(params["overlap"]) if params.get("overlap") else None,
+            max_pixels=int(params.get("max_pixels", "1048576")),
+            say=lambda m: self.log.log_info(f"dfosd: {m}"))
+        runner = self.service.runner
+        self.log.log_info(f"dfosd: serving {runner.export_dir} ({runner.backend.describe()}, {runner.precision}, "
+                          f"tile {runner.tile}, tile batch {runner.batch})")
+
+    def _one(self, request):
+        import torch
+        import triton_python_backend_utils as pb_utils
+        from torch.utils.dlpack import to_dlpack
+
+        tensor = pb_utils.get_input_tensor_by_name(request, IMAGE_IN)
+        if tensor is None:
+            raise RequestError(f"the request has no input named {IMAGE_IN}")
+        images = torch.from_dlpack(tensor.to_dlpack())
+        raw = request.parameters() if hasattr(request, "parameters") else "{}"
+        params = json.loads(raw or "{}")
+        out = self.service.upscale(images, layout=params.get("layout"),
+                                   overlap=parse_overlap(params.get("overlap"),
+                                                         self.service.default_tiling.overlap))
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor.from_dlpack(IMAGE_OUT, to_dlpack(out))])
+
+    def execute(self, requests):
+        import triton_python_backend_utils as pb_utils
+
+        responses = []
+        for request in requests:  # one instance runs one request at a time: the runner's buffers are static
+            try:
+                responses.append(self._one(request))
+            except RequestError as exc:  # the client's fault: INVALID_ARG (HTTP 400), not INTERNAL (500)
+                responses.append(pb_utils.InferenceResponse(error=_triton_error(pb_utils, str(exc), "INVALID_ARG")))
+            except Exception as exc:  # a bug: answer this request, keep serving, log the traceback
+                self.log.log_error(f"dfosd: {traceback.format_exc()}")
+                responses.append(pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(f"internal error: {type(exc).__name__}: {exc}")))
+        return responses
+
+    def finalize(self):
+        self.service = None

@@ -1,0 +1,385 @@
+"""Write a Triton Inference Server model repository from a dfosd export directory.
+
+Layout of ``--out REPO`` (``<name>`` defaults to ``dfosd``; one set per tile batch ``b``)::
+
+    <name>/                          Python backend: dfosd's runtime (tiling + blending), any image size
+      config.pbtxt                   dynamic batching, ragged uint8 input, runtime parameters
+      1/model.py                     imports dfosd.serving.python_model (dfosd must be installed there)
+      1/engines/                     the export directory (manifest + ONNX / plans / .pt2 packages)
+    <name>_encoder_b1/               onnxruntime_onnx, full static shapes (max_batch_size 0)
+      config.pbtxt
+      1/encoder_b1.onnx              (default_model_filename; external data beside it)
+    <name>_unet_b1/ ...  <name>_decoder_b1/ ...
+    <name>_tiles_b1/                 ensemble: lr_image uint8 [b,3,t,t] -> sr_image uint8 [b,3,4t,4t]
+    <name>_encoder_b1_trt/ ...       tensorrt_plan + cc_model_filenames + CUDA graphs, when the
+    <name>_tiles_b1_trt/             export directory holds current plans for all three parts
+
+Tensor names, dtypes and dims come from the component contracts in ``manifest.json``
+(and, for plans, are cross-checked with each plan's own manifest). The ensembles take
+fixed-size tiles; tiling images of any size is the Python model's job (or the client's).
+
+Nothing here imports torch, onnx or tritonclient: the configs are written as text
+(``serving.pbtxt``) and checked against Triton's schema by the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dfosd.core.contracts import ComponentContract
+from dfosd.core.errors import DfosdError, problems_error
+from dfosd.core.manifest import MANIFEST_NAME, files_intact, read_manifest
+from dfosd.serving.pbtxt import Enum, Map, to_pbtxt
+
+# The chain of parts, in order: core.onestep.COMPONENTS, spelled out here so that writing a
+# repository does not import torch (a test checks the two agree).
+CHAIN = ("encoder", "unet", "decoder")
+DATA_TYPES = {"uint8": "TYPE_UINT8", "float16": "TYPE_FP16", "float32": "TYPE_FP32"}
+KINDS = ("python", "onnx", "tensorrt")
+LINK_MODES = ("copy", "hardlink", "symlink")
+DEVICES = ("cpu", "gpu")
+VERSION = "1"
+MARKER = ".dfosd-repo.json"  # marks a repository written here, so rewriting it may replace our models
+PLAN_MANIFEST_SUFFIX = ".plan.json"  # engines.tensorrt_build writes <stem>.plan + <stem>.plan.json
+
+# The Python model's tensors: one image per batch entry, any size, HWC or CHW.
+IMAGE_IN, IMAGE_OUT = "lr_image", "sr_image"
+DEFAULT_MAX_PIXELS = 1024 * 1024  # LR pixels per image: 1024x1024 in -> 4096x4096 out (48 MiB)
+
+
+@dataclass(frozen=True)
+class RepoOptions:
+    name: str = "dfosd"
+    kinds: tuple[str, ...] = KINDS  # tensorrt: only where plans exist, unless asked for explicitly
+    device: str = "gpu"             # instance kind of the ONNX models (TensorRT plans are always GPU)
+    link: str = "copy"              # how model files get into the repository
+    # The Python-backend model (dfosd's runtime):
+    backend: str = "auto"
+    tile_batch: int | None = None   # default: the export's largest tile batch
+    overlap: int | None = None      # default: tile / 4
+    max_batch: int = 8              # requests per execute() call (Triton's dynamic batcher)
+    max_queue_delay_us: int = 2000
+    queue_timeout_s: float = 0.0    # 0: a request may wait in the queue indefinitely
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    instances: int = 1
+    python_device: str = "cpu"      # instance kind of the Python model (GPU: one instance per GPU)
+    tensorrt_required: bool = False  # set when --kinds names tensorrt explicitly
+    site_dirs: tuple[str, ...] = ()  # extra site folders model.py adds (dfosd-serve from a venv)
+
+    def __post_init__(self):
+        problems = []
+        bad = [k for k in self.kinds if k not in KINDS]
+        if bad or not self.kinds:
+            problems.append(f"--kinds {','.join(self.kinds)}: choose from {', '.join(KINDS)}")
+        if self.device not in DEVICES or self.python_device not in DEVICES:
+            problems.append(f"--device {self.device}: choose one of {', '.join(DEVICES)}")
+        if self.link not in LINK_MODES:
+            problems.append(f"--link {self.link}: choose one of {', '.join(LINK_MODES)}")
+        if not self.name or not all(c.isalnum() or c in "_-" for c in self.name):
+            problems.append(f"--name {self.name!r}: use letters, digits, '_' and '-'")
+        if self.max_batch < 1:
+            problems.append(f"--max-batch {self.max_batch}: must be >= 1")
+        if self.max_pixels < 1:
+            problems.append(f"--max-pixels {self.max_pixels}: must be >= 1")
+        if self.instances < 1:
+            problems.append(f"--instances {self.instances}: must be >= 1")
+        if self.queue_timeout_s < 0:
+            problems.append(f"--timeout {self.queue_timeout_s}: must be >= 0 (0: no limit)")
+        if problems:
+            raise DfosdError("; ".join(problems))
+
+
+@dataclass
+class RepoResult:
+    repo: Path
+    models: dict[str, str] = field(default_factory=dict)  # model name -> what it is
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- the export's parts
+
+
+def batches_of(manifest: dict) -> dict[int, dict[str, dict]]:
+    """Tile batch -> {part -> manifest entry}, for batches that have all three parts."""
+    by_batch: dict[int, dict[str, dict]] = {}
+    for entry in manifest.get("components", {}).values():
+        by_batch.setdefault(int(entry["batch"]), {})[entry["component"]] = entry
+    return {b: parts for b, parts in sorted(by_batch.items()) if set(parts) == set(CHAIN)}
+
+
+def contracts_of(parts: dict[str, dict]) -> dict[str, ComponentContract]:
+    return {name: ComponentContract.from_dict(parts[name]["contract"]) for name in CHAIN}
+
+
+def check_chain(contracts: dict[str, ComponentContract]) -> None:
+    """Each part's outputs must be the next part's inputs (names, dtypes, shapes)."""
+    for a, b in zip(CHAIN, CHAIN[1:]):
+        if contracts[a].outputs != contracts[b].inputs:
+            raise DfosdError(f"the export's {a} outputs {contracts[a].outputs} are not the {b} inputs "
+                             f"{contracts[b].inputs}", hint="re-run dfosd-export into a clean directory")
+
+
+# ---------------------------------------------------------------- config pieces
+
+
+def tensor_config(spec) -> dict:
+    return {"name": spec.name, "data_type": Enum(DATA_TYPES[spec.dtype]), "dims": list(spec.shape)}
+
+
+def instance_group(kind: str, count: int = 1) -> list[dict]:
+    return [{"kind": Enum("KIND_GPU" if kind == "gpu" else "KIND_CPU"), "count": count}]
+
+
+def onnx_config(model: str, entry: dict, contract: ComponentContract, device: str) -> dict:
+    return {
+        "name": model,
+        "platform": "onnxruntime_onnx",
+        "max_batch_size": 0,  # dims are the full static shapes, batch included
+        "default_model_filename": Path(entry["onnx"]).name,
+        "input": [tensor_config(s) for s in contract.inputs],
+        "output": [tensor_config(s) for s in contract.outputs],
+        "instance_group": instance_group(device),
+    }
+
+
+def plan_config(model: str, plan: dict, contract: ComponentContract) -> dict:
+    return {
+        "name": model,
+        "platform": "tensorrt_plan",
+        "max_batch_size": 0,
+        # A plan only runs on the GPU architecture it was built for: map that compute capability
+        # to the file. On any other GPU Triton finds no file and refuses to load the model, which
+        # is what should happen (rebuild the plans there).
+        "cc_model_filenames": Map({plan["system"]["sm"]: plan["plan"]}),
+        "input": [tensor_config(s) for s in contract.inputs],
+        "output": [tensor_config(s) for s in contract.outputs],
+        "instance_group": instance_group("gpu"),
+        # Static shapes: Triton's TensorRT backend captures each execution in a CUDA graph.
+        "optimization": {"cuda": {"graphs": True}},
+    }
+
+
+def ensemble_config(model: str, step_models: dict[str, str], contracts: dict[str, ComponentContract]) -> dict:
+    """Chain the parts by tensor name: each part's output feeds the next part's input."""
+    first, last = contracts[CHAIN[0]], contracts[CHAIN[-1]]
+    steps = []
+    for name in CHAIN:
+        c = contracts[name]
+        steps.append({"model_name": step_models[name], "model_version": -1,
+                      "input_map": Map({s.name: s.name for s in c.inputs}),
+                      "output_map": Map({s.name: s.name for s in c.outputs})})
+    return {
+        "name": model,
+        "platform": "ensemble",
+        "max_batch_size": 0,
+        "input": [tensor_config(s) for s in first.inputs],
+        "output": [tensor_config(s) for s in last.outputs],
+        "ensemble_scheduling": {"step": steps},
+    }
+
+
+def python_model_parameters(manifest: dict, opts: RepoOptions, tile_batch: int) -> dict[str, str]:
+    """What the Python model reads at start-up (and clients read to learn tile, scale, ...)."""
+    tile = int(manifest["tile"])
+    overlap = tile // 4 if opts.overlap is None else opts.overlap
+    return {"engines": "engines", "backend": opts.backend, "tile_batch": str(tile_batch),
+            "overlap": str(overlap), "max_pixels": str(opts.max_pixels), "tile": str(tile),
+            "scale": str(int(manifest["upscale"])), "precision": str(manifest.get("precision", "")),
+            "export_build_key": str(manifest.get("build_key", ""))}
+
+
+def python_config(model: str, params: dict[str, str], opts: RepoOptions) -> dict:
+    dyn: dict[str, Any] = {"max_queue_delay_microseconds": opts.max_queue_delay_us}
+    if opts.queue_timeout_s > 0:
+        dyn["default_queue_policy"] = {"timeout_action": Enum("REJECT"),
+                                       "default_timeout_microseconds": int(opts.queue_timeout_s * 1e6),
+                                       "allow_timeout_override": True}
+    return {
+        "name": model,
+        "backend": "python",
+        # >0: requests carry a leading batch dimension and the dynamic batcher may hand several
+        # requests to one execute() call. Each entry is one image [H,W,3] or [3,H,W].
+        "max_batch_size": opts.max_batch,
+        # ragged: requests with images of different sizes may still be batched together (the
+        # model handles every request on its own; the batcher must not insist on equal shapes).
+        "input": [{"name": IMAGE_IN, "data_type": Enum("TYPE_UINT8"), "dims": [-1, -1, -1],
+                   "allow_ragged_batch": True}],
+        "output": [{"name": IMAGE_OUT, "data_type": Enum("TYPE_UINT8"), "dims": [-1, -1, -1]}],
+        "dynamic_batching": dyn,
+        "instance_group": instance_group(opts.python_device, opts.instances),
+        "parameters": Map({k: {"string_value": v} for k, v in params.items()}),
+    }
+
+
+MODEL_PY = '''"""Triton Python-backend entry point written by `dfosd triton-repo`.
+
+The model is dfosd's own runtime (dfosd.serving.python_model): dfosd and its runtime
+dependencies must be installed in the Python that runs Triton's backend stub.
+"""
+{site}
+from dfosd.serving.python_model import TritonPythonModel  # noqa: F401,E402
+'''
+
+
+def model_py(site_dirs: tuple[str, ...]) -> str:
+    site = ""
+    if site_dirs:
+        site = ("\nimport site\n\nfor _d in " + repr(list(site_dirs)) + ":  # the venv dfosd-serve ran from\n"
+                "    site.addsitedir(_d)\n")
+    return MODEL_PY.format(site=site)
+
+
+# ---------------------------------------------------------------- files
+
+
+def place_file(src: Path, dst: Path, link: str) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists() or dst.is_symlink():
+        dst.unlink()
+    if link == "symlink":
+        dst.symlink_to(src.resolve())
+    elif link == "hardlink":
+        try:
+            os.link(src, dst)
+        except OSError:  # another filesystem: fall back to a copy
+            shutil.copy2(src, dst)
+    else:
+        shutil.copy2(src, dst)
+
+
+def export_files(export_dir: Path) -> list[Path]:
+    """The export directory's regular files (manifests, ONNX + data, plans, .pt2), no temp/hidden ones."""
+    return sorted(p for p in export_dir.iterdir() if p.is_file() and not p.name.startswith(".")
+                  and not p.name.endswith(".tmp"))
+
+
+def write_model(repo: Path, model: str, config: dict, files: dict[str, Path], link: str,
+                extra_text: dict[str, str] | None = None) -> None:
+    """``repo/model/config.pbtxt`` + ``repo/model/1/<name>`` for each file (replacing an older model dir)."""
+    folder = repo / model
+    if folder.exists():
+        shutil.rmtree(folder)
+    (folder / VERSION).mkdir(parents=True)
+    (folder / "config.pbtxt").write_text(to_pbtxt(config))
+    for name, src in files.items():
+        place_file(src, folder / VERSION / name, link)
+    for name, text in (extra_text or {}).items():
+        (folder / VERSION / name).write_text(text)
+
+
+def prepare_repo_dir(repo: Path, force: bool) -> None:
+    if repo.exists() and not repo.is_dir():
+        raise DfosdError(f"{repo} exists and is not a directory")
+    if repo.is_dir() and any(repo.iterdir()) and not (repo / MARKER).is_file() and not force:
+        raise DfosdError(f"{repo} is not empty and was not written by dfosd triton-repo",
+                         hint="choose an empty or new folder, or pass --force to add our models to it")
+    repo.mkdir(parents=True, exist_ok=True)
+
+
+# ---------------------------------------------------------------- TensorRT plans
+
+
+def read_plans(export_dir: Path, manifest: dict, parts: dict[str, dict],
+               contracts: dict[str, ComponentContract]) -> tuple[dict[str, dict] | None, list[str]]:
+    """The plan manifests of one tile batch's three parts, or (None, why) when they are absent/unusable."""
+    plans, problems = {}, []
+    for name in CHAIN:
+        stem = contracts[name].stem
+        path = export_dir / f"{stem}{PLAN_MANIFEST_SUFFIX}"
+        if not path.is_file():
+            return None, [f"no TensorRT plan for {stem}"]
+        try:
+            plan = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            problems.append(f"{path.name} is not valid JSON ({exc})")
+            continue
+        io = {(t["mode"], t["name"], t["dtype"], tuple(t["shape"])) for t in plan.get("io", [])}
+        want = {("input", s.name, s.dtype, s.shape) for s in contracts[name].inputs} | {
+            ("output", s.name, s.dtype, s.shape) for s in contracts[name].outputs}
+        if io != want:
+            problems.append(f"{plan.get('plan', stem)} has I/O {sorted(io)}, the export's contract is {sorted(want)}")
+        if plan.get("export_build_key") != manifest.get("build_key"):
+            problems.append(f"{plan.get('plan', stem)} was built from an earlier export of this directory")
+        if not plan.get("system", {}).get("sm"):
+            problems.append(f"{path.name} does not record the GPU compute capability (system.sm)")
+        plan_file = plan.get("plan")
+        if not plan_file or files_intact(export_dir, {plan_file: plan.get("plan_file", {})}, quick=True):
+            problems.append(f"{plan_file or stem + '.plan'} is missing or changed since it was built")
+        plans[name] = plan
+    return (None, problems) if problems else (plans, [])
+
+
+# ---------------------------------------------------------------- the repository
+
+
+def write_repository(engines_dir: str | Path, repo_dir: str | Path, opts: RepoOptions = RepoOptions(), *,
+                     force: bool = False) -> RepoResult:
+    export_dir = Path(engines_dir)
+    manifest = read_manifest(export_dir)
+    bad = files_intact(export_dir, manifest.get("files", {}), quick=True)
+    if bad:
+        raise DfosdError(f"{export_dir}: {', '.join(bad)} missing or changed since export",
+                         hint="re-run dfosd-export into this directory")
+    by_batch = batches_of(manifest)
+    if not by_batch:
+        raise DfosdError(f"{export_dir}/{MANIFEST_NAME} lists no complete set of encoder/unet/decoder parts",
+                         hint="re-run dfosd-export into this directory")
+    repo = Path(repo_dir)
+    prepare_repo_dir(repo, force)
+    result = RepoResult(repo)
+    n = opts.name
+
+    for batch, parts in by_batch.items():
+        contracts = contracts_of(parts)
+        check_chain(contracts)
+        if "onnx" in opts.kinds:
+            steps = {}
+            for name in CHAIN:
+                model = f"{n}_{contracts[name].stem}"
+                files = {Path(f).name: export_dir / f for f in parts[name].get("files", [parts[name]["onnx"]])}
+                write_model(repo, model, onnx_config(model, parts[name], contracts[name], opts.device), files,
+                            opts.link)
+                result.models[model] = f"onnxruntime_onnx {name}, tile batch {batch}"
+                steps[name] = model
+            ens = f"{n}_tiles_b{batch}"
+            write_model(repo, ens, ensemble_config(ens, steps, contracts), {}, opts.link)
+            result.models[ens] = f"ensemble of the ONNX parts, tile batch {batch}"
+        if "tensorrt" in opts.kinds:
+            plans, why = read_plans(export_dir, manifest, parts, contracts)
+            if plans is None:
+                if opts.tensorrt_required or (why and not why[0].startswith("no TensorRT plan")):
+                    raise problems_error(f"cannot add the TensorRT plans of tile batch {batch}", why,
+                                         hint=f"build them: python -m dfosd.engines.tensorrt_build {export_dir}")
+                result.notes.append(f"tile batch {batch}: {why[0]}; no tensorrt_plan models written")
+            else:
+                steps = {}
+                for name in CHAIN:
+                    model = f"{n}_{contracts[name].stem}_trt"
+                    plan = plans[name]
+                    write_model(repo, model, plan_config(model, plan, contracts[name]),
+                                {plan["plan"]: export_dir / plan["plan"]}, opts.link)
+                    result.models[model] = f"tensorrt_plan {name}, tile batch {batch}, SM {plan['system']['sm']}"
+                    steps[name] = model
+                ens = f"{n}_tiles_b{batch}_trt"
+                write_model(repo, ens, ensemble_config(ens, steps, contracts), {}, opts.link)
+                result.models[ens] = f"ensemble of the TensorRT plans, tile batch {batch}"
+
+    if "python" in opts.kinds:
+        tile_batch = max(by_batch) if opts.tile_batch is None else opts.tile_batch
+        if tile_batch not in by_batch:
+            raise DfosdError(f"the export has no tile batch {tile_batch} (it has {sorted(by_batch)})",
+                             hint=f"pass --tile-batch {max(by_batch)}, or re-export with --batch {tile_batch}")
+        params = python_model_parameters(manifest, opts, tile_batch)
+        files = {f"engines/{p.name}": p for p in export_files(export_dir)}
+        write_model(repo, n, python_config(n, params, opts), files, opts.link, {"model.py": model_py(opts.site_dirs)})
+        result.models[n] = (f"python backend: dfosd runtime ({opts.backend}), any image size, tile batch "
+                            f"{tile_batch}, up to {opts.max_batch} requests per batch")
+
+    (repo / MARKER).write_text(json.dumps({"engines": str(export_dir.resolve()), "models": result.models},
+                                          indent=2) + "\n")
+    return result

@@ -1,0 +1,383 @@
+"""A real Triton server on loopback: dfosd-serve started as a subprocess, called over HTTP and gRPC.
+
+The server is the tritonserver binary of PyPI's nvidia-pytriton with dfosd's Python-backend
+model; requests go through tritonclient. Outputs are compared exactly with the in-process
+runtime (OneStepRunner + upscale_tiled on the same export and backend). Skipped, with the
+reason, where nvidia-pytriton or tritonclient is missing.
+
+Time on 2 CPU cores: ~20 s server start-up (the stub imports torch and loads the sessions),
+10 s of 8 concurrent clients, ~15 s for the failing start; the export fixture is shared.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+HAVE_SERVER = importlib.util.find_spec("pytriton") is not None and importlib.util.find_spec("tritonclient") is not None
+pytestmark = pytest.mark.skipif(not HAVE_SERVER, reason="needs tritonserver (PyPI nvidia-pytriton) and tritonclient: "
+                                "pip install --no-deps nvidia-pytriton==0.7.0 && pip install 'tritonclient[http,grpc]'")
+
+MAX_PIXELS = 96 * 96   # small, so that "oversized" is cheap to send
+MAX_BATCH = 4
+TILE_BATCH = 2
+CONCURRENT_SECONDS = 10.0
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def descendants(pid: int) -> set[int]:
+    """pid's live descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                children.setdefault(int(fields[1]), []).append(int(entry.name))
+    out, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def status(url: str) -> int | None:
+    from dfosd.serving.serve import http_status
+
+    return http_status(url)
+
+
+class ServeProcess:
+    """``python -m dfosd.serving.cli`` (= dfosd-serve) on free loopback ports."""
+
+    def __init__(self, engines: Path, log: Path, *extra: str):
+        from dfosd.serving.serve import free_port
+
+        self.http, self.grpc, self.metrics = free_port(), free_port(), free_port()
+        self.log = log
+        cmd = [sys.executable, "-m", "dfosd.serving.cli", "--engines", str(engines), "--host", "127.0.0.1",
+               "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics),
+               "--max-batch", str(MAX_BATCH), "--tile-batch", str(TILE_BATCH), "--max-pixels", str(MAX_PIXELS),
+               "--backend", "onnxruntime", "--log-file", str(log), *extra]
+        self.out = open(log.with_suffix(".cli.txt"), "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self.out, stderr=subprocess.STDOUT)
+        self.seen: set[int] = set()  # every tritonserver / stub pid observed while it ran
+
+    @property
+    def http_url(self):
+        return f"http://127.0.0.1:{self.http}"
+
+    @property
+    def grpc_url(self):
+        return f"grpc://127.0.0.1:{self.grpc}"
+
+    def watch(self) -> None:
+        if self.proc.poll() is None:
+            self.seen |= descendants(self.proc.pid)
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.watch()
+            if self.proc.poll() is not None:
+                raise AssertionError(f"dfosd-serve exited ({self.proc.returncode}):\n{self.output()}")
+            if status(f"{self.http_url}/v2/health/ready") == 200:
+                self.watch()
+                return
+            time.sleep(0.25)
+        raise AssertionError(f"not ready after {timeout} s:\n{self.output()}")
+
+    def output(self) -> str:
+        if not self.out.closed:
+            self.out.flush()
+        text = self.log.with_suffix(".cli.txt").read_text(errors="replace")
+        if self.log.is_file():
+            text += "\n--- server log ---\n" + "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
+        return text
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.watch()
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                for pid in descendants(self.proc.pid) | {self.proc.pid}:
+                    os.kill(pid, signal.SIGKILL)
+                raise
+        self.out.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def server(tiny_export_fp32, tmp_path_factory):
+    proc = ServeProcess(tiny_export_fp32, tmp_path_factory.mktemp("serve") / "server.log")
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def local(tiny_export_fp32):
+    """The in-process runtime on the same export: (image CHW uint8 torch) -> CHW output."""
+    from dfosd.runtime.step import OneStepRunner
+    from dfosd.runtime.tiling import TilingConfig, upscale_tiled
+
+    runner = OneStepRunner(tiny_export_fp32, backend="onnxruntime", batch=TILE_BATCH, say=lambda m: None)
+
+    def run(image, overlap=None):
+        cfg = TilingConfig(tile=runner.tile, overlap=runner.tile // 4 if overlap is None else overlap,
+                           batch=runner.batch, scale=runner.scale)
+        return upscale_tiled(image, runner, cfg)
+
+    return run
+
+
+def image(h, w, seed):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
+
+
+def http_infer(url, array, params=None, dtype="UINT8"):
+    import tritonclient.http as th
+
+    client = th.InferenceServerClient(url.split("://")[1])
+    inp = th.InferInput("lr_image", list(array.shape), dtype)
+    inp.set_data_from_numpy(array)
+    out = [th.InferRequestedOutput("sr_image", binary_data=True)]
+    try:
+        return client.infer("dfosd", [inp], parameters=params or {}, outputs=out).as_numpy("sr_image")
+    finally:
+        client.close()  # an open keep-alive connection makes tritonserver wait at shutdown
+
+
+def grpc_infer(url, array, params=None):
+    import tritonclient.grpc as tg
+
+    client = tg.InferenceServerClient(url.split("://")[1])
+    inp = tg.InferInput("lr_image", list(array.shape), "UINT8")
+    inp.set_data_from_numpy(array)
+    try:
+        return client.infer("dfosd", [inp], parameters=params or {}).as_numpy("sr_image")
+    finally:
+        client.close()
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_http_hwc_matches_in_process_runtime(server, local):
+    img = image(45, 70, 0)  # 2x3 tiles of 32 with overlap 8: blending across tile batches
+    out = http_infer(server.http_url, img.permute(1, 2, 0).numpy()[None])
+    assert out.shape == (1, 180, 280, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out[0], local(img).permute(1, 2, 0).numpy())
+    # two same-size images in one request, and a request-level overlap
+    pair = [image(33, 40, 1), image(33, 40, 2)]
+    out = http_infer(server.http_url, np.stack([p.permute(1, 2, 0).numpy() for p in pair]), {"overlap": 4})
+    for got, src in zip(out, pair):
+        np.testing.assert_array_equal(got, local(src, overlap=4).permute(1, 2, 0).numpy())
+
+
+def test_grpc_chw_matches_in_process_runtime(server, local):
+    for img in (image(20, 13, 3), image(1, 40, 4), image(32, 32, 5)):  # smaller than a tile, a 1-pixel axis, one tile
+        out = grpc_infer(server.grpc_url, img.numpy()[None], {"layout": "CHW"})
+        np.testing.assert_array_equal(out[0], local(img).numpy())
+
+
+def test_health_ready_metadata_and_metrics(server):
+    import tritonclient.grpc as tg
+
+    assert status(f"{server.http_url}/v2/health/live") == 200
+    assert status(f"{server.http_url}/v2/health/ready") == 200
+    assert status(f"{server.http_url}/v2/models/dfosd/ready") == 200
+    g = tg.InferenceServerClient(f"127.0.0.1:{server.grpc}")
+    assert g.is_server_ready() and g.is_model_ready("dfosd")
+    g.close()
+    meta = json.loads(urllib.request.urlopen(f"{server.http_url}/v2/models/dfosd", timeout=5).read())
+    assert meta["inputs"][0]["name"] == "lr_image" and meta["inputs"][0]["datatype"] == "UINT8"
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics}/metrics", timeout=5).read().decode()
+    assert 'nv_inference_request_success{model="dfosd",version="1"}' in metrics
+
+
+def test_malformed_requests_get_errors_and_server_keeps_serving(server, local):
+    from tritonclient.utils import InferenceServerException
+
+    url = server.http_url
+    bad = [
+        ("wrong dtype", np.zeros((1, 8, 8, 3), np.float32), {}, "FP32", "data-type"),
+        ("wrong rank", np.zeros((1, 8, 8), np.uint8), {}, "UINT8", "unexpected shape"),
+        ("rank 5", np.zeros((1, 8, 8, 3, 1), np.uint8), {}, "UINT8", "unexpected shape"),
+        ("empty", np.zeros((1, 0, 8, 3), np.uint8), {}, "UINT8", "is empty"),
+        ("oversized", np.zeros((1, 97, 97, 3), np.uint8), {}, "UINT8", "limit of 9216"),
+        ("too many in a batch", np.zeros((MAX_BATCH + 1, 4, 4, 3), np.uint8), {}, "UINT8", "batch-size must be <="),
+        ("CHW sent as HWC", np.zeros((1, 3, 8, 8), np.uint8), {}, "UINT8", "send parameter layout=CHW"),
+        ("unknown layout", np.zeros((1, 8, 8, 3), np.uint8), {"layout": "NHWC"}, "UINT8", "use HWC or CHW"),
+        ("overlap too big", np.zeros((1, 8, 8, 3), np.uint8), {"overlap": 16}, "UINT8", "smaller than half"),
+        ("overlap not a number", np.zeros((1, 8, 8, 3), np.uint8), {"overlap": "x"}, "UINT8", "not an integer"),
+    ]
+    for what, array, params, dtype, expect in bad:
+        with pytest.raises(InferenceServerException) as exc:
+            http_infer(url, array, params, dtype)
+        assert expect in exc.value.message(), (what, exc.value.message())
+        assert "400" in str(exc.value.status()), (what, exc.value.status())  # the client's fault, not a 500
+    img = image(9, 9, 6)
+    np.testing.assert_array_equal(grpc_infer(server.grpc_url, img.numpy()[None], {"layout": "CHW"})[0],
+                                  local(img).numpy())
+    assert status(f"{url}/v2/health/ready") == 200
+    server.watch()
+
+
+def test_eight_concurrent_clients_no_failures_and_batching(server, local):
+    """8 clients (4 HTTP, 4 gRPC) for a bounded time; every valid request must succeed and be exact."""
+    import tritonclient.http as th
+
+    images = [image(h, w, 10 + i) for i, (h, w) in enumerate([(16, 16), (32, 32), (24, 40), (40, 24)])]
+    refs = [local(im).permute(1, 2, 0).numpy() for im in images]
+    stop = time.monotonic() + CONCURRENT_SECONDS
+    results, errors = [], []
+
+    def client(k):
+        n = 0
+        while time.monotonic() < stop:
+            i = (k + n) % len(images)
+            array = images[i].permute(1, 2, 0).numpy()[None]
+            try:
+                out = (http_infer if k % 2 == 0 else grpc_infer)(
+                    server.http_url if k % 2 == 0 else server.grpc_url, array)
+                results.append(bool(np.array_equal(out[0], refs[i])))
+            except Exception as exc:  # noqa: BLE001 - any failure counts
+                errors.append(f"client {k}: {type(exc).__name__}: {exc}")
+            n += 1
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=CONCURRENT_SECONDS + 120)
+    assert not errors, errors[:3]
+    assert len(results) >= 8 and all(results), f"{results.count(False)} of {len(results)} outputs differ"
+    client = th.InferenceServerClient(f"127.0.0.1:{server.http}")
+    stats = client.get_inference_statistics("dfosd")
+    client.close()
+    batch_sizes = {int(b["batch_size"]) for b in stats["model_stats"][0]["batch_stats"]}
+    assert max(batch_sizes) > 1, f"the dynamic batcher never batched requests: {batch_sizes}"
+    server.watch()
+
+
+def test_trt_run_with_server_reuses_the_cli(server, local, tmp_path):
+    import torch
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from dfosd.runtime.cli import main
+
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    a, b = image(30, 50, 20), image(12, 12, 21)
+    Image.fromarray(a.permute(1, 2, 0).numpy()).save(src / "a.png")
+    Image.fromarray(b.permute(1, 2, 0).numpy()).convert("L").save(src / "sub" / "gray.png")
+    Image.fromarray(np.zeros((100, 100, 3), np.uint8)).save(src / "big.png")  # over the server's pixel limit
+    (src / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    for url in (server.http_url, server.grpc_url):
+        r = CliRunner().invoke(main, [str(src), "--server", url, "--out", str(out), "--no-progress"])
+        assert r.exit_code == 1, r.output  # two images fail, the rest go on
+        report = json.loads((out / "dfosd-report.json").read_text())
+        by_name = {Path(x["input"]).name: x for x in report["images"]}
+        assert by_name["a.png"]["status"] == "ok" and by_name["gray.png"]["status"] == "ok"
+        assert by_name["big.png"]["status"] == "failed" and "limit" in by_name["big.png"]["error"]
+        assert by_name["broken.png"]["status"] == "failed"
+        assert "Triton server" in report["backend"] and report["engines"] == url
+        got = torch.from_numpy(np.array(Image.open(out / "a.png"))).permute(2, 0, 1)
+        assert torch.equal(got, local(a))
+        assert Image.open(out / "sub" / "gray.png").mode == "L"
+        assert not list(out.rglob(".*"))  # no temporary files left
+    r = CliRunner().invoke(main, [str(src / "a.png"), "--server", server.http_url, "--backend", "onnxruntime"])
+    assert r.exit_code == 1 and "do not apply with --server" in r.output and "Traceback" not in r.output
+
+
+def test_loadgen_measures_the_server(server, tmp_path):
+    from dfosd.serving.loadgen import measure, percentile
+
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0 and percentile([1.0] * 9 + [10.0], 90) == 1.0
+    results = measure(server.grpc_url, sizes=[(16, 16)], concurrency=[1, 2], seconds=1.0, warmup=0.2,
+                      stats_url=server.http_url)
+    assert [r.concurrency for r in results] == [1, 2]
+    for r in results:
+        assert r.completed >= 1 and r.failed == 0 and r.latency_ms_median <= r.latency_ms_p90 <= r.latency_ms_p99
+        assert r.mean_batch_size is not None and r.mean_batch_size >= 1
+    server.watch()
+
+
+def test_zz_sigint_stops_everything(server):
+    """Last in the module: Ctrl-C on dfosd-serve stops tritonserver and its stubs; nothing is left."""
+    server.watch()
+    triton = [p for p in server.seen if "tritonserver" in _cmdline(p) or "backend_stub" in _cmdline(p)]
+    assert triton, f"no tritonserver process was seen: {server.seen}"
+    assert server.stop(signal.SIGINT) == 0, server.output()
+    assert "stopped (tritonserver exit code 0)" in server.output()
+    left = [p for p in server.seen | set(triton) if alive(p)]
+    assert not left, f"left behind: {[(p, _cmdline(p)) for p in left]}"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_model_that_fails_to_start_is_reported_and_cleaned_up(tiny_export_fp32, tmp_path):
+    """The model's initialize() raises (TensorRT asked for, not installed): tritonserver exits, we say why."""
+    proc = ServeProcess(tiny_export_fp32, tmp_path / "server.log", "--backend", "tensorrt")
+    try:
+        deadline = time.monotonic() + 180
+        while proc.proc.poll() is None and time.monotonic() < deadline:
+            proc.watch()
+            time.sleep(0.25)
+        assert proc.proc.poll() == 1, proc.output()
+        text = proc.output()
+        assert "exited during start-up" in text and "tensorrt" in text.lower()
+        assert "Traceback (most recent call last)" not in text.split("--- server log ---")[0]
+        left = [p for p in proc.seen if alive(p)]
+        assert not left, left
+    finally:
+        proc.stop()
+
+
+def test_cli_refuses_a_folder_that_is_not_an_export(tmp_path):
+    from click.testing import CliRunner
+
+    from dfosd.serving.cli import main
+
+    r = CliRunner().invoke(main, ["--engines", str(tmp_path)])
+    assert r.exit_code == 1 and "no manifest.json" in r.output and "Traceback" not in r.output
