@@ -7,7 +7,7 @@ the exit code is non-zero when anything failed, and a JSON report records each i
 
 from __future__ import annotations
 
-import json
+import sys
 import time
 from pathlib import Path
 
@@ -116,10 +116,10 @@ def main(inputs, engines_dir, out_dir, backend, batch, tile, overlap, color_fix,
     opts = {"fmt": fmt, "quality": quality, "skip_existing": skip_existing, "color_fix": color_fix}
     records = [{"input": p, "status": "failed", "error": p} for p in problems]
     t_all = time.perf_counter()
-    for src, rel in tqdm(pairs, desc="dfosd", unit="img", disable=not progress, file=click.get_text_stream("stderr")):
+    for src, rel in tqdm(pairs, desc="dfosd", unit="img", disable=not progress, file=sys.stderr):
         rec = _process_one(src, rel, upscale, tcfg, opts, out)
         if rec["status"] == "failed":
-            tqdm.write(f"error: {rec['error']}", file=click.get_text_stream("stderr"))
+            tqdm.write(f"error: {rec['error']}", file=sys.stderr)
         records.append(rec)
     if server is not None:
         runner.client.close()  # an idle keep-alive connection would hold up the server's shutdown

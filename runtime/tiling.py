@@ -134,34 +134,76 @@ def _check_step_output(out: torch.Tensor, n: int, cfg: TilingConfig) -> None:
         raise ValueError(f"tile step returned {got}, expected uint8 {want}")
 
 
+class TiledImage:
+    """One image cut into engine tiles, and the weighted average of their outputs.
+
+    ``upscale_tiled`` in two halves, for callers that pool the tiles of several images
+    into the engine's batches (the serving model): ``tiles(i, j)`` cuts LR tiles
+    ``i..j-1`` of the plan, ``add(i, outputs)`` blends their outputs back (in plan order),
+    ``result()`` rounds once. The accumulators are allocated at the first ``add`` and
+    freed by ``result()``, so only images with tiles in flight hold output-sized memory.
+    """
+
+    def __init__(self, image: torch.Tensor, cfg: TilingConfig, window: torch.Tensor | None = None):
+        if image.dim() != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
+            raise ValueError(f"expected a uint8 [3,H,W] image, got {image.dtype} {tuple(image.shape)}")
+        self.cfg = cfg
+        _, self.height, self.width = image.shape
+        t = cfg.tile
+        self.padded = _pad_to_tile(image, t) if (self.height < t or self.width < t) else image
+        self.origins = plan_tiles(*self.padded.shape[1:], cfg)
+        self.window = blend_window(cfg) if window is None else window
+        self.done = 0  # tiles blended so far
+        self._acc = self._weight = None
+
+    def __len__(self) -> int:
+        return len(self.origins)
+
+    def tiles(self, start: int, stop: int) -> torch.Tensor:
+        """uint8 [n,3,tile,tile]: LR tiles start..stop-1 of the plan."""
+        t = self.cfg.tile
+        return torch.stack([self.padded[:, y:y + t, x:x + t] for y, x in self.origins[start:stop]])
+
+    def add(self, start: int, outputs: torch.Tensor) -> None:
+        """Blend the step's outputs for tiles start..start+len(outputs)-1 (the next ones in plan order)."""
+        if start != self.done or start + len(outputs) > len(self):
+            raise ValueError(f"tile outputs {start}..{start + len(outputs) - 1} do not follow tile {self.done - 1} "
+                             f"of {len(self)} in plan order")
+        _check_step_output(outputs, len(outputs), self.cfg)
+        s, t = self.cfg.scale, self.cfg.tile
+        if self._acc is None:
+            ph, pw = self.padded.shape[1:]
+            self._acc = torch.zeros(3, ph * s, pw * s, dtype=torch.float32)
+            self._weight = torch.zeros(ph * s, pw * s, dtype=torch.float32)
+        for (y, x), tile_out in zip(self.origins[start:start + len(outputs)], outputs):
+            oy, ox = y * s, x * s
+            self._acc[:, oy:oy + t * s, ox:ox + t * s] += tile_out.to(torch.float32) * self.window
+            self._weight[oy:oy + t * s, ox:ox + t * s] += self.window
+        self.done += len(outputs)
+
+    def result(self) -> torch.Tensor:
+        """uint8 [3,H*scale,W*scale], once every tile has been added."""
+        if self.done != len(self):
+            raise ValueError(f"{len(self) - self.done} of {len(self)} tiles have not been added")
+        s = self.cfg.scale
+        result = torch.round(self._acc / self._weight).clamp_(0, 255).to(torch.uint8)
+        self._acc = self._weight = None
+        return result[:, :self.height * s, :self.width * s].contiguous()
+
+
 def upscale_tiled(image: torch.Tensor, step: StepFn, cfg: TilingConfig) -> torch.Tensor:
     """uint8 [3,H,W] -> uint8 [3,H*scale,W*scale], calling ``step`` on batches of tiles.
 
     Outputs are accumulated as sum(window * tile_out) / sum(window) in float32 and rounded
     once at the end. A one-tile image therefore comes back bit-exact: (w*v)/w rounds to v.
     """
-    if image.dim() != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
-        raise ValueError(f"expected a uint8 [3,H,W] image, got {image.dtype} {tuple(image.shape)}")
-    _, h, w = image.shape
-    s, t = cfg.scale, cfg.tile
-    padded = _pad_to_tile(image, t) if (h < t or w < t) else image
-    ph, pw = padded.shape[1:]
-
-    origins = plan_tiles(ph, pw, cfg)
-    window = blend_window(cfg)
-    acc = torch.zeros(3, ph * s, pw * s, dtype=torch.float32)
-    weight = torch.zeros(ph * s, pw * s, dtype=torch.float32)
-    for i in range(0, len(origins), cfg.batch):
-        chunk = origins[i:i + cfg.batch]
-        tiles = torch.stack([padded[:, y:y + t, x:x + t] for y, x in chunk])
+    job = TiledImage(image, cfg)
+    for i in range(0, len(job), cfg.batch):
+        tiles = job.tiles(i, i + cfg.batch)
         out = step(tiles)
-        _check_step_output(out, len(chunk), cfg)
-        for (y, x), tile_out in zip(chunk, out):
-            oy, ox = y * s, x * s
-            acc[:, oy:oy + t * s, ox:ox + t * s] += tile_out.to(torch.float32) * window
-            weight[oy:oy + t * s, ox:ox + t * s] += window
-    result = torch.round(acc / weight).clamp_(0, 255).to(torch.uint8)
-    return result[:, :h * s, :w * s].contiguous()
+        _check_step_output(out, len(tiles), cfg)
+        job.add(i, out)
+    return job.result()
 
 
 def _seam_lines(length: int, cfg: TilingConfig) -> list[int]:

@@ -2,8 +2,9 @@
 
 Runs inside Triton's backend stub process (``triton_python_backend_utils`` exists only
 there, hence the imports inside methods). The model directory's ``config.pbtxt``
-parameters say where the engines are and how to tile (see ``triton_repo``); each request
-is handled by ``UpscaleService``.
+parameters say where the engines are and how to tile (see ``triton_repo``); the requests of
+a dynamic batch are served together by ``UpscaleService.upscale_many``, which pools their
+tiles into the engine's tile batches.
 
 Tensors cross the stub boundary through DLPack (torch), never through
 ``pb_utils.Tensor(name, ndarray)`` / ``as_numpy()``: the stub that PyPI's
@@ -23,7 +24,7 @@ import traceback
 from pathlib import Path
 
 from dfosd.serving.triton_repo import IMAGE_IN, IMAGE_OUT
-from dfosd.serving.upscale_service import RequestError, UpscaleService, parse_overlap
+from dfosd.serving.upscale_service import RequestError, UpscaleRequest, UpscaleService, parse_overlap
 
 
 def config_parameters(model_config: dict) -> dict[str, str]:
@@ -65,10 +66,9 @@ class TritonPythonModel:
         self.log.log_info(f"dfosd: serving {runner.export_dir} ({runner.backend.describe()}, {runner.precision}, "
                           f"tile {runner.tile}, tile batch {runner.batch})")
 
-    def _one(self, request):
+    def _inputs(self, request) -> UpscaleRequest:
         import torch
         import triton_python_backend_utils as pb_utils
-        from torch.utils.dlpack import to_dlpack
 
         tensor = pb_utils.get_input_tensor_by_name(request, IMAGE_IN)
         if tensor is None:
@@ -76,24 +76,43 @@ class TritonPythonModel:
         images = torch.from_dlpack(tensor.to_dlpack())
         raw = request.parameters() if hasattr(request, "parameters") else "{}"
         params = json.loads(raw or "{}")
-        out = self.service.upscale(images, layout=params.get("layout"),
-                                   overlap=parse_overlap(params.get("overlap"),
-                                                         self.service.default_tiling.overlap))
-        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor.from_dlpack(IMAGE_OUT, to_dlpack(out))])
+        return UpscaleRequest(images, params.get("layout"),
+                              parse_overlap(params.get("overlap"), self.service.default_tiling.overlap))
+
+    def _response(self, result):
+        import triton_python_backend_utils as pb_utils
+        from torch.utils.dlpack import to_dlpack
+
+        if isinstance(result, RequestError):  # the client's fault: INVALID_ARG (HTTP 400), not INTERNAL (500)
+            return pb_utils.InferenceResponse(error=_triton_error(pb_utils, str(result), "INVALID_ARG"))
+        if isinstance(result, BaseException):  # a bug: answer this request, keep serving, log the traceback
+            self.log.log_error(f"dfosd: {''.join(traceback.format_exception(result))}")
+            return pb_utils.InferenceResponse(
+                error=pb_utils.TritonError(f"internal error: {type(result).__name__}: {result}"))
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor.from_dlpack(IMAGE_OUT, to_dlpack(result))])
 
     def execute(self, requests):
-        import triton_python_backend_utils as pb_utils
-
-        responses = []
-        for request in requests:  # one instance runs one request at a time: the runner's buffers are static
+        # All the requests of a dynamic batch at once: their tiles share the runner's tile batches
+        # (one instance runs one execute at a time: the runner's buffers are static).
+        results: list = [None] * len(requests)
+        todo = {}
+        for r, request in enumerate(requests):
             try:
-                responses.append(self._one(request))
-            except RequestError as exc:  # the client's fault: INVALID_ARG (HTTP 400), not INTERNAL (500)
-                responses.append(pb_utils.InferenceResponse(error=_triton_error(pb_utils, str(exc), "INVALID_ARG")))
-            except Exception as exc:  # a bug: answer this request, keep serving, log the traceback
-                self.log.log_error(f"dfosd: {traceback.format_exc()}")
-                responses.append(pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(f"internal error: {type(exc).__name__}: {exc}")))
+                todo[r] = self._inputs(request)
+            except Exception as exc:  # noqa: BLE001 - a bad request fails alone
+                results[r] = exc
+        try:
+            for r, result in zip(todo, self.service.upscale_many(list(todo.values()))):
+                results[r] = result
+        except Exception as exc:  # noqa: BLE001 - a bug outside any one request: answer them all
+            for r in todo:
+                results[r] = exc
+        responses = []
+        for result in results:
+            try:
+                responses.append(self._response(result))
+            except Exception as exc:  # noqa: BLE001 - e.g. the output could not be handed over
+                responses.append(self._response(exc))
         return responses
 
     def finalize(self):

@@ -1,11 +1,12 @@
-"""What the Python-backend model does per request, without Triton: check, tile, upscale.
+"""What the Python-backend model does with its requests, without Triton: check, tile, upscale.
 
 Kept apart from ``python_model`` so the request handling (layouts, limits, error
 messages) is plain Python that tests can call in-process; the Triton glue only converts
 tensors and wraps errors into responses.
 
 A request holds ``n >= 1`` images of one size, ``[n,H,W,3]`` (``layout`` HWC, the
-default) or ``[n,3,H,W]`` (CHW), uint8; the reply has the same layout, x``scale``.
+default) or ``[n,3,H,W]`` (CHW), uint8; the reply has the same layout, x``scale``. The
+tiles of all the requests handed over together are pooled into the engine's tile batches.
 """
 
 from __future__ import annotations
@@ -62,7 +63,11 @@ def image_size(shape: tuple[int, ...], layout: str) -> tuple[int, int]:
 
 
 class UpscaleService:
-    """dfosd's runtime behind a request interface: OneStepRunner + upscale_tiled."""
+    """dfosd's runtime behind a request interface: OneStepRunner + the tiling of upscale_tiled.
+
+    ``upscale_many`` serves the requests Triton hands over together (a dynamic batch) and
+    pools their tiles into full tile batches; ``upscale`` serves one request.
+    """
 
     def __init__(self, runner, overlap: int, limits: ServiceLimits):
         from dfosd.runtime.tiling import TilingConfig
@@ -70,6 +75,7 @@ class UpscaleService:
         self.runner = runner
         self.limits = limits
         self.default_tiling = TilingConfig(tile=runner.tile, overlap=overlap, batch=runner.batch, scale=runner.scale)
+        self._windows = {}  # overlap -> blend window
 
     @classmethod
     def from_export(cls, export_dir, *, backend: str = "auto", tile_batch: int | None = None,
@@ -104,16 +110,81 @@ class UpscaleService:
 
     def upscale(self, images, *, layout: str = "HWC", overlap: int | None = None):
         """uint8 torch tensor [n,H,W,3] / [n,3,H,W] -> the same layout x scale (contiguous, CPU)."""
+        result = self.upscale_many([UpscaleRequest(images, layout, overlap)])[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def _prepare(self, request: "UpscaleRequest"):
+        """(layout, [TiledImage per image]) of a request, or RequestError."""
+        from dfosd.runtime.tiling import TiledImage, blend_window
+
+        layout = parse_layout(request.layout)
+        images = request.images
+        self.check(tuple(images.shape), str(images.dtype).replace("torch.", ""), layout)
+        cfg = self.tiling(self.default_tiling.overlap if request.overlap is None else request.overlap)
+        if cfg.overlap not in self._windows:
+            self._windows[cfg.overlap] = blend_window(cfg)
+        jobs = [TiledImage((image.permute(2, 0, 1) if layout == "HWC" else image).contiguous(), cfg,
+                           self._windows[cfg.overlap]) for image in images]
+        return layout, jobs
+
+    def upscale_many(self, requests) -> list:
+        """Serve several requests at once, pooling their tiles into the runner's tile batches.
+
+        Every image of every valid request is cut into tiles (``TiledImage``: the plan and
+        blend of ``upscale_tiled``); the tiles go through the runner in order, ``runner.batch``
+        at a time across image and request boundaries, and each image is blended back as its
+        last tile comes out. The runner computes each tile on its own, so the outputs are
+        those of ``upscale_tiled`` per image. Returns, per request, the output tensor or the
+        exception that failed it: a bad request (RequestError) or a runner failure in one of
+        its batches fails that request only.
+        """
         import torch
 
-        from dfosd.runtime.tiling import upscale_tiled
+        from dfosd.runtime.tiling import _check_step_output
 
-        layout = parse_layout(layout)
-        self.check(tuple(images.shape), str(images.dtype).replace("torch.", ""), layout)
-        cfg = self.tiling(self.default_tiling.overlap if overlap is None else overlap)
-        outs = []
-        for image in images:
-            chw = image.permute(2, 0, 1) if layout == "HWC" else image
-            sr = upscale_tiled(chw.contiguous(), self.runner, cfg)
-            outs.append(sr.permute(1, 2, 0) if layout == "HWC" else sr)
-        return torch.stack(outs).contiguous()
+        results: list = [None] * len(requests)
+        prepared = {}  # request index -> (layout, jobs)
+        for r, request in enumerate(requests):
+            try:
+                prepared[r] = self._prepare(request)
+            except Exception as exc:  # noqa: BLE001 - answered in this request's slot
+                results[r] = exc
+        # Every tile of the valid requests, in order: (request index, image job, tile index).
+        queue = [(r, job, i) for r, (_, jobs) in prepared.items() for job in jobs for i in range(len(job))]
+        outs: dict[int, list] = {r: [] for r in prepared}
+        pos, batch = 0, self.runner.batch
+        while pos < len(queue):
+            chunk = []
+            while pos < len(queue) and len(chunk) < batch:
+                if results[queue[pos][0]] is None:  # skip the tiles of a request that failed meanwhile
+                    chunk.append(queue[pos])
+                pos += 1
+            if not chunk:
+                break
+            try:
+                out = self.runner(torch.cat([job.tiles(i, i + 1) for _, job, i in chunk]))
+                _check_step_output(out, len(chunk), self.default_tiling)
+                for k, (r, job, i) in enumerate(chunk):
+                    job.add(i, out[k:k + 1])
+                    if job.done == len(job):
+                        outs[r].append(job.result())
+            except Exception as exc:  # noqa: BLE001 - fails the requests with tiles in this batch
+                for r, _, _ in chunk:
+                    if results[r] is None:
+                        results[r] = exc
+        for r, (layout, _) in prepared.items():
+            if results[r] is None:
+                srs = [sr.permute(1, 2, 0) if layout == "HWC" else sr for sr in outs[r]]
+                results[r] = torch.stack(srs).contiguous()
+        return results
+
+
+@dataclass
+class UpscaleRequest:
+    """One request's input: uint8 [n,H,W,3] (HWC) or [n,3,H,W] (CHW), and its parameters."""
+
+    images: object  # torch.Tensor
+    layout: str | None = "HWC"
+    overlap: int | None = None

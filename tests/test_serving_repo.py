@@ -313,6 +313,78 @@ def test_upscale_service_layouts_and_errors():
         svc.upscale(torch.zeros(1, 8, 8, 3, dtype=torch.uint8), overlap=8)
 
 
+class CountingRunner(StandInRunner):
+    """The stand-in with an output that depends on each tile's content (not on its batch neighbours), counting calls."""
+
+    def __init__(self, fail_on: int | None = None):
+        self.calls = []  # tiles per call
+        self.fail_on = fail_on  # raise on a batch holding a tile whose first pixel is this value
+
+    def __call__(self, tiles):
+        import torch
+
+        assert tiles.shape[0] <= self.batch
+        self.calls.append(tiles.shape[0])
+        if self.fail_on is not None and bool((tiles[:, 0, 0, 0] == self.fail_on).any()):
+            raise RuntimeError("engine failed")
+        up = super().__call__(tiles).to(torch.int32)
+        return ((up * 7 + tiles.to(torch.int32).sum((1, 2, 3), keepdim=True)) % 256).to(torch.uint8)
+
+
+def test_upscale_service_pools_the_tiles_of_requests_handed_over_together():
+    import math
+
+    import torch
+
+    from dfosd.runtime.tiling import TilingConfig, upscale_tiled
+    from dfosd.serving.upscale_service import RequestError, ServiceLimits, UpscaleRequest, UpscaleService
+
+    def service(runner):
+        return UpscaleService(runner, overlap=4, limits=ServiceLimits(max_pixels=40 * 40))
+
+    def alone(request):  # per request, the way the model served a batch before pooling
+        return service(CountingRunner()).upscale(request.images, layout=request.layout, overlap=request.overlap)
+
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randint(1, 256, shape, generator=g, dtype=torch.uint8)  # noqa: E731
+
+    # N one-tile requests (tile 16, tile batch 2): ceil(N / 2) engine calls instead of N
+    for n in (1, 2, 5, 8):
+        requests = [UpscaleRequest(rand(1, 16 - k % 3, 16, 3)) for k in range(n)]
+        runner = CountingRunner()
+        results = service(runner).upscale_many(requests)
+        assert runner.calls == [2] * (n // 2) + [1] * (n % 2) and len(runner.calls) == math.ceil(n / 2)
+        for request, got in zip(requests, results):
+            assert torch.equal(got, alone(request))
+
+    # multi-tile and multi-image requests, both layouts, another overlap, and bad requests that fail alone
+    requests = [UpscaleRequest(rand(1, 21, 37, 3)),                              # 2x3 tiles
+                UpscaleRequest(rand(1, 3, 8, 8), layout="HWC"),                  # bad: CHW sent as HWC
+                UpscaleRequest(rand(2, 3, 12, 30), layout="CHW", overlap=2),     # 2 images x 2 tiles
+                UpscaleRequest(rand(1, 8, 8, 3), overlap=8),                     # bad: overlap too big
+                UpscaleRequest(rand(1, 5, 5, 3))]                                # 1 tile
+    runner = CountingRunner()
+    results = service(runner).upscale_many(requests)
+    assert isinstance(results[1], RequestError) and "layout=CHW" in str(results[1])
+    assert isinstance(results[3], RequestError) and "smaller than half" in str(results[3])
+    assert runner.calls == [2] * 5 + [1]  # 6 + 4 + 1 tiles in full tile batches
+    for k in (0, 2, 4):
+        assert torch.equal(results[k], alone(requests[k]))
+    cfg = TilingConfig(tile=16, overlap=2, batch=2)  # and the in-process runtime, image by image
+    for got, image in zip(results[2], requests[2].images):
+        assert torch.equal(got, upscale_tiled(image, CountingRunner(), cfg))
+
+    # an engine failure fails the requests with tiles in that batch, not the others
+    marked = rand(1, 16, 16, 3)
+    marked[0, 0, 0, 0] = 0  # rand() never draws 0
+    requests = [UpscaleRequest(rand(1, 16, 16, 3)), UpscaleRequest(rand(1, 16, 16, 3)),
+                UpscaleRequest(rand(1, 16, 16, 3)), UpscaleRequest(marked), UpscaleRequest(rand(1, 16, 16, 3))]
+    results = service(CountingRunner(fail_on=0)).upscale_many(requests)
+    assert [isinstance(r, RuntimeError) for r in results] == [False, False, True, True, False]
+    for k in (0, 1, 4):
+        assert torch.equal(results[k], alone(requests[k]))
+
+
 def test_parse_request_parameters():
     from dfosd.serving.upscale_service import RequestError, parse_layout, parse_overlap
 

@@ -213,6 +213,32 @@ def test_grpc_chw_matches_in_process_runtime(server, local):
         np.testing.assert_array_equal(out[0], local(img).numpy())
 
 
+def test_pooled_tiles_match_in_process_runtime_exactly(tiny_export_fp32, local):
+    """No server: the model's pooling (tiles of several requests in one tile batch) on the real engines is exact."""
+    import torch
+
+    from dfosd.runtime.step import OneStepRunner
+    from dfosd.serving.upscale_service import ServiceLimits, UpscaleRequest, UpscaleService
+
+    runner = OneStepRunner(tiny_export_fp32, backend="onnxruntime", batch=TILE_BATCH, say=lambda m: None)
+    calls = []
+
+    def counting(tiles):
+        calls.append(tiles.shape[0])
+        return runner(tiles)
+
+    counting.tile, counting.batch, counting.scale = runner.tile, runner.batch, runner.scale
+    svc = UpscaleService(counting, overlap=runner.tile // 4, limits=ServiceLimits(MAX_PIXELS))
+    imgs = [image(16, 16, 30), image(32, 32, 31), image(24, 40, 32), image(9, 9, 33), image(45, 70, 34)]
+    requests = [UpscaleRequest(im.permute(1, 2, 0)[None]) for im in imgs[:3]] + [
+        UpscaleRequest(imgs[3][None], layout="CHW"), UpscaleRequest(imgs[4].permute(1, 2, 0)[None], overlap=4)]
+    results = svc.upscale_many(requests)
+    assert calls == [2] * 5 + [1]  # 1 + 1 + 2 + 1 + 2x3 tiles, across requests (tiles change batch slots)
+    for k, (img, got) in enumerate(zip(imgs, results)):
+        want = local(img, overlap=4 if k == 4 else None)
+        assert torch.equal(got[0], want if k == 3 else want.permute(1, 2, 0)), k
+
+
 def test_health_ready_metadata_and_metrics(server):
     import tritonclient.grpc as tg
 
