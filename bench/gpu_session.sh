@@ -2,7 +2,8 @@
 # The GPU session for issue #5 (AOTInductor engines, one CUDA graph, GPU benchmark), stage by stage.
 #
 # The device machine (nvidia-h100-x1 / nvidia-h200): Python 3.12, torch 2.11 + CUDA 13, no network,
-# no diffusers. 30 minutes of device time per session, 10 minutes per command: every stage below is
+# no diffusers. 15 minutes of device time per session (was 30; machine start counts), 10 minutes per
+# command: every stage below is
 # one `run` call, each ends well inside 10 minutes (a `timeout` inside kills the bench and still
 # returns what it measured), results accumulate in $WORK on the machine while it stays warm, and
 # every stage returns gpu_bench.json/.md/.png + its log in $OUT.
@@ -30,7 +31,8 @@
 #   with a note (an onnxruntime-gpu wheel is ~250 MB, over the 64 MiB a call can carry).
 #
 # THERE: one `run` per stage, each with carry [".whl"], in this order (most important first;
-# estimated minutes in brackets, machine start not counted; stop when the device time runs out):
+# estimated minutes in brackets, machine start not counted; stop when the device time runs out; with
+# 15 minutes, plan on check + eager + aoti1 and leave the rest to the next session):
 #   bash bench/gpu_session.sh check      [3-5] versions, TensorRT probe, pytest -m gpu (tiny: cuda
 #                                              AOTI packages, one CUDA graph, parity; fp32 and fp16)
 #   bash bench/gpu_session.sh eager      [2-3] eager fp32/fp16 at batch 1,4,8 + fp32 references
