@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-API_DIR = REPO.parent / "shared" / "tensorrt-api"
+# The project's copy of shared/tensorrt-api (checked against it below when shared/ is beside the repo).
+API_DIR = Path(__file__).resolve().parent / "data" / "tensorrt-api"
+SHARED_API_DIR = REPO.parent / "shared" / "tensorrt-api"
 VERSIONS = ("tensorrt-v10.16.txt", "tensorrt-v11.1.txt")
 SOURCES = sorted((REPO / "engines").glob("tensorrt_*.py"))
 ROOTS = {"trt", "_trt"}  # the module is bound as ``trt`` (parameter/import) or ``self._trt``
@@ -45,7 +47,7 @@ TRT_MEMBERS = (
 def _load(name: str) -> set[str]:
     path = API_DIR / name
     if not path.is_file():
-        pytest.skip(f"TensorRT API lists not found at {API_DIR} (CI keeps shared/ beside the repository)")
+        raise FileNotFoundError(f"{path}: the TensorRT API lists belong in the repository")
     return {line.strip() for line in path.read_text().splitlines() if line.strip()}
 
 
@@ -126,3 +128,11 @@ def test_extraction_catches_version_specific_names():
     assert "BuilderFlag.FP16" in rooted and "BuilderFlag.FP16" not in lists["tensorrt-v11.1.txt"]
     members11 = {n.rsplit(".", 1)[1] for n in lists["tensorrt-v11.1.txt"] if "." in n}
     assert {"create_execution_context_without_device_memory", "device_memory_size"} <= other - members11
+
+
+@pytest.mark.parametrize("name", ["tensorrt-v10.16.txt", "tensorrt-v11.1.txt"])
+def test_vendored_api_lists_match_shared(name):
+    shared = SHARED_API_DIR / name
+    if not shared.is_file():
+        pytest.skip(f"{SHARED_API_DIR} is not beside this checkout: nothing to compare the copy with")
+    assert (API_DIR / name).read_text() == shared.read_text()
