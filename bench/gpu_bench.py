@@ -819,13 +819,13 @@ def plot(result: dict, path: Path) -> None:
 
 
 def write_results(result: dict, out_dir: Path) -> dict[str, Path]:
-    from dfosd.core.manifest import write_json_atomic
+    from dfosd.core.manifest import write_json_atomic, write_text_atomic
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {k: out_dir / f"{RESULT_NAME}.{k}" for k in ("json", "md", "png")}
     write_json_atomic(paths["json"], result)
-    paths["md"].write_text(markdown_report(result) + "\n")
+    write_text_atomic(paths["md"], markdown_report(result) + "\n")
     if any(not r.get("skipped") for r in result["rows"].values()):
         try:
             plot(result, paths["png"])

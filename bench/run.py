@@ -13,9 +13,12 @@ import json
 import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from dfosd.core.errors import DfosdError
+
+if TYPE_CHECKING:
+    from dfosd.export.artifacts import ExportConfig
 
 
 @dataclass(frozen=True)
@@ -264,7 +267,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 def write_outputs(result: dict, out_dir: Path) -> dict[str, Path]:
-    from dfosd.core.manifest import write_json_atomic
+    from dfosd.core.manifest import write_json_atomic, write_text_atomic
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -275,9 +278,7 @@ def write_outputs(result: dict, out_dir: Path) -> dict[str, Path]:
     header = (f"Machine: {m.get('gpu') or m['cpu']} ({m['cpu_count']} cores, torch {m['torch']}, "
               f"{m['torch_threads']} threads). Output {result['output_shape']}, warm-up "
               f"{result['config']['warmup']}, {result['config']['repeats']} timed runs.\n\n")
-    tmp = paths["md"].with_suffix(".md.tmp")
-    tmp.write_text(header + table + "\n")
-    tmp.replace(paths["md"])
+    write_text_atomic(paths["md"], header + table + "\n")
     plot(result, paths["png"])
     return paths
 

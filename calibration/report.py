@@ -8,12 +8,12 @@ tiles: PSNR (peak 255), max and mean absolute error.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
 from dfosd.calibration.data import load_tiles
+from dfosd.core.metrics import psnr_uint8
 from dfosd.core.errors import DfosdError
 
 if TYPE_CHECKING:
@@ -36,11 +36,6 @@ class ParityRow:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def psnr_uint8(a: "torch.Tensor", b: "torch.Tensor") -> float:
-    mse = (a.double() - b.double()).pow(2).mean().item()
-    return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
 
 
 def _eager(reference: "OneStepSR", tiles: "torch.Tensor", batch: int) -> "torch.Tensor":

@@ -81,29 +81,6 @@ def _fold_inputs(model) -> set[str]:
     return needed
 
 
-def _skeleton(model, keep: set[str], max_bytes: int = 4096):
-    """The graph with every large initializer not in ``keep`` turned into a graph input of
-    the same name, dtype and dims: a fold sees it as a variable, shape inference sees its
-    shape, and no weight bytes are copied. Returns the skeleton and those names."""
-    import onnx
-    from onnx import helper
-
-    sk = onnx.ModelProto()
-    sk.ir_version = model.ir_version
-    sk.opset_import.extend(model.opset_import)
-    g = sk.graph
-    for field in ("node", "input", "output"):
-        getattr(g, field).extend(getattr(model.graph, field))
-    placeholders = set()
-    for init in model.graph.initializer:
-        if init.name in keep or init.ByteSize() <= max_bytes:
-            g.initializer.append(init)
-        else:
-            g.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-            placeholders.add(init.name)
-    return sk, placeholders
-
-
 def fold_static(model, max_passes: int = 4):
     """Shape inference + constant folding, repeated while it still removes nodes; in place.
 
@@ -120,7 +97,7 @@ def fold_static(model, max_passes: int = 4):
     """
     import onnx_graphsurgeon as gs
 
-    skeleton, placeholders = _skeleton(model, _fold_inputs(model))
+    skeleton, placeholders = _weightless(model, keep=_fold_inputs(model), as_inputs=True)
     count = len(skeleton.graph.node)
     for _ in range(max_passes):
         graph = gs.import_onnx(infer_shapes(skeleton))
@@ -131,29 +108,23 @@ def fold_static(model, max_passes: int = 4):
             break
         count = len(skeleton.graph.node)
     used = {i for n in skeleton.graph.node for i in n.input}
-    g = model.graph
-    for field in ("node", "output", "value_info"):
-        del getattr(g, field)[:]
-        getattr(g, field).extend(getattr(skeleton.graph, field))
-    del g.input[:]
-    g.input.extend(v for v in skeleton.graph.input if v.name not in placeholders)
-    for i in reversed(range(len(g.initializer))):  # keep the used weights where they are
-        if g.initializer[i].name not in placeholders or g.initializer[i].name not in used:
-            del g.initializer[i]
-    g.initializer.extend(skeleton.graph.initializer)  # small and folded constants
-    return model
+    return _put_back(model, skeleton, placeholders & used, placeholders)
 
 
 def _network_node(name: str, scopes: tuple[str, ...]) -> bool:
     return any(name.startswith(f"/{s}/") for s in scopes)
 
 
-def _weightless(model, max_bytes: int = 4096):
-    """A copy of ``model`` whose large initializers keep name, dtype and dims but no data,
-    and the names of those initializers."""
+def _weightless(model, *, keep: frozenset[str] | set[str] = frozenset(), as_inputs: bool = False,
+                max_bytes: int = 4096):
+    """A copy of ``model`` without the bytes of its large initializers (those over ``max_bytes``
+    and not in ``keep``), and their names. Each keeps name, dtype and dims: as a data-less
+    initializer, or with ``as_inputs`` as a graph input (a fold then sees a variable, shape
+    inference still sees its shape). Built piece by piece: the weights are never copied."""
     import onnx
+    from onnx import helper
 
-    light = onnx.ModelProto()  # built piece by piece: the weights are never copied
+    light = onnx.ModelProto()
     light.ir_version = model.ir_version
     light.opset_import.extend(model.opset_import)
     g = light.graph
@@ -161,12 +132,31 @@ def _weightless(model, max_bytes: int = 4096):
         getattr(g, field).extend(getattr(model.graph, field))
     stripped = set()
     for init in model.graph.initializer:
-        if init.ByteSize() <= max_bytes:
+        if init.name in keep or init.ByteSize() <= max_bytes:
             g.initializer.append(init)
+            continue
+        if as_inputs:
+            g.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
         else:
             g.initializer.add(name=init.name, data_type=init.data_type, dims=init.dims)
-            stripped.add(init.name)
+        stripped.add(init.name)
     return light, stripped
+
+
+def _put_back(model, light, weights: set[str], placeholders: frozenset[str] | set[str] = frozenset()):
+    """Make ``model`` the graph of ``light`` around ``model``'s own tensors named in ``weights``
+    (in place, no copy); graph inputs in ``placeholders`` stood for weights and are dropped."""
+    g = model.graph
+    for field in ("node", "output", "value_info"):
+        del getattr(g, field)[:]
+        getattr(g, field).extend(getattr(light.graph, field))
+    del g.input[:]
+    g.input.extend(v for v in light.graph.input if v.name not in placeholders)
+    for i in reversed(range(len(g.initializer))):
+        if g.initializer[i].name not in weights:
+            del g.initializer[i]
+    g.initializer.extend(i for i in light.graph.initializer if i.name not in weights)  # small and folded ones
+    return model
 
 
 def to_fp16(model, scopes: tuple[str, ...]):
@@ -191,17 +181,8 @@ def to_fp16(model, scopes: tuple[str, ...]):
             init.ClearField("float_data")
             init.raw_data = half.tobytes()
             init.data_type = TensorProto.FLOAT16
-    g = model.graph
-    for field in ("node", "input", "output", "value_info"):
-        del getattr(g, field)[:]
-        getattr(g, field).extend(getattr(light.graph, field))
-    # The weights stay where they are (no copy); the small initializers come from the
-    # converted copy, which may have retyped them.
-    for i in reversed(range(len(g.initializer))):
-        if g.initializer[i].name not in stripped:
-            del g.initializer[i]
-    g.initializer.extend(i for i in light.graph.initializer if i.name not in stripped)
-    return model
+    # the small initializers come from the converted copy, which may have retyped them
+    return _put_back(model, light, stripped)
 
 
 def _convert_graph_fp16(model, scopes: tuple[str, ...]):

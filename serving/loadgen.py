@@ -250,9 +250,11 @@ def main(engines_dir, url, protocol, model, concurrency, sizes, seconds, warmup,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if out_stem:
+        from dfosd.core.manifest import write_text_atomic
+
         data = {"meta": meta, "results": [asdict(r) for r in results]}
-        Path(out_stem + ".json").write_text(json.dumps(data, indent=2) + "\n")
-        Path(out_stem + ".md").write_text(markdown(results, meta))
+        write_text_atomic(Path(out_stem + ".json"), json.dumps(data, indent=2) + "\n")
+        write_text_atomic(Path(out_stem + ".md"), markdown(results, meta))
         say(f"wrote {out_stem}.json and {out_stem}.md")
     else:
         click.echo(markdown(results, meta))
