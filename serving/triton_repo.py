@@ -317,6 +317,23 @@ def read_plans(export_dir: Path, manifest: dict, parts: dict[str, dict],
 # ---------------------------------------------------------------- the repository
 
 
+def _write_chain(repo: Path, result: "RepoResult", opts: "RepoOptions", contracts, part, *, suffix: str,
+                 ensemble: str) -> None:
+    """One model per part of the chain plus the ensemble that links them, for one tile batch.
+    ``part(name, model)`` gives the part's (config, files, description)."""
+    steps = {}
+    for name in CHAIN:
+        model = f"{opts.name}_{contracts[name].stem}{suffix}"
+        config, files, description = part(name, model)
+        write_model(repo, model, config, files, opts.link)
+        result.models[model] = description
+        steps[name] = model
+    batch = contracts[CHAIN[0]].batch
+    ens = f"{opts.name}_tiles_b{batch}{suffix}"
+    write_model(repo, ens, ensemble_config(ens, steps, contracts), {}, opts.link)
+    result.models[ens] = ensemble
+
+
 def write_repository(engines_dir: str | Path, repo_dir: str | Path, opts: RepoOptions = RepoOptions(), *,
                      force: bool = False) -> RepoResult:
     export_dir = Path(engines_dir)
@@ -338,17 +355,13 @@ def write_repository(engines_dir: str | Path, repo_dir: str | Path, opts: RepoOp
         contracts = contracts_of(parts)
         check_chain(contracts)
         if "onnx" in opts.kinds:
-            steps = {}
-            for name in CHAIN:
-                model = f"{n}_{contracts[name].stem}"
+            def onnx_part(name, model):
                 files = {Path(f).name: export_dir / f for f in parts[name].get("files", [parts[name]["onnx"]])}
-                write_model(repo, model, onnx_config(model, parts[name], contracts[name], opts.device), files,
-                            opts.link)
-                result.models[model] = f"onnxruntime_onnx {name}, tile batch {batch}"
-                steps[name] = model
-            ens = f"{n}_tiles_b{batch}"
-            write_model(repo, ens, ensemble_config(ens, steps, contracts), {}, opts.link)
-            result.models[ens] = f"ensemble of the ONNX parts, tile batch {batch}"
+                return (onnx_config(model, parts[name], contracts[name], opts.device), files,
+                        f"onnxruntime_onnx {name}, tile batch {batch}")
+
+            _write_chain(repo, result, opts, contracts, onnx_part, suffix="",
+                         ensemble=f"ensemble of the ONNX parts, tile batch {batch}")
         if "tensorrt" in opts.kinds:
             plans, why = read_plans(export_dir, manifest, parts, contracts)
             if plans is None:
@@ -357,17 +370,13 @@ def write_repository(engines_dir: str | Path, repo_dir: str | Path, opts: RepoOp
                                          hint=f"build them: python -m dfosd.engines.tensorrt_build {export_dir}")
                 result.notes.append(f"tile batch {batch}: {why[0]}; no tensorrt_plan models written")
             else:
-                steps = {}
-                for name in CHAIN:
-                    model = f"{n}_{contracts[name].stem}_trt"
+                def plan_part(name, model, plans=plans):
                     plan = plans[name]
-                    write_model(repo, model, plan_config(model, plan, contracts[name]),
-                                {plan["plan"]: export_dir / plan["plan"]}, opts.link)
-                    result.models[model] = f"tensorrt_plan {name}, tile batch {batch}, SM {plan['system']['sm']}"
-                    steps[name] = model
-                ens = f"{n}_tiles_b{batch}_trt"
-                write_model(repo, ens, ensemble_config(ens, steps, contracts), {}, opts.link)
-                result.models[ens] = f"ensemble of the TensorRT plans, tile batch {batch}"
+                    return (plan_config(model, plan, contracts[name]), {plan["plan"]: export_dir / plan["plan"]},
+                            f"tensorrt_plan {name}, tile batch {batch}, SM {plan['system']['sm']}")
+
+                _write_chain(repo, result, opts, contracts, plan_part, suffix="_trt",
+                             ensemble=f"ensemble of the TensorRT plans, tile batch {batch}")
 
     if "python" in opts.kinds:
         tile_batch = max(by_batch) if opts.tile_batch is None else opts.tile_batch
