@@ -111,9 +111,9 @@ def test_user_errors_are_one_line_and_exit_1(tiny_export_fp32, tmp_path, extra, 
 
 
 def test_no_inputs_and_tensorrt_without_tensorrt(tiny_export_fp32, tmp_path):
-    r = _run([str(tmp_path / "*.png"), "--engines", str(tiny_export_fp32)])
+    r = _run([str(tmp_path / "*.png"), "--engines", str(tiny_export_fp32), "--out", str(tmp_path / "o")])
     assert r.exit_code != 0 and "Traceback" not in r.output
     _photo((32, 32)).save(tmp_path / "x.png")
     r = CliRunner().invoke(main, [str(tmp_path / "x.png"), "--engines", str(tiny_export_fp32), "--backend",
-                                  "tensorrt", "--no-progress"])
+                                  "tensorrt", "--no-progress", "--out", str(tmp_path / "o")])
     assert r.exit_code == 1 and "tensorrt" in r.output and "Traceback" not in r.output
