@@ -17,10 +17,10 @@ from typing import Mapping
 from dfosd.core.contracts import ComponentContract
 from dfosd.core.errors import DfosdError
 
-BACKENDS = ("onnxruntime", "tensorrt", "aoti")
+BACKENDS = ("onnxruntime", "openvino", "tensorrt", "aoti")
 BACKEND_CHOICES = ("auto",) + BACKENDS
-_MODULES = {"onnxruntime": "dfosd.engines.onnxruntime_backend", "tensorrt": "dfosd.engines.tensorrt_backend",
-            "aoti": "dfosd.engines.aoti_backend"}
+_MODULES = {"onnxruntime": "dfosd.engines.onnxruntime_backend", "openvino": "dfosd.engines.openvino_backend",
+            "tensorrt": "dfosd.engines.tensorrt_backend", "aoti": "dfosd.engines.aoti_backend"}
 
 
 class ComponentEngine(ABC):
@@ -38,6 +38,8 @@ class Backend(ABC):
     name: str = ""
     #: True when run() only enqueues GPU work on the current stream, so it can be captured.
     capturable: bool = False
+    #: How to make an unusable backend usable (shown with the error).
+    install_hint: str = "use --backend onnxruntime (or auto)"
 
     def __init__(self, device: str):
         self.device = device
@@ -99,6 +101,5 @@ def select_backend(name: str = "auto") -> tuple[type[Backend], str]:
     cls = backend_class(name)
     ok, why = cls.availability()
     if not ok:
-        raise DfosdError(f"backend {name} is not usable here: {why}",
-                         hint="use --backend onnxruntime (or auto)")
+        raise DfosdError(f"backend {name} is not usable here: {why}", hint=cls.install_hint)
     return cls, f"{name} as requested: {why}"

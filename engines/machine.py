@@ -1,0 +1,100 @@
+"""Who is running: the CPU model, its vector ISA and its physical cores.
+
+Compiled caches (OpenVINO blobs, ONNX Runtime's optimized graphs with CPU-specific
+layouts) and measured per-part backend choices are only valid on the machine that made
+them; each is recorded with this identity and rebuilt when it differs.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from functools import lru_cache
+
+# The flags that change which kernels a CPU runtime picks (and so what a cache holds).
+ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
+             "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16", "asimd", "sve")
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read().splitlines()
+    except OSError:
+        return []
+
+
+@lru_cache(maxsize=1)
+def cpu_model() -> str:
+    for line in _cpuinfo():
+        if line.lower().startswith(("model name", "cpu model", "hardware")):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+@lru_cache(maxsize=1)
+def cpu_isa() -> tuple[str, ...]:
+    for line in _cpuinfo():
+        if line.startswith(("flags", "Features")):
+            have = set(line.split(":", 1)[1].split())
+            return tuple(f for f in ISA_FLAGS if f in have)
+    return ()
+
+
+@lru_cache(maxsize=1)
+def physical_cores() -> int:
+    """Physical cores this process may use (hyper-threads do not add matmul throughput)."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = os.cpu_count() or 1
+    cores, phys, core = set(), None, None
+    for line in _cpuinfo() + [""]:
+        if line.startswith("physical id"):
+            phys = line.split(":", 1)[1].strip()
+        elif line.startswith("core id"):
+            core = line.split(":", 1)[1].strip()
+        elif not line.strip():
+            if core is not None:
+                cores.add((phys, core))
+            phys = core = None
+    return max(1, min(usable, len(cores) or usable))
+
+
+def machine_identity() -> dict:
+    """What a CPU cache or timing is valid for (compared as a whole)."""
+    return {"cpu": cpu_model(), "isa": list(cpu_isa()), "physical_cores": physical_cores(),
+            "machine": platform.machine()}
+
+
+RUNTIME_SECTION = "runtime"  # manifest.json key of what runtimes cached here (not part of the build key)
+
+
+def runtime_record(manifest: dict, key: str) -> dict | None:
+    return (manifest.get(RUNTIME_SECTION) or {}).get(key)
+
+
+def write_runtime_record(export_dir, key: str, record: dict | None) -> bool:
+    """Store (or with None drop) one runtime record in the export's manifest.json.
+
+    Re-reads the manifest first so records of other keys written meanwhile survive; the
+    write is atomic. Returns False when the directory is read-only (the cache is then
+    simply not remembered)."""
+    import json
+    from pathlib import Path
+
+    from dfosd.core.manifest import MANIFEST_NAME, write_json_atomic
+
+    path = Path(export_dir) / MANIFEST_NAME
+    try:
+        data = json.loads(path.read_text())
+        section = dict(data.get(RUNTIME_SECTION) or {})
+        if record is None:
+            section.pop(key, None)
+        else:
+            section[key] = record
+        data[RUNTIME_SECTION] = section
+        write_json_atomic(path, data)
+    except OSError:
+        return False
+    return True

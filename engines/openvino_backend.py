@@ -1,0 +1,176 @@
+"""OpenVINO backend (CPU): the exported ONNX files as they are, compiled once and cached.
+
+- Reads ``<part>_b<batch>.onnx`` directly (OpenVINO's ONNX frontend): fp32 and fp16 exports,
+  and the int8 Q/DQ exports (QuantizeLinear/DequantizeLinear become FakeQuantize, which
+  the CPU plugin runs as int8 where the ISA has int8 dot products). FP8 Q/DQ exports are
+  refused with the reason (see ``load``): the ONNX frontend does not take float8 Q/DQ.
+- Compiled with OpenVINO's model cache in ``<export>/openvino-cache``: the first load
+  compiles and writes a blob per part, later loads import it. The cache is recorded in
+  the manifest (``runtime.openvino_cache``) with the OpenVINO version, the CPU model, its
+  ISA, the compile options and the export's build key; a load that finds a different
+  record (another CPU, another OpenVINO, a rebuilt export) deletes the blobs and rebuilds.
+- Compile options are explicit, not OpenVINO's defaults: the LATENCY hint (one stream,
+  one request at a time, as the runner calls), ``INFERENCE_NUM_THREADS`` = physical
+  cores, and ``INFERENCE_PRECISION_HINT`` = f32. The hint matters: on CPUs with AMX or
+  AVX512-BF16 OpenVINO would otherwise run fp32 graphs in bf16 (faster, but no longer the
+  exported model's numbers). ``precision_hint="bf16"`` opts into that.
+- Buffers: the runner's torch tensors are wrapped as OpenVINO tensors that share their
+  memory, set once on the infer request, so a call reads and writes them in place.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Mapping
+
+from dfosd.core.contracts import ComponentContract
+from dfosd.core.errors import DfosdError
+from dfosd.engines.base import Backend, ComponentEngine
+from dfosd.engines.machine import machine_identity, physical_cores, runtime_record, write_runtime_record
+
+log = logging.getLogger(__name__)
+
+CACHE_DIR = "openvino-cache"
+CACHE_RECORD = "openvino_cache"
+INSTALL_HINT = "pip install 'dfosd[openvino]' (or: pip install openvino), or use --backend onnxruntime"
+PRECISION_HINTS = ("f32", "bf16", "f16")
+
+
+def _openvino():
+    try:
+        import openvino
+    except ImportError as exc:
+        raise DfosdError(f"backend openvino is not usable here: the openvino package does not import ({exc})",
+                         hint=INSTALL_HINT) from exc
+    return openvino
+
+
+class OpenVinoComponent(ComponentEngine):
+    def __init__(self, compiled, contract: ComponentContract):
+        super().__init__(contract)
+        self.compiled = compiled
+        self.request = compiled.create_infer_request()
+        self._bound_ptrs: tuple[int, ...] = ()
+        got = {n for port in list(compiled.inputs) + list(compiled.outputs) for n in port.get_names()}
+        missing = {s.name for s in contract.inputs + contract.outputs} - got
+        if missing:
+            raise DfosdError(f"{contract.stem}: the compiled model has no tensors {sorted(missing)} of its contract",
+                             hint="re-run dfosd-export into a clean directory")
+
+    def _bind(self, tensors: Mapping[str, object], specs, setter) -> None:
+        import openvino as ov
+
+        for spec in specs:
+            t = tensors[spec.name]
+            if (t.device.type != "cpu" or tuple(t.shape) != spec.shape or str(t.dtype) != f"torch.{spec.dtype}"
+                    or not t.is_contiguous()):
+                raise ValueError(f"{self.contract.stem}: buffer {spec.name} must be a contiguous CPU {spec.dtype} "
+                                 f"tensor of shape {spec.shape}, got {t.dtype} {tuple(t.shape)} on {t.device}")
+            # shared_memory: OpenVINO reads/writes the torch buffer itself, no copy per call
+            setter(spec.name, ov.Tensor(t.numpy(), shared_memory=True))
+
+    def run(self, inputs, outputs) -> None:
+        ptrs = tuple(inputs[s.name].data_ptr() for s in self.contract.inputs) + tuple(
+            outputs[s.name].data_ptr() for s in self.contract.outputs)
+        if ptrs != self._bound_ptrs:  # static buffers: bound once
+            self._bind(inputs, self.contract.inputs, self.request.set_tensor)
+            self._bind(outputs, self.contract.outputs, self.request.set_tensor)
+            self._bound_ptrs = ptrs
+        self.request.infer()
+
+
+class OpenVinoBackend(Backend):
+    name = "openvino"
+    install_hint = INSTALL_HINT
+
+    def __init__(self, device: str | None = None, *, threads: int = 0, precision_hint: str = "f32",
+                 cache: bool = True):
+        super().__init__("cpu" if device is None else device)
+        if self.device != "cpu":
+            raise DfosdError(f"the openvino backend runs on the CPU here, not {self.device}",
+                             hint="use --backend onnxruntime or tensorrt for a GPU")
+        if precision_hint not in PRECISION_HINTS:
+            raise DfosdError(f"openvino precision hint {precision_hint!r}: choose one of {', '.join(PRECISION_HINTS)}")
+        self.threads = threads or physical_cores()
+        self.precision_hint = precision_hint
+        self.cache = cache
+        self._core = None
+        self._checked_dirs: set[Path] = set()
+
+    @classmethod
+    def availability(cls) -> tuple[bool, str]:
+        try:
+            ov = _openvino()
+        except DfosdError as exc:
+            return False, exc.message.removeprefix("backend openvino is not usable here: ")
+        return True, f"OpenVINO {ov.get_version().split('-')[0]} on the CPU"
+
+    @property
+    def core(self):
+        if self._core is None:
+            self._core = _openvino().Core()
+        return self._core
+
+    def compile_config(self) -> dict[str, str]:
+        return {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": str(self.threads),
+                "INFERENCE_PRECISION_HINT": self.precision_hint, "NUM_STREAMS": "1"}
+
+    def cache_record(self, manifest: dict) -> dict:
+        return {"openvino": _openvino().get_version(), "machine": machine_identity(),
+                "config": self.compile_config(), "build_key": manifest.get("build_key")}
+
+    def prepare_cache(self, export_dir: Path, manifest: dict) -> Path | None:
+        """The cache folder to compile with, emptied first when its record is stale; None if unwritable."""
+        export_dir = Path(export_dir)
+        folder = export_dir / CACHE_DIR
+        if export_dir in self._checked_dirs:
+            return folder
+        want = self.cache_record(manifest)
+        have = runtime_record(manifest, CACHE_RECORD)
+        try:
+            folder.mkdir(exist_ok=True)
+            if have != want:
+                stale = sorted(folder.glob("*.blob"))
+                if stale:
+                    why = "no record" if have is None else ", ".join(
+                        k for k in want if have.get(k) != want[k])
+                    log.warning("OpenVINO cache in %s is stale (%s): rebuilding %d blob(s)", folder, why, len(stale))
+                for blob in stale:  # only OpenVINO's compiled blobs: this folder is ours
+                    blob.unlink()
+                if not write_runtime_record(export_dir, CACHE_RECORD, want):
+                    raise OSError(f"cannot write {export_dir}/manifest.json")
+                manifest.setdefault("runtime", {})[CACHE_RECORD] = want
+        except OSError as exc:
+            log.warning("OpenVINO compiles without a cache: %s", exc)
+            return None
+        self._checked_dirs.add(export_dir)
+        return folder
+
+    def load(self, export_dir: Path, entry: dict, contract: ComponentContract,
+             manifest: dict | None = None) -> OpenVinoComponent:
+        from dfosd.core.manifest import read_manifest
+
+        export_dir = Path(export_dir)
+        path = export_dir / entry["onnx"]
+        if entry.get("precision") == "fp8":
+            raise DfosdError(f"{path}: OpenVINO's ONNX frontend does not take FP8 (float8e4m3) Q/DQ graphs",
+                             hint="run fp8 exports with --backend tensorrt, or export int8/fp16/fp32 for OpenVINO")
+        config = self.compile_config()
+        if self.cache:
+            folder = self.prepare_cache(export_dir, manifest if manifest is not None else read_manifest(export_dir))
+            if folder is not None:
+                config["CACHE_DIR"] = str(folder)
+        try:
+            # Passing the path (not a read model) lets a cache hit skip reading the ONNX file.
+            compiled = self.core.compile_model(str(path), "CPU", config)
+        except Exception as exc:  # OpenVINO raises RuntimeError subclasses for bad files and ops
+            raise DfosdError(f"openvino could not compile {path}: {str(exc).strip().splitlines()[0]}",
+                             hint="re-run dfosd-export to rewrite the directory, or use --backend onnxruntime") from exc
+        return OpenVinoComponent(compiled, contract)
+
+    def describe(self) -> str:
+        return f"openvino (CPU, {self.threads} threads, {self.precision_hint})"
+
+
+BACKEND = OpenVinoBackend
