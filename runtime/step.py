@@ -23,12 +23,16 @@ log = logging.getLogger(__name__)
 
 
 class OneStepRunner:
-    def __init__(self, export_dir: str | Path, *, backend: str = "auto", batch: int | None = None,
-                 cuda_graph: bool = True, say: Callable[[str], None] = log.info):
-        from dfosd.engines.base import select_backend
+    """``backend``: ``auto``, a backend name, or one per part (``encoder=openvino,unet=onnxruntime,...``
+    or a dict); see runtime/backend_choice.py. ``remeasure``: time auto's candidates again
+    even when the manifest holds a choice made on this machine."""
+
+    def __init__(self, export_dir: str | Path, *, backend: str | dict = "auto", batch: int | None = None,
+                 cuda_graph: bool = True, say: Callable[[str], None] = log.info, remeasure: bool = False):
         from dfosd.export.artifacts import components_for_batch
 
         self.export_dir = Path(export_dir)
+        self._cuda_graph = cuda_graph
         self.manifest = read_manifest(self.export_dir)
         bad = files_intact(self.export_dir, self.manifest.get("files", {}), quick=True)
         if bad:
@@ -36,19 +40,86 @@ class OneStepRunner:
                              hint="re-run dfosd-export into this directory")
         batches = self.manifest["batches"]
         self.batch = int(batch if batch is not None else max(batches))
-        entries = components_for_batch(self.manifest, self.batch)
-        cls, self.backend_reason = select_backend(backend)
-        self.backend = cls()
+        self.entries = components_for_batch(self.manifest, self.batch)
+        self.contracts = {n: ComponentContract.from_dict(self.entries[n]["contract"]) for n in COMPONENTS}
+        per_part, self.engines, self.plan = self._resolve(backend, say, remeasure)
+        for name in COMPONENTS:
+            if name not in self.engines:
+                self.engines[name] = per_part[name].load(self.export_dir, self.entries[name], self.contracts[name])
+        self._setup(per_part)
+
+    def _resolve(self, backend, say, remeasure):
+        """(backend instance per part, engines loaded while choosing, the plan)."""
+        from dfosd.engines.base import backend_class, select_backend
+        from dfosd.runtime.backend_choice import (
+            BackendPlan,
+            cpu_candidates,
+            measured_choice,
+            parse_backend_spec,
+        )
+
+        spec = parse_backend_spec(backend) if isinstance(backend, str) else dict(backend)
+        if isinstance(spec, dict):
+            parse_backend_spec(",".join(f"{p}={n}" for p, n in spec.items()))  # same checks for a dict
+            instances = {}
+            for name in sorted(set(spec.values())):
+                cls, _ = select_backend(name)
+                instances[name] = cls()
+            plan = BackendPlan(dict(spec), "per part as requested")
+            self.backend_reason = f"{plan.reason}: {plan.summary()}"
+            say(self.backend_reason)
+            return {p: instances[spec[p]] for p in COMPONENTS}, {}, plan
+        cls, why = select_backend(spec)
+        single = cls()
+        candidates = cpu_candidates() if spec == "auto" and single.name == "onnxruntime" and single.device == "cpu" else []
+        if len(candidates) < 2:
+            plan = BackendPlan({p: single.name for p in COMPONENTS}, why)
+            self.backend_reason = why
+            say(why)
+            return {p: single for p in COMPONENTS}, {}, plan
+        instances = {n: (single if n == single.name else backend_class(n)()) for n in candidates}
+        plan, engines = measured_choice(
+            self.export_dir, self.manifest, self.batch, self.contracts, instances,
+            lambda b, part: b.load(self.export_dir, self.entries[part], self.contracts[part]), say=say,
+            remeasure=remeasure)
+        self.backend_reason = f"{plan.reason}: {plan.summary()}"
         say(self.backend_reason)
-        self.contracts = {n: ComponentContract.from_dict(entries[n]["contract"]) for n in COMPONENTS}
-        self.engines = {n: self.backend.load(self.export_dir, entries[n], self.contracts[n]) for n in COMPONENTS}
+        for line in plan.timing_lines():
+            say(line)
+        return {p: instances[plan.names[p]] for p in COMPONENTS}, engines, plan
+
+    @classmethod
+    def from_engines(cls, export_dir: str | Path, batch: int, parts: dict[str, tuple[object, object]],
+                     plan) -> "OneStepRunner":
+        """A runner over engines already loaded elsewhere (the bench's per-part row reuses the
+        single-backend runners' engines instead of loading every part a second time)."""
+        from dfosd.export.artifacts import components_for_batch
+
+        self = cls.__new__(cls)
+        self.export_dir = Path(export_dir)
+        self._cuda_graph = True
+        self.manifest = read_manifest(self.export_dir)
+        self.batch = int(batch)
+        self.entries = components_for_batch(self.manifest, self.batch)
+        self.contracts = {n: ComponentContract.from_dict(self.entries[n]["contract"]) for n in COMPONENTS}
+        self.engines = {n: parts[n][1] for n in COMPONENTS}
+        self.plan = plan
+        self.backend_reason = f"{plan.reason}: {plan.summary()}"
+        self._setup({n: parts[n][0] for n in COMPONENTS})
+        return self
+
+    def _setup(self, per_part: dict) -> None:
+        from dfosd.runtime.backend_choice import PartBackends
+
+        distinct = {id(b): b for b in per_part.values()}
+        self.backend = next(iter(distinct.values())) if len(distinct) == 1 else PartBackends(per_part, self.plan)
         self.buffers = {}
         for c in self.contracts.values():
             for spec in c.inputs + c.outputs:
                 self.buffers.setdefault(spec.name, spec.empty(self.backend.device))
         self.buffers[self.contracts["encoder"].inputs[0].name].zero_()
         self._graph = None
-        self._use_graph = cuda_graph and self.backend.capturable and self.backend.device == "cuda"
+        self._use_graph = self._cuda_graph and self.backend.capturable and self.backend.device == "cuda"
 
     @property
     def tile(self) -> int:
