@@ -25,7 +25,8 @@ from dfosd.core.cli_support import say, setup_logging, user_errors
 @click.option("--float-precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="int8/fp8: precision of what is not quantized (fp16 pays only on a GPU).")
 @click.option("--backends", default="onnxruntime", show_default=True,
-              help="Backends to time (comma-separated: onnxruntime, tensorrt).")
+              help="Backends to time (comma-separated: onnxruntime, openvino, tensorrt; auto adds the per-part best "
+                   "of the others, measured per part).")
 @click.option("--warmup", default=1, show_default=True, type=int)
 @click.option("--repeats", default=5, show_default=True, type=int)
 @click.option("-v", "--verbose", is_flag=True)
@@ -34,7 +35,7 @@ def main(base, ckpt, work_dir, out_dir, tile, batch, precisions, calib_data, cal
          warmup, repeats, verbose):
     """Time eager PyTorch and every available engine on the same weights and inputs."""
     setup_logging(verbose)
-    from dfosd.bench.run import BenchConfig, markdown_table, run_bench, write_outputs
+    from dfosd.bench.run import BenchConfig, markdown_table, per_part_table, run_bench, write_outputs
 
     cfg = BenchConfig(base=base, ckpt=ckpt, work_dir=work_dir, tile=tile, batch=batch,
                       precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()),
@@ -44,6 +45,7 @@ def main(base, ckpt, work_dir, out_dir, tile, batch, precisions, calib_data, cal
     result = run_bench(cfg, say=say)
     paths = write_outputs(result, out_dir or work_dir)
     click.echo(markdown_table(result))
+    click.echo(per_part_table(result))
     say(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")
 
 

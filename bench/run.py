@@ -74,6 +74,10 @@ class Row:
     psnr_db: float | None
     max_abs_diff: float | None
     runs_ms: list[float] = field(default_factory=list)
+    min_ms: float | None = None
+    max_ms: float | None = None
+    vs_eager: float | None = None  # median of per-round eager/this ratios
+    vs_openvino: float | None = None  # the same against OpenVINO alone, same precision
 
 
 def machine_description() -> dict:
@@ -136,15 +140,14 @@ def bench_inputs(tile: int, batch: int):
 
 
 def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
+    """All engines are loaded first, then timed round-robin (see measure.time_interleaved)."""
     import torch
 
-    from dfosd.bench.measure import time_runs
+    from dfosd.bench.measure import paired_ratio, time_interleaved
     from dfosd.core.bases import load_base
     from dfosd.core.checkpoint import read_checkpoint, write_random_checkpoint
     from dfosd.core.metrics import max_abs_diff, psnr_uint8
     from dfosd.core.onestep import build_onestep
-    from dfosd.export.artifacts import export_checkpoint
-    from dfosd.runtime.step import OneStepRunner
 
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -159,41 +162,63 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    rows: list[Row] = []
+    engines: dict[str, dict] = {}  # name -> {fn, out(), backend, precision, device}
 
-    def add(name, backend, precision, device, timing, out, ref):
-        med = timing.median_ms
-        rows.append(Row(name, backend, precision, device, round(med, 3), round(timing.p90_ms, 3),
-                        round(cfg.batch * 1000.0 / med, 4),
-                        None if ref is None else round(psnr_uint8(out, ref), 3),
-                        None if ref is None else max_abs_diff(out, ref), [round(t, 3) for t in timing.runs_ms]))
-        r = rows[-1]
-        say(f"  {name:<28} median {r.median_ms:10.1f} ms  p90 {r.p90_ms:10.1f} ms  "
-            f"{r.images_per_s:8.3f} img/s  psnr {r.psnr_db}")
-
-    eager_precisions = ["fp32"] + (["fp16"] if cuda else [])
-    ref = None
-    for prec in eager_precisions:
+    for prec in ["fp32"] + (["fp16"] if cuda else []):
         dtype = torch.float32 if prec == "fp32" else torch.float16
         say(f"eager PyTorch {prec} on {dev}")
         model = build_onestep(base, ckpt, dtype=dtype).to(dev)
-        xin = x.to(dev)
-        out = None
-
-        def eager():
-            nonlocal out
-            with torch.inference_mode():
-                out = model(xin)
-
-        timing = time_runs(eager, warmup=cfg.warmup, repeats=cfg.repeats, sync=sync)
-        out = out.cpu().numpy()
-        if ref is None:
-            ref = out
-        add(f"eager PyTorch {prec}", "torch", prec, dev, timing, out, ref)
-        del model
-        gc.collect()
+        engines[f"eager PyTorch {prec}"] = _eager_entry(model, x.to(dev), prec, dev)
     del base  # each export loads its own: two full-size bases at once pushed the fp16 export out of memory
     gc.collect()
+    exports = export_all(cfg, ckpt_path, work, say)
+    plans = {}
+    for prec, folder in exports.items():
+        plans.update(_engine_entries(cfg, prec, folder, x, engines, say))
+
+    say(f"timing {len(engines)} engines round-robin: warm-up {cfg.warmup}, {cfg.repeats} rounds")
+    timings = time_interleaved({n: e["fn"] for n, e in engines.items()}, warmup=cfg.warmup, repeats=cfg.repeats,
+                               sync=sync)
+    ref = engines["eager PyTorch fp32"]["out"]()
+    rows: list[Row] = []
+    for name, e in engines.items():
+        t, out = timings[name], e["out"]()
+        rows.append(Row(name, e["backend"], e["precision"], e["device"], round(t.median_ms, 3), round(t.p90_ms, 3),
+                        round(cfg.batch * 1000.0 / t.median_ms, 4), round(psnr_uint8(out, ref), 3),
+                        max_abs_diff(out, ref), [round(v, 3) for v in t.runs_ms],
+                        round(min(t.runs_ms), 3), round(max(t.runs_ms), 3),
+                        round(paired_ratio(timings["eager PyTorch fp32"], t), 4)))
+        ov = f"openvino {e['precision']}"
+        if ov in timings:
+            rows[-1].vs_openvino = round(paired_ratio(timings[ov], t), 4)
+        r = rows[-1]
+        say(f"  {name:<28} median {r.median_ms:10.1f} ms  [{r.min_ms:.0f}-{r.max_ms:.0f}]  "
+            f"x{r.vs_eager:.2f} vs eager  psnr {r.psnr_db}")
+    return {
+        "machine": machine_description(),
+        "config": asdict(cfg),
+        "output_shape": list(ref.shape),
+        "reference": "eager PyTorch fp32",
+        "timing": "round-robin: each round runs every engine once; vs_* are medians of per-round ratios",
+        "per_part": plans,
+        "rows": [asdict(r) for r in rows],
+    }
+
+
+def _eager_entry(model, xin, prec: str, dev: str) -> dict:
+    import torch
+
+    box = {}
+
+    def fn():
+        with torch.inference_mode():
+            box["out"] = model(xin)
+
+    return {"fn": fn, "out": lambda: box["out"].cpu().numpy(), "backend": "torch", "precision": prec, "device": dev}
+
+
+def export_all(cfg: BenchConfig, ckpt_path: Path, work: Path, say) -> dict[str, Path]:
+    from dfosd.export.artifacts import export_checkpoint
 
     exports = {}
     calib_dir = Path(cfg.calib_data) if cfg.calib_data else None
@@ -206,38 +231,72 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
                                 progress=say)
         exports[prec] = res.out_dir
         gc.collect()
-    for backend in cfg.backends:
-        for prec, folder in exports.items():
-            runner = OneStepRunner(folder, backend=backend, batch=cfg.batch, say=say)
-            out = None
+    return exports
 
-            def engine():
-                nonlocal out
-                out = runner(x)
 
-            timing = time_runs(engine, warmup=cfg.warmup, repeats=cfg.repeats, sync=sync)
-            add(f"{runner.backend.name} {prec}", runner.backend.name, prec, runner.backend.device, timing,
-                out.numpy(), ref)
-            del runner
-            gc.collect()
-    return {
-        "machine": machine_description(),
-        "config": asdict(cfg),
-        "output_shape": list(ref.shape),
-        "reference": "eager PyTorch fp32",
-        "rows": [asdict(r) for r in rows],
-    }
+def _runner_entry(runner, x, prec: str, name: str) -> dict:
+    box = {}
+
+    def fn():
+        box["out"] = runner(x)
+
+    return {"fn": fn, "out": lambda: box["out"].numpy(), "backend": name, "precision": prec,
+            "device": runner.backend.device, "runner": runner}
+
+
+def _engine_entries(cfg: BenchConfig, prec: str, folder: Path, x, engines: dict, say) -> dict:
+    """One runner per single backend; the per-part row ("auto") reuses their engines."""
+    from dfosd.runtime.backend_choice import measured_choice
+    from dfosd.runtime.step import OneStepRunner
+
+    singles = {}
+    for backend in (b for b in cfg.backends if b != "auto"):
+        runner = OneStepRunner(folder, backend=backend, batch=cfg.batch, say=say)
+        singles[runner.backend.name] = runner
+        engines[f"{runner.backend.name} {prec}"] = _runner_entry(runner, x, prec, runner.backend.name)
+    if "auto" not in cfg.backends or len(singles) < 2:
+        return {}
+    first = next(iter(singles.values()))
+    plan, _ = measured_choice(folder, first.manifest, first.batch, first.contracts,
+                              {n: r.backend for n, r in singles.items()},
+                              lambda b, part: singles[b.name].engines[part], say=say, remeasure=True)
+    say(f"{prec}: {plan.summary()}")
+    for line in plan.timing_lines():
+        say(line)
+    best = OneStepRunner.from_engines(folder, first.batch, {
+        p: (singles[plan.names[p]].backend, singles[plan.names[p]].engines[p]) for p in plan.names}, plan)
+    engines[f"per-part best {prec}"] = _runner_entry(best, x, prec, "per-part")
+    return {prec: plan.to_dict()}
 
 
 def markdown_table(result: dict) -> str:
     eager = next(r for r in result["rows"] if r["name"] == "eager PyTorch fp32")
-    lines = ["| engine | device | median ms | p90 ms | images/s | speed-up vs eager fp32 | PSNR vs eager fp32 (dB) | max abs diff |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    has_ov = any(r.get("vs_openvino") for r in result["rows"])
+    lines = ["| engine | device | median ms | min-max ms | images/s | speed-up vs eager fp32 |"
+             + (" vs OpenVINO alone |" if has_ov else "") + " PSNR vs eager fp32 (dB) | max abs diff |",
+             "|---|---|---:|---:|---:|---:|" + ("---:|" if has_ov else "") + "---:|---:|"]
     for r in result["rows"]:
         psnr = "reference" if r is eager else ("inf" if r["psnr_db"] == float("inf") else f"{r['psnr_db']:.1f}")
         mad = "" if r is eager else f"{r['max_abs_diff']:.0f}"
-        lines.append(f"| {r['name']} | {r['device']} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} | "
-                     f"{r['images_per_s']:.3f} | {eager['median_ms'] / r['median_ms']:.2f}x | {psnr} | {mad} |")
+        # older results (before round-robin timing) have no per-round ratio: fall back to medians
+        vs_eager = r.get("vs_eager") or eager["median_ms"] / r["median_ms"]
+        spread = f"{r['min_ms']:.0f}-{r['max_ms']:.0f}" if r.get("min_ms") is not None else f"p90 {r['p90_ms']:.0f}"
+        ov = (f" {r['vs_openvino']:.2f}x |" if r.get("vs_openvino") else " |") if has_ov else ""
+        lines.append(f"| {r['name']} | {r['device']} | {r['median_ms']:.1f} | {spread} | "
+                     f"{r['images_per_s']:.3f} | {vs_eager:.2f}x |{ov} {psnr} | {mad} |")
+    return "\n".join(lines)
+
+
+def per_part_table(result: dict) -> str:
+    """Per part: each backend's median and the one auto kept."""
+    lines = []
+    for prec, plan in (result.get("per_part") or {}).items():
+        backends = sorted({b for ms in plan["median_ms"].values() for b in ms})
+        lines += [f"Per part ({prec}), median ms of {', '.join(backends)} on the part alone:", "",
+                  "| part | " + " | ".join(backends) + " | kept |", "|---|" + "---:|" * len(backends) + "---|"]
+        for part, ms in plan["median_ms"].items():
+            lines.append(f"| {part} | " + " | ".join(f"{ms[b]:.1f}" for b in backends) + f" | {plan['parts'][part]} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -277,8 +336,8 @@ def write_outputs(result: dict, out_dir: Path) -> dict[str, Path]:
     m = result["machine"]
     header = (f"Machine: {m.get('gpu') or m['cpu']} ({m['cpu_count']} cores, torch {m['torch']}, "
               f"{m['torch_threads']} threads). Output {result['output_shape']}, warm-up "
-              f"{result['config']['warmup']}, {result['config']['repeats']} timed runs.\n\n")
-    write_text_atomic(paths["md"], header + table + "\n")
+              f"{result['config']['warmup']}, {result['config']['repeats']} timed rounds (round-robin over the engines).\n\n")
+    write_text_atomic(paths["md"], header + table + "\n\n" + per_part_table(result))
     plot(result, paths["png"])
     return paths
 

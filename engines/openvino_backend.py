@@ -174,3 +174,19 @@ class OpenVinoBackend(Backend):
 
 
 BACKEND = OpenVinoBackend
+
+
+def compile_cache(export_dir: Path, progress=log.info) -> None:
+    """Compile every part of an export into its OpenVINO cache now (dfosd-export --backend openvino),
+    so the first dfosd-trt-run imports blobs instead of compiling."""
+    import time
+
+    from dfosd.core.manifest import read_manifest
+
+    backend = OpenVinoBackend()
+    manifest = read_manifest(export_dir)
+    for entry in manifest["components"].values():
+        t0 = time.perf_counter()
+        backend.load(export_dir, entry, ComponentContract.from_dict(entry["contract"]), manifest=manifest)
+        progress(f"openvino: {entry['onnx']} compiled into {Path(export_dir) / CACHE_DIR} "
+                 f"[{time.perf_counter() - t0:.1f} s]")

@@ -53,7 +53,10 @@ def _process_one(src, rel, upscale, tcfg, opts, out_dir):
               type=click.Path(file_okay=False), help="Directory written by dfosd-export.")
 @click.option("--out", "out_dir", default="dfosd-out", show_default=True, type=click.Path(file_okay=False),
               help="Output folder (sub-folders of folder inputs are mirrored).")
-@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True)
+@click.option("--backend", default="auto", show_default=True, metavar="|".join(BACKEND_CHOICES),
+              help="Engine backend, or one per part (encoder=openvino,unet=onnxruntime,decoder=openvino). auto: "
+                   "TensorRT on a GPU; on a CPU the fastest of ONNX Runtime and OpenVINO per part, measured once "
+                   "and cached in the export's manifest.")
 @click.option("--batch", type=int, default=None, help="Tile batch to use (one the export built; default: largest).")
 @click.option("--tile", type=int, default=None,
               help="LR tile size; must equal the export's (default: the export's).")
@@ -127,6 +130,7 @@ def main(inputs, engines_dir, out_dir, backend, batch, tile, overlap, color_fix,
     report_path = Path(report) if report else out / REPORT_NAME
     write_json_atomic(report_path, {
         "engines": server or str(Path(engines_dir).resolve()), "backend": runner.backend.describe(),
+        "backend_plan": getattr(runner, "plan", None) and runner.plan.to_dict(),
         "precision": runner.precision, "tiling": {"tile": tcfg.tile, "overlap": tcfg.overlap, "batch": tcfg.batch},
         "color_fix": color_fix, "total_seconds": round(time.perf_counter() - t_all, 3), "summary": counts,
         "images": records,

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from dfosd.core.cli_support import say, setup_logging, user_errors
+from dfosd.engines.base import BACKEND_CHOICES
 
 KINDS_HELP = "Comma-separated: python (dfosd runtime, any size), onnx (ONNX Runtime parts + ensemble), " \
              "tensorrt (plans + ensemble; default: where the export has plans)."
@@ -36,7 +37,7 @@ def _ignore_signals(handlers: dict) -> None:
               help="Seconds a request may wait in the queue before it is rejected (0: no limit).")
 @click.option("--max-queue-delay-us", type=click.IntRange(0), default=2000, show_default=True,
               help="How long the batcher waits for more requests to batch.")
-@click.option("--backend", type=click.Choice(("auto", "onnxruntime", "tensorrt", "aoti")), default="auto",
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto",
               show_default=True, help="Engine backend of the runtime inside the server.")
 @click.option("--tile-batch", type=int, default=None, help="Tile batch of the engines (default: the largest exported).")
 @click.option("--overlap", type=int, default=None, help="Default tile overlap in LR pixels (default: tile/4).")
@@ -108,7 +109,7 @@ def main(engines_dir, http_port, grpc_port, metrics_port, host, max_batch, timeo
               help="Instance kind of the Python model (gpu: one instance per GPU).")
 @click.option("--link", type=click.Choice(("copy", "hardlink", "symlink")), default="copy", show_default=True,
               help="How model files get into the repository.")
-@click.option("--backend", type=click.Choice(("auto", "onnxruntime", "tensorrt", "aoti")), default="auto",
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto",
               show_default=True, help="Backend of the Python model's runtime.")
 @click.option("--tile-batch", type=int, default=None)
 @click.option("--overlap", type=int, default=None)

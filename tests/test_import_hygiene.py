@@ -8,7 +8,7 @@ import pytest
 PROBE = """
 import sys
 {body}
-heavy = [m for m in ("torch", "tensorrt", "onnxruntime", "diffusers", "cuda", "pycuda") if m in sys.modules]
+heavy = [m for m in ("torch", "tensorrt", "onnxruntime", "openvino", "diffusers", "cuda", "pycuda") if m in sys.modules]
 print("HEAVY=" + ",".join(heavy))
 """
 
