@@ -29,10 +29,12 @@ from dfosd.core.cli_support import say, setup_logging, user_errors
                    "of the others, measured per part).")
 @click.option("--warmup", default=1, show_default=True, type=int)
 @click.option("--repeats", default=5, show_default=True, type=int)
+@click.option("--part-repeats", default=3, show_default=True, type=int,
+              help="Timed runs per part and backend behind the per-part row (--backends ...,auto).")
 @click.option("-v", "--verbose", is_flag=True)
 @user_errors
 def main(base, ckpt, work_dir, out_dir, tile, batch, precisions, calib_data, calib_count, float_precision, backends,
-         warmup, repeats, verbose):
+         warmup, repeats, part_repeats, verbose):
     """Time eager PyTorch and every available engine on the same weights and inputs."""
     setup_logging(verbose)
     from dfosd.bench.run import BenchConfig, markdown_table, per_part_table, run_bench, write_outputs
@@ -40,7 +42,7 @@ def main(base, ckpt, work_dir, out_dir, tile, batch, precisions, calib_data, cal
     cfg = BenchConfig(base=base, ckpt=ckpt, work_dir=work_dir, tile=tile, batch=batch,
                       precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()),
                       backends=tuple(b.strip() for b in backends.split(",") if b.strip()),
-                      warmup=warmup, repeats=repeats, calib_data=calib_data, calib_count=calib_count,
+                      warmup=warmup, repeats=repeats, part_repeats=part_repeats, calib_data=calib_data, calib_count=calib_count,
                       float_precision=float_precision)
     result = run_bench(cfg, say=say)
     paths = write_outputs(result, out_dir or work_dir)

@@ -32,6 +32,7 @@ class BenchConfig:
     backends: tuple[str, ...] = ("onnxruntime",)
     warmup: int = 1
     repeats: int = 5
+    part_repeats: int = 3  # per-part timing of the "auto" row's choice (after one warm-up run)
     # int8/fp8 rows: calibration photos (default: scikit-image photos held out from the timed
     # inputs, written into the work dir), tile count, and the precision of what stays float.
     calib_data: str | None = None
@@ -42,8 +43,8 @@ class BenchConfig:
         from dfosd.export.artifacts import EXPORT_PRECISIONS
 
         problems = []
-        if self.repeats < 1 or self.warmup < 0:
-            problems.append("--repeats must be >= 1 and --warmup >= 0")
+        if self.repeats < 1 or self.warmup < 0 or self.part_repeats < 1:
+            problems.append("--repeats and --part-repeats must be >= 1 and --warmup >= 0")
         bad = [p for p in self.precisions if p not in EXPORT_PRECISIONS]
         if bad:
             problems.append(f"--precisions {','.join(bad)}: choose from {', '.join(EXPORT_PRECISIONS)}")
@@ -259,7 +260,8 @@ def _engine_entries(cfg: BenchConfig, prec: str, folder: Path, x, engines: dict,
     first = next(iter(singles.values()))
     plan, _ = measured_choice(folder, first.manifest, first.batch, first.contracts,
                               {n: r.backend for n, r in singles.items()},
-                              lambda b, part: singles[b.name].engines[part], say=say, remeasure=True)
+                              lambda b, part: singles[b.name].engines[part], say=say, remeasure=True,
+                              repeats=cfg.part_repeats)
     say(f"{prec}: {plan.summary()}")
     for line in plan.timing_lines():
         say(line)

@@ -157,7 +157,8 @@ def choice_identity(backends: dict[str, object], manifest: dict) -> dict:
 
 def measured_choice(export_dir: Path, manifest: dict, batch: int, contracts: dict, backends: dict[str, object],
                     load: Callable[[object, str], object], *, say: Callable[[str], None],
-                    remeasure: bool = False) -> tuple[BackendPlan, dict[str, object]]:
+                    remeasure: bool = False, warmup: int = TIMING_WARMUP,
+                    repeats: int = TIMING_REPEATS) -> tuple[BackendPlan, dict[str, object]]:
     """auto on a CPU machine: the cached per-part choice when it was made here, else time
     each candidate per part. Returns the plan and the engines already loaded (the winners
     of a measurement; empty when the cached choice is used)."""
@@ -173,7 +174,8 @@ def measured_choice(export_dir: Path, manifest: dict, batch: int, contracts: dic
     say(f"auto: timing {', '.join(backends)} on each part once (cached in {Path(export_dir) / 'manifest.json'})")
     names, medians, engines = {}, {}, {}
     for part in COMPONENTS:
-        loaded, ms = time_parts({n: (lambda p, b=b: load(b, p)) for n, b in backends.items()}, contracts, part)
+        loaded, ms = time_parts({n: (lambda p, b=b: load(b, p)) for n, b in backends.items()}, contracts, part,
+                                warmup=warmup, repeats=repeats)
         best = min(ms, key=lambda n: (ms[n], list(backends).index(n)))
         names[part], medians[part], engines[part] = best, ms, loaded[best]
         del loaded  # the slower engines go now: two full-size UNets at once cost GBs
@@ -181,5 +183,5 @@ def measured_choice(export_dir: Path, manifest: dict, batch: int, contracts: dic
     plan = BackendPlan(names, "auto: fastest backend per part, measured now", medians)
     write_runtime_record(export_dir, key, {"identity": ident, "parts": names, "median_ms": medians,
                                            "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                           "warmup": TIMING_WARMUP, "repeats": TIMING_REPEATS})
+                                           "warmup": warmup, "repeats": repeats})
     return plan, engines
