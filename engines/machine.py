@@ -98,3 +98,31 @@ def write_runtime_record(export_dir, key: str, record: dict | None) -> bool:
     except OSError:
         return False
     return True
+
+
+def prepare_cache_dir(export_dir, folder_name: str, record_key: str, want: dict, patterns: tuple[str, ...],
+                      manifest: dict, log) -> "Path | None":
+    """A runtime cache folder inside the export, emptied of ``patterns`` when the manifest's
+    record is not ``want`` (another CPU, runtime version, option or export); None when the
+    directory cannot be written (the caller then runs without a cache)."""
+    from pathlib import Path
+
+    export_dir = Path(export_dir)
+    folder = export_dir / folder_name
+    have = runtime_record(manifest, record_key)
+    try:
+        folder.mkdir(exist_ok=True)
+        if have != want:
+            stale = sorted(p for pat in patterns for p in folder.glob(pat))
+            if stale:
+                why = "no record" if have is None else ", ".join(k for k in want if have.get(k) != want[k])
+                log.warning("%s is stale (%s): rebuilding %d file(s)", folder, why, len(stale))
+            for f in stale:  # only what this runtime writes there: the folder is dfosd's
+                f.unlink()
+            if not write_runtime_record(export_dir, record_key, want):
+                raise OSError(f"cannot write {export_dir / 'manifest.json'}")
+            manifest.setdefault(RUNTIME_SECTION, {})[record_key] = want
+    except OSError as exc:
+        log.warning("%s: running without a cache (%s)", folder, exc)
+        return None
+    return folder

@@ -7,13 +7,21 @@ on the CPU as on the GPU.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Mapping
 
 from dfosd.core.contracts import ComponentContract
 from dfosd.core.errors import DfosdError
 from dfosd.engines.base import Backend, ComponentEngine, cuda_available
-from dfosd.engines.machine import physical_cores
+from dfosd.engines.machine import machine_identity, physical_cores, prepare_cache_dir
+
+log = logging.getLogger(__name__)
+
+# CPU only: graphs optimized at ORT_ENABLE_ALL hold CPU-specific layouts (NCHWc), so they are
+# kept per export with the CPU identity and ORT version, and rebuilt when either changes.
+OPTIMIZED_DIR = "onnxruntime-optimized"
+OPTIMIZED_RECORD = "onnxruntime_optimized"
 
 
 def _providers() -> list[str]:
@@ -63,13 +71,15 @@ class OrtComponent(ComponentEngine):
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, device: str | None = None, *, threads: int = 0):
+    def __init__(self, device: str | None = None, *, threads: int = 0, save_optimized: bool = True):
         if device is None:
             device = "cuda" if ("CUDAExecutionProvider" in _providers() and cuda_available()) else "cpu"
         super().__init__(device)
         # Explicit, not ORT's guess: physical cores (hyper-threads slow matmul-bound graphs down);
         # on a GPU the CPU threads only run the few CPU-side nodes.
         self.threads = threads or physical_cores()
+        self.save_optimized = save_optimized
+        self._checked_dirs: set[Path] = set()
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
@@ -92,16 +102,57 @@ class OnnxRuntimeBackend(Backend):
         opts.inter_op_num_threads = 1  # one chain of parts, run sequentially: no parallel branches to feed
         return opts
 
-    def load(self, export_dir: Path, entry: dict, contract: ComponentContract) -> OrtComponent:
+    def optimized_record(self, manifest: dict) -> dict:
+        import onnxruntime as ort
+
+        return {"onnxruntime": ort.__version__, "machine": machine_identity(), "build_key": manifest.get("build_key"),
+                "options": {"level": "ORT_ENABLE_ALL", "intra_op_threads": self.threads}}
+
+    def _optimized_path(self, export_dir: Path, entry: dict, manifest: dict | None) -> tuple[Path | None, bool]:
+        """(where the optimized graph of this part lives, whether it is there and current)."""
+        from dfosd.core.manifest import read_manifest
+
+        if self.device != "cpu" or not self.save_optimized:
+            return None, False
+        export_dir = Path(export_dir)
+        if export_dir not in self._checked_dirs:
+            manifest = manifest if manifest is not None else read_manifest(export_dir)
+            if prepare_cache_dir(export_dir, OPTIMIZED_DIR, OPTIMIZED_RECORD, self.optimized_record(manifest),
+                                 ("*.opt.onnx", "*.opt.onnx.data", "*.opt.tmp.onnx"), manifest, log) is None:
+                return None, False
+            self._checked_dirs.add(export_dir)
+        path = export_dir / OPTIMIZED_DIR / f"{Path(entry['onnx']).stem}.opt.onnx"
+        return path, path.is_file()
+
+    def load(self, export_dir: Path, entry: dict, contract: ComponentContract,
+             manifest: dict | None = None) -> OrtComponent:
         import onnxruntime as ort
 
         path = Path(export_dir) / entry["onnx"]
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device == "cuda" else [
             "CPUExecutionProvider"]
+        optimized, current = self._optimized_path(export_dir, entry, manifest)
+        opts = self.session_options()
         try:
-            session = ort.InferenceSession(str(path), self.session_options(), providers=providers)
+            if current:
+                # Optimized here before, for this CPU and ORT: load it as it is (graph
+                # optimization of the full-size UNet is most of its load time).
+                opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+                return OrtComponent(ort.InferenceSession(str(optimized), opts, providers=providers), contract,
+                                    self.device)
+            tmp = None
+            if optimized is not None:
+                tmp = optimized.with_name(optimized.name.replace(".opt.onnx", ".opt.tmp.onnx"))
+                opts.optimized_model_filepath = str(tmp)
+                opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                              optimized.name + ".data")
+                opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                              "1024")
+            session = ort.InferenceSession(str(path), opts, providers=providers)
+            if tmp is not None and tmp.is_file():
+                tmp.replace(optimized)  # the rename commits it: a half-written graph is never loaded
         except Exception as exc:  # ORT raises its own exception types for bad files
-            raise DfosdError(f"onnxruntime could not load {path}: {exc}",
+            raise DfosdError(f"onnxruntime could not load {optimized if current else path}: {exc}",
                              hint="re-run dfosd-export to rewrite the directory") from exc
         return OrtComponent(session, contract, self.device)
 

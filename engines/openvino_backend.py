@@ -27,7 +27,7 @@ from typing import Mapping
 from dfosd.core.contracts import ComponentContract
 from dfosd.core.errors import DfosdError
 from dfosd.engines.base import Backend, ComponentEngine
-from dfosd.engines.machine import machine_identity, physical_cores, runtime_record, write_runtime_record
+from dfosd.engines.machine import machine_identity, physical_cores, prepare_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -123,28 +123,12 @@ class OpenVinoBackend(Backend):
     def prepare_cache(self, export_dir: Path, manifest: dict) -> Path | None:
         """The cache folder to compile with, emptied first when its record is stale; None if unwritable."""
         export_dir = Path(export_dir)
-        folder = export_dir / CACHE_DIR
         if export_dir in self._checked_dirs:
-            return folder
-        want = self.cache_record(manifest)
-        have = runtime_record(manifest, CACHE_RECORD)
-        try:
-            folder.mkdir(exist_ok=True)
-            if have != want:
-                stale = sorted(folder.glob("*.blob"))
-                if stale:
-                    why = "no record" if have is None else ", ".join(
-                        k for k in want if have.get(k) != want[k])
-                    log.warning("OpenVINO cache in %s is stale (%s): rebuilding %d blob(s)", folder, why, len(stale))
-                for blob in stale:  # only OpenVINO's compiled blobs: this folder is ours
-                    blob.unlink()
-                if not write_runtime_record(export_dir, CACHE_RECORD, want):
-                    raise OSError(f"cannot write {export_dir}/manifest.json")
-                manifest.setdefault("runtime", {})[CACHE_RECORD] = want
-        except OSError as exc:
-            log.warning("OpenVINO compiles without a cache: %s", exc)
-            return None
-        self._checked_dirs.add(export_dir)
+            return export_dir / CACHE_DIR
+        folder = prepare_cache_dir(export_dir, CACHE_DIR, CACHE_RECORD, self.cache_record(manifest), ("*.blob",),
+                                   manifest, log)
+        if folder is not None:
+            self._checked_dirs.add(export_dir)
         return folder
 
     def load(self, export_dir: Path, entry: dict, contract: ComponentContract,
