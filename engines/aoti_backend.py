@@ -1,4 +1,4 @@
-"""AOTInductor backend: the ``.pt2`` packages built by ``export.aoti``, run on the runner's buffers.
+"""AOTInductor backend: the ``.pt2`` packages built by ``engines.aoti_build``, run on the runner's buffers.
 
 Each part is one package loaded with ``torch._inductor.aoti_load_package``. A package
 allocates its own outputs (from torch's caching allocator), so ``run`` copies them into
@@ -29,7 +29,7 @@ from typing import Mapping
 
 from dfosd.core.contracts import ComponentContract
 from dfosd.core.errors import DfosdError
-from dfosd.core.manifest import files_intact
+from dfosd.core.manifest import changed_files
 from dfosd.engines.base import Backend, ComponentEngine, cuda_available
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ class AotiBackend(Backend):
                       "needs packages built by dfosd aoti-export --device cpu")
 
     def load(self, export_dir: Path, entry: dict, contract: ComponentContract) -> AotiComponent:
-        from dfosd.export.aoti import check_build, rebuild_command, system_info
+        from dfosd.engines.aoti_build import check_build, rebuild_command, system_info
 
         export_dir = Path(export_dir)
         if self._system is None:
@@ -130,7 +130,7 @@ class AotiBackend(Backend):
         if ComponentContract.from_dict(rec["contract"]) != contract:
             raise DfosdError(f"{rec['package']} was compiled for another contract than {contract.stem}'s", hint=fix)
         package = export_dir / rec["package"]
-        if files_intact(export_dir, {rec["package"]: build["files"].get(rec["package"], {})}, quick=True):
+        if changed_files(export_dir, {rec["package"]: build["files"].get(rec["package"], {})}, quick=True):
             raise DfosdError(f"{package} is missing or changed since it was built", hint=fix)
         try:
             model = _load_package(package, self.device)

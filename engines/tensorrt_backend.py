@@ -27,9 +27,9 @@ from typing import Any, Mapping
 
 from dfosd.core.contracts import ComponentContract
 from dfosd.core.errors import DfosdError
-from dfosd.core.manifest import files_intact, read_manifest
+from dfosd.core.manifest import ExportDir, changed_files
 from dfosd.engines.base import Backend, ComponentEngine, cuda_available, tensorrt_importable
-from dfosd.engines.tensorrt_build import (
+from dfosd.engines.tensorrt_common import (
     check_plan_system,
     import_tensorrt,
     read_plan_manifest,
@@ -129,8 +129,8 @@ class TensorRTBackend(Backend):
         manifest = read_plan_manifest(export_dir, contract.stem)
         check_plan_system(manifest, self._system, export_dir)
         plan = export_dir / manifest["plan"]
-        exported = read_manifest(export_dir)["files"].get(entry["onnx"], {}).get("sha256")
-        if files_intact(export_dir, {plan.name: manifest["plan_file"]}, quick=True) or \
+        exported = ExportDir(export_dir, check="none").files.get(entry["onnx"], {}).get("sha256")
+        if changed_files(export_dir, {plan.name: manifest["plan_file"]}, quick=True) or \
                 manifest.get("onnx_sha256") != exported:
             raise DfosdError(f"{plan} is missing, changed, or was built from another {entry['onnx']}",
                              hint=f"rebuild: {rebuild_command(export_dir)}")

@@ -77,7 +77,7 @@ def trt_names(source: str) -> tuple[set[str], set[str]]:
 
 
 def test_sources_found():
-    assert {p.name for p in SOURCES} >= {"tensorrt_build.py", "tensorrt_backend.py"}
+    assert {p.name for p in SOURCES} >= {"tensorrt_build.py", "tensorrt_backend.py", "tensorrt_common.py"}
 
 
 def test_trt_module_names_exist_in_both_versions():

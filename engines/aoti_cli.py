@@ -29,7 +29,7 @@ def main(export_dir, device, precision, channels_last, max_autotune, ckpt, base,
     """Compile every part and tile batch of an export to <part>_b<batch>.<device>.pt2 (AOTInductor)."""
     setup_logging(verbose)
     from dfosd.engines.base import cuda_available
-    from dfosd.export.aoti import export_aoti
+    from dfosd.engines.aoti_build import export_aoti
 
     if device is None:
         device = "cuda" if cuda_available() else "cpu"
