@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from dfosd.core.cli_support import say, setup_logging, user_errors
+from dfosd.core.vocab import FLOAT_PRECISIONS
 
 
 @click.command(name="bench", context_settings={"help_option_names": ["-h", "--help"]})
@@ -22,11 +23,11 @@ from dfosd.core.cli_support import say, setup_logging, user_errors
 @click.option("--calib-data", default=None, type=click.Path(file_okay=False),
               help="int8/fp8: calibration photos (default: scikit-image photos that are not timed inputs).")
 @click.option("--calib-count", default=8, show_default=True, type=int, help="int8/fp8: calibration tiles.")
-@click.option("--float-precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+@click.option("--float-precision", type=click.Choice(FLOAT_PRECISIONS), default="fp32", show_default=True,
               help="int8/fp8: precision of what is not quantized (fp16 pays only on a GPU).")
 @click.option("--backends", default="onnxruntime", show_default=True,
               help="Backends to time (comma-separated: onnxruntime, openvino, tensorrt; auto adds the per-part best "
-                   "of the others, measured per part).")
+                   "of the others, measured per part; openvino-bf16: OpenVINO computing the fp32 graph in bf16).")
 @click.option("--warmup", default=1, show_default=True, type=int)
 @click.option("--repeats", default=5, show_default=True, type=int)
 @click.option("--part-repeats", default=3, show_default=True, type=int,
@@ -42,7 +43,8 @@ def main(base, ckpt, work_dir, out_dir, tile, batch, precisions, calib_data, cal
     cfg = BenchConfig(base=base, ckpt=ckpt, work_dir=work_dir, tile=tile, batch=batch,
                       precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()),
                       backends=tuple(b.strip() for b in backends.split(",") if b.strip()),
-                      warmup=warmup, repeats=repeats, part_repeats=part_repeats, calib_data=calib_data, calib_count=calib_count,
+                      warmup=warmup, repeats=repeats, part_repeats=part_repeats, calib_data=calib_data,
+                      calib_count=calib_count,
                       float_precision=float_precision)
     result = run_bench(cfg, say=say)
     paths = write_outputs(result, out_dir or work_dir)

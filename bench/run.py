@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from dfosd.core.errors import DfosdError
+from dfosd.core.vocab import FLOAT_PRECISIONS, PRECISIONS, QUANT_PRECISIONS
 
 if TYPE_CHECKING:
     from dfosd.export.artifacts import ExportConfig
@@ -40,26 +41,24 @@ class BenchConfig:
     float_precision: str = "fp32"
 
     def __post_init__(self):
-        from dfosd.export.artifacts import EXPORT_PRECISIONS
-
         problems = []
         if self.repeats < 1 or self.warmup < 0 or self.part_repeats < 1:
             problems.append("--repeats and --part-repeats must be >= 1 and --warmup >= 0")
-        bad = [p for p in self.precisions if p not in EXPORT_PRECISIONS]
+        bad = [p for p in self.precisions if p not in PRECISIONS]
         if bad:
-            problems.append(f"--precisions {','.join(bad)}: choose from {', '.join(EXPORT_PRECISIONS)}")
-        if self.float_precision not in ("fp32", "fp16"):
-            problems.append(f"--float-precision {self.float_precision!r}: choose fp32 or fp16")
+            problems.append(f"--precisions {','.join(bad)}: choose from {', '.join(PRECISIONS)}")
+        if self.float_precision not in FLOAT_PRECISIONS:
+            problems.append(f"--float-precision {self.float_precision!r}: choose one of {', '.join(FLOAT_PRECISIONS)}")
         if problems:
             raise DfosdError("; ".join(problems))
 
     def export_config(self, precision: str, calib_dir: Path | None) -> "ExportConfig":
         from dfosd.export.artifacts import ExportConfig
 
-        if precision in ("int8", "fp8"):
-            return ExportConfig(precision=precision, tile=self.tile, batches=(self.batch,),
-                                float_precision=self.float_precision, calib_data=str(calib_dir),
-                                calib_count=self.calib_count)
+        if precision in QUANT_PRECISIONS:
+            return ExportConfig.from_options(precision=precision, tile=self.tile, batches=(self.batch,),
+                                             float_precision=self.float_precision, calib_data=str(calib_dir),
+                                             calib_count=self.calib_count)
         return ExportConfig(precision=precision, tile=self.tile, batches=(self.batch,))
 
 
@@ -224,7 +223,7 @@ def export_all(cfg: BenchConfig, ckpt_path: Path, work: Path, say) -> dict[str, 
     exports = {}
     calib_dir = Path(cfg.calib_data) if cfg.calib_data else None
     for prec in cfg.precisions:
-        if prec in ("int8", "fp8") and calib_dir is None:
+        if prec in QUANT_PRECISIONS and calib_dir is None:
             calib_dir = write_calibration_photos(work / "calibration-photos", cfg.tile)
             say(f"calibration photos (held out from the timed inputs): {calib_dir}")
         say(f"export {prec} (reused when current)")
@@ -245,16 +244,38 @@ def _runner_entry(runner, x, prec: str, name: str) -> dict:
             "device": runner.backend.device, "runner": runner}
 
 
+# Bench-only row: OpenVINO told to compute in bf16 (INFERENCE_PRECISION_HINT=bf16) on the same
+# fp32 graph. On CPUs with AMX / AVX512-BF16 that is OpenVINO's own default; dfosd's backend pins
+# f32 so that a run gives the exported model's numbers. The row shows what that costs.
+BF16_ROW = "openvino-bf16"
+
+
+def _openvino_bf16_runner(folder: Path, batch: int):
+    from dfosd.core.manifest import ExportDir
+    from dfosd.engines.openvino_backend import OpenVinoBackend
+    from dfosd.runtime.backend_choice import BackendPlan
+    from dfosd.runtime.step import OneStepRunner
+
+    backend = OpenVinoBackend(precision_hint="bf16", cache=False)  # the f32 cache stays as it is
+    export = ExportDir(folder)
+    entries, contracts = export.entries(batch), export.contracts(batch)
+    parts = {p: (backend, backend.load(folder, entries[p], contracts[p])) for p in entries}
+    return OneStepRunner.from_engines(folder, batch, parts, BackendPlan({p: BF16_ROW for p in parts},
+                                                                        "bench: OpenVINO with bf16 compute"))
+
+
 def _engine_entries(cfg: BenchConfig, prec: str, folder: Path, x, engines: dict, say) -> dict:
     """One runner per single backend; the per-part row ("auto") reuses their engines."""
     from dfosd.runtime.backend_choice import measured_choice
     from dfosd.runtime.step import OneStepRunner
 
     singles = {}
-    for backend in (b for b in cfg.backends if b != "auto"):
+    for backend in (b for b in cfg.backends if b not in ("auto", BF16_ROW)):
         runner = OneStepRunner(folder, backend=backend, batch=cfg.batch, say=say)
         singles[runner.backend.name] = runner
         engines[f"{runner.backend.name} {prec}"] = _runner_entry(runner, x, prec, runner.backend.name)
+    if BF16_ROW in cfg.backends:
+        engines[f"{BF16_ROW} {prec}"] = _runner_entry(_openvino_bf16_runner(folder, cfg.batch), x, prec, BF16_ROW)
     if "auto" not in cfg.backends or len(singles) < 2:
         return {}
     first = next(iter(singles.values()))
@@ -338,7 +359,8 @@ def write_outputs(result: dict, out_dir: Path) -> dict[str, Path]:
     m = result["machine"]
     header = (f"Machine: {m.get('gpu') or m['cpu']} ({m['cpu_count']} cores, torch {m['torch']}, "
               f"{m['torch_threads']} threads). Output {result['output_shape']}, warm-up "
-              f"{result['config']['warmup']}, {result['config']['repeats']} timed rounds (round-robin over the engines).\n\n")
+              f"{result['config']['warmup']}, {result['config']['repeats']} timed rounds (round-robin over the "
+              "engines).\n\n")
     write_text_atomic(paths["md"], header + table + "\n\n" + per_part_table(result))
     plot(result, paths["png"])
     return paths

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import platform
 from functools import lru_cache
+from pathlib import Path
 
 # The flags that change which kernels a CPU runtime picks (and so what a cache holds).
 ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
@@ -81,9 +82,9 @@ def write_runtime_record(export_dir, key: str, record: dict | None) -> bool:
     write is atomic. Returns False when the directory is read-only (the cache is then
     simply not remembered)."""
     import json
-    from pathlib import Path
 
-    from dfosd.core.manifest import MANIFEST_NAME, write_json_atomic
+    from dfosd.core.manifest import write_json_atomic
+    from dfosd.core.vocab import MANIFEST_NAME
 
     path = Path(export_dir) / MANIFEST_NAME
     try:
@@ -101,12 +102,10 @@ def write_runtime_record(export_dir, key: str, record: dict | None) -> bool:
 
 
 def prepare_cache_dir(export_dir, folder_name: str, record_key: str, want: dict, patterns: tuple[str, ...],
-                      manifest: dict, log) -> "Path | None":
+                      manifest: dict, log) -> Path | None:
     """A runtime cache folder inside the export, emptied of ``patterns`` when the manifest's
     record is not ``want`` (another CPU, runtime version, option or export); None when the
     directory cannot be written (the caller then runs without a cache)."""
-    from pathlib import Path
-
     export_dir = Path(export_dir)
     folder = export_dir / folder_name
     have = runtime_record(manifest, record_key)
@@ -126,3 +125,21 @@ def prepare_cache_dir(export_dir, folder_name: str, record_key: str, want: dict,
         log.warning("%s: running without a cache (%s)", folder, exc)
         return None
     return folder
+
+
+THREADS_ENV = "DFOSD_THREADS"
+
+
+def cpu_threads() -> int:
+    """Intra-op threads for the CPU backends: $DFOSD_THREADS when set (a machine shared with
+    other jobs, or tests of tiny models, where spinning threads wait on each other), else
+    the physical cores."""
+    from dfosd.core.errors import DfosdError
+
+    raw = os.environ.get(THREADS_ENV, "").strip()
+    if not raw:
+        return physical_cores()
+    if not raw.isdigit() or int(raw) < 1:
+        raise DfosdError(f"{THREADS_ENV}={raw!r} is not a thread count",
+                         hint=f"set {THREADS_ENV} to an integer >= 1, or unset it")
+    return int(raw)

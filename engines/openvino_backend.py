@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Mapping
 
 from dfosd.core.contracts import ComponentContract
 from dfosd.core.errors import DfosdError
 from dfosd.engines.base import Backend, ComponentEngine
-from dfosd.engines.machine import machine_identity, physical_cores, prepare_cache_dir
+from dfosd.engines.machine import cpu_threads, machine_identity, prepare_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -48,35 +47,24 @@ def _openvino():
 
 class OpenVinoComponent(ComponentEngine):
     def __init__(self, compiled, contract: ComponentContract):
-        super().__init__(contract)
+        super().__init__(contract, device="cpu")  # shared-memory tensors wrap CPU buffers only
         self.compiled = compiled
         self.request = compiled.create_infer_request()
-        self._bound_ptrs: tuple[int, ...] = ()
         got = {n for port in list(compiled.inputs) + list(compiled.outputs) for n in port.get_names()}
         missing = {s.name for s in contract.inputs + contract.outputs} - got
         if missing:
             raise DfosdError(f"{contract.stem}: the compiled model has no tensors {sorted(missing)} of its contract",
                              hint="re-run dfosd-export into a clean directory")
 
-    def _bind(self, tensors: Mapping[str, object], specs, setter) -> None:
+    def bind(self, inputs, outputs) -> None:
         import openvino as ov
 
-        for spec in specs:
-            t = tensors[spec.name]
-            if (t.device.type != "cpu" or tuple(t.shape) != spec.shape or str(t.dtype) != f"torch.{spec.dtype}"
-                    or not t.is_contiguous()):
-                raise ValueError(f"{self.contract.stem}: buffer {spec.name} must be a contiguous CPU {spec.dtype} "
-                                 f"tensor of shape {spec.shape}, got {t.dtype} {tuple(t.shape)} on {t.device}")
-            # shared_memory: OpenVINO reads/writes the torch buffer itself, no copy per call
-            setter(spec.name, ov.Tensor(t.numpy(), shared_memory=True))
+        for specs, tensors in ((self.contract.inputs, inputs), (self.contract.outputs, outputs)):
+            for spec in specs:
+                # shared_memory: OpenVINO reads/writes the torch buffer itself, no copy per call
+                self.request.set_tensor(spec.name, ov.Tensor(tensors[spec.name].numpy(), shared_memory=True))
 
-    def run(self, inputs, outputs) -> None:
-        ptrs = tuple(inputs[s.name].data_ptr() for s in self.contract.inputs) + tuple(
-            outputs[s.name].data_ptr() for s in self.contract.outputs)
-        if ptrs != self._bound_ptrs:  # static buffers: bound once
-            self._bind(inputs, self.contract.inputs, self.request.set_tensor)
-            self._bind(outputs, self.contract.outputs, self.request.set_tensor)
-            self._bound_ptrs = ptrs
+    def enqueue(self, inputs, outputs) -> None:
         self.request.infer()
 
 
@@ -92,7 +80,7 @@ class OpenVinoBackend(Backend):
                              hint="use --backend onnxruntime or tensorrt for a GPU")
         if precision_hint not in PRECISION_HINTS:
             raise DfosdError(f"openvino precision hint {precision_hint!r}: choose one of {', '.join(PRECISION_HINTS)}")
-        self.threads = threads or physical_cores()
+        self.threads = threads or cpu_threads()
         self.precision_hint = precision_hint
         self.cache = cache
         self._core = None
@@ -133,7 +121,7 @@ class OpenVinoBackend(Backend):
 
     def load(self, export_dir: Path, entry: dict, contract: ComponentContract,
              manifest: dict | None = None) -> OpenVinoComponent:
-        from dfosd.core.manifest import read_manifest
+        from dfosd.core.manifest import ExportDir
 
         export_dir = Path(export_dir)
         path = export_dir / entry["onnx"]
@@ -142,7 +130,9 @@ class OpenVinoBackend(Backend):
                              hint="run fp8 exports with --backend tensorrt, or export int8/fp16/fp32 for OpenVINO")
         config = self.compile_config()
         if self.cache:
-            folder = self.prepare_cache(export_dir, manifest if manifest is not None else read_manifest(export_dir))
+            if manifest is None:
+                manifest = ExportDir(export_dir, check="none").manifest
+            folder = self.prepare_cache(export_dir, manifest)
             if folder is not None:
                 config["CACHE_DIR"] = str(folder)
         try:
@@ -165,10 +155,10 @@ def compile_cache(export_dir: Path, progress=log.info) -> None:
     so the first dfosd-trt-run imports blobs instead of compiling."""
     import time
 
-    from dfosd.core.manifest import read_manifest
+    from dfosd.core.manifest import ExportDir
 
     backend = OpenVinoBackend()
-    manifest = read_manifest(export_dir)
+    manifest = ExportDir(export_dir, check="none").manifest
     for entry in manifest["components"].values():
         t0 = time.perf_counter()
         backend.load(export_dir, entry, ComponentContract.from_dict(entry["contract"]), manifest=manifest)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from dfosd.core.errors import DfosdError
-from dfosd.core.onestep import COMPONENTS
+from dfosd.core.vocab import COMPONENTS
 
 CPU_CANDIDATES = ("onnxruntime", "openvino")
 TIMING_WARMUP = 1
@@ -96,7 +96,7 @@ def parse_backend_spec(spec: str) -> str | dict[str, str]:
         names[part] = name
     if set(names) != set(COMPONENTS):
         raise DfosdError(f"--backend {spec!r} names {', '.join(names)}; a per-part list names every part",
-                         hint=f"e.g. encoder=openvino,unet=onnxruntime,decoder=openvino")
+                         hint="e.g. encoder=openvino,unet=onnxruntime,decoder=openvino")
     return names
 
 
@@ -113,7 +113,8 @@ def cpu_candidates() -> list[str]:
 
 
 def time_parts(loaders: dict[str, Callable[[str], object]], contracts: dict, part: str, *,
-               warmup: int = TIMING_WARMUP, repeats: int = TIMING_REPEATS) -> tuple[dict[str, object], dict[str, float]]:
+               warmup: int = TIMING_WARMUP,
+               repeats: int = TIMING_REPEATS) -> tuple[dict[str, object], dict[str, float]]:
     """Load ``part`` with every backend in ``loaders``, time them interleaved on the same CPU
     buffers, and return the engines and their median ms."""
     import torch

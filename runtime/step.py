@@ -14,10 +14,8 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-from dfosd.core.contracts import ComponentContract
-from dfosd.core.errors import DfosdError
-from dfosd.core.manifest import files_intact, read_manifest
-from dfosd.core.onestep import COMPONENTS
+from dfosd.core.manifest import ExportDir
+from dfosd.core.vocab import COMPONENTS
 
 log = logging.getLogger(__name__)
 
@@ -29,19 +27,13 @@ class OneStepRunner:
 
     def __init__(self, export_dir: str | Path, *, backend: str | dict = "auto", batch: int | None = None,
                  cuda_graph: bool = True, say: Callable[[str], None] = log.info, remeasure: bool = False):
-        from dfosd.export.artifacts import components_for_batch
-
-        self.export_dir = Path(export_dir)
+        self.export = ExportDir(export_dir)
+        self.export_dir = self.export.path
         self._cuda_graph = cuda_graph
-        self.manifest = read_manifest(self.export_dir)
-        bad = files_intact(self.export_dir, self.manifest.get("files", {}), quick=True)
-        if bad:
-            raise DfosdError(f"{self.export_dir}: {', '.join(bad)} missing or changed since export",
-                             hint="re-run dfosd-export into this directory")
-        batches = self.manifest["batches"]
-        self.batch = int(batch if batch is not None else max(batches))
-        self.entries = components_for_batch(self.manifest, self.batch)
-        self.contracts = {n: ComponentContract.from_dict(self.entries[n]["contract"]) for n in COMPONENTS}
+        self.manifest = self.export.manifest
+        self.batch = int(batch if batch is not None else max(self.export.batches))
+        self.entries = self.export.entries(self.batch)
+        self.contracts = self.export.contracts(self.batch)
         per_part, self.engines, self.plan = self._resolve(backend, say, remeasure)
         for name in COMPONENTS:
             if name not in self.engines:
@@ -71,7 +63,8 @@ class OneStepRunner:
             return {p: instances[spec[p]] for p in COMPONENTS}, {}, plan
         cls, why = select_backend(spec)
         single = cls()
-        candidates = cpu_candidates() if spec == "auto" and single.name == "onnxruntime" and single.device == "cpu" else []
+        cpu_auto = spec == "auto" and single.name == "onnxruntime" and single.device == "cpu"
+        candidates = cpu_candidates() if cpu_auto else []
         if len(candidates) < 2:
             plan = BackendPlan({p: single.name for p in COMPONENTS}, why)
             self.backend_reason = why
@@ -93,15 +86,14 @@ class OneStepRunner:
                      plan) -> "OneStepRunner":
         """A runner over engines already loaded elsewhere (the bench's per-part row reuses the
         single-backend runners' engines instead of loading every part a second time)."""
-        from dfosd.export.artifacts import components_for_batch
-
         self = cls.__new__(cls)
-        self.export_dir = Path(export_dir)
+        self.export = ExportDir(export_dir, check="none")  # the engines' own loads checked the files
+        self.export_dir = self.export.path
         self._cuda_graph = True
-        self.manifest = read_manifest(self.export_dir)
+        self.manifest = self.export.manifest
         self.batch = int(batch)
-        self.entries = components_for_batch(self.manifest, self.batch)
-        self.contracts = {n: ComponentContract.from_dict(self.entries[n]["contract"]) for n in COMPONENTS}
+        self.entries = self.export.entries(self.batch)
+        self.contracts = self.export.contracts(self.batch)
         self.engines = {n: parts[n][1] for n in COMPONENTS}
         self.plan = plan
         self.backend_reason = f"{plan.reason}: {plan.summary()}"
@@ -123,15 +115,15 @@ class OneStepRunner:
 
     @property
     def tile(self) -> int:
-        return int(self.manifest["tile"])
+        return self.export.tile
 
     @property
     def scale(self) -> int:
-        return int(self.manifest["upscale"])
+        return self.export.upscale
 
     @property
     def precision(self) -> str:
-        return str(self.manifest["precision"])
+        return self.export.precision
 
     def run_chain(self) -> None:
         for name in COMPONENTS:

@@ -6,8 +6,16 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 
 from conftest import TILE
+
+
+@pytest.fixture(autouse=True)
+def one_backend_thread(monkeypatch):
+    """Tiny graphs on a shared 2-core machine: two spinning threads wait on each other under
+    load (seconds per call instead of milliseconds), one thread does not."""
+    monkeypatch.setenv("DFOSD_THREADS", "1")
 
 
 def _mtimes(folder):

@@ -17,13 +17,20 @@ from click.testing import CliRunner
 
 from conftest import TILE
 
-needs_openvino = pytest.mark.skipif(
-    __import__("importlib").util.find_spec("openvino") is None, reason="openvino not installed (pip install 'dfosd[openvino]')")
+needs_openvino = pytest.mark.skipif(__import__("importlib").util.find_spec("openvino") is None,
+                                    reason="openvino not installed (pip install 'dfosd[openvino]')")
 
 
 @pytest.fixture(scope="module")
 def lr_tile(photo_lr):
     return photo_lr[None, :, :TILE, :TILE].contiguous()
+
+
+@pytest.fixture(autouse=True)
+def one_backend_thread(monkeypatch):
+    """Tiny graphs on a shared 2-core machine: two spinning threads wait on each other under
+    load (seconds per call instead of milliseconds), one thread does not."""
+    monkeypatch.setenv("DFOSD_THREADS", "1")
 
 
 def _quiet(_msg):
@@ -191,3 +198,16 @@ def test_fp8_exports_are_refused_with_the_reason(tmp_path):
     with pytest.raises(DfosdError, match="FP8") as info:
         OpenVinoBackend().load(tmp_path, {"onnx": "unet_b1.onnx", "precision": "fp8"}, None)
     assert "tensorrt" in info.value.hint
+
+
+def test_thread_count_from_the_environment(monkeypatch):
+    from dfosd.core.errors import DfosdError
+    from dfosd.engines.machine import cpu_threads, physical_cores
+    from dfosd.engines.onnxruntime_backend import OnnxRuntimeBackend
+
+    assert OnnxRuntimeBackend("cpu").threads == 1 == cpu_threads()  # the autouse fixture's DFOSD_THREADS=1
+    monkeypatch.delenv("DFOSD_THREADS")
+    assert cpu_threads() == physical_cores() >= 1
+    monkeypatch.setenv("DFOSD_THREADS", "two")
+    with pytest.raises(DfosdError, match="DFOSD_THREADS='two' is not a thread count"):
+        cpu_threads()
