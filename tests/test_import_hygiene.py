@@ -29,9 +29,13 @@ def test_import_package_is_light():
     ("dfosd.cli", ["export"]),
     ("dfosd.cli", ["run"]),
     ("dfosd.cli", ["bench"]),
+    ("dfosd.cli", ["verify"]),
+    ("dfosd.cli", ["gpu-bench"]),
     ("dfosd.export.cli", []),
     ("dfosd.runtime.cli", []),
     ("dfosd.bench.cli", []),
+    ("dfosd.bench.gpu_bench", []),
+    ("dfosd.bench.verify", []),
 ])
 def test_help_is_light(module, args):
     body = (f"import importlib; from click.testing import CliRunner\n"
