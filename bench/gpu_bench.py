@@ -7,7 +7,7 @@ Rows (each at every tile batch of ``--batches``, 512² output tiles with the def
 - ``compile``: ``torch.compile(mode="max-autotune")`` of the eager fp16 pipeline (the
   whole ``OneStepSR``; max-autotune includes inductor's CUDA graphs). Compile time is
   reported; only at ``--compile-batches`` (default 1) because each shape recompiles.
-- ``aoti``: our AOTInductor packages (``export/aoti.py``) run by ``OneStepRunner``:
+- ``aoti``: our AOTInductor packages (``engines/aoti_build.py``) run by ``OneStepRunner``:
   fp16, the whole chain in ONE CUDA graph, and the same packages without the graph.
 - ``onnxruntime``: ``OneStepRunner`` on the fp16 ONNX export, only when onnxruntime's
   CUDA execution provider is present (onnxruntime-gpu); otherwise a skipped row says why.
@@ -55,6 +55,7 @@ import click
 
 from dfosd.core.cli_support import parse_int_list, say, setup_logging, user_errors
 from dfosd.core.errors import DfosdError
+from dfosd.core.vocab import FLOAT_PRECISIONS
 
 # Row kinds, in the order they run (here, not in gpu_harness, so that --help and the
 # config need no torch).
@@ -93,8 +94,8 @@ class GpuBenchConfig:
             problems.append("--repeats/--tiled-repeats must be >= 1 and --warmup >= 0")
         if self.tiled_size % 4 or self.tiled_size < 4 * self.tile:
             problems.append(f"--tiled-size {self.tiled_size}: a multiple of 4, at least 4 x --tile")
-        if self.aoti_precision not in (None, "fp32", "fp16"):
-            problems.append(f"--aoti-precision {self.aoti_precision}: fp32 or fp16")
+        if self.aoti_precision is not None and self.aoti_precision not in FLOAT_PRECISIONS:
+            problems.append(f"--aoti-precision {self.aoti_precision}: one of {', '.join(FLOAT_PRECISIONS)}")
         if problems:
             raise DfosdError("; ".join(problems))
         object.__setattr__(self, "batches", tuple(sorted(set(self.batches))))
@@ -117,7 +118,7 @@ class GpuBenchConfig:
 @click.option("--rows", default=",".join(ROW_KINDS), show_default=True, help="Row kinds to run, comma-separated.")
 @click.option("--compile-batches", default="1", show_default=True)
 @click.option("--compile-mode", default="max-autotune", show_default=True)
-@click.option("--aoti-precision", type=click.Choice(["fp32", "fp16"]), default=None,
+@click.option("--aoti-precision", type=click.Choice(FLOAT_PRECISIONS), default=None,
               help="Default: fp16 on CUDA, fp32 on the CPU.")
 @click.option("--aoti-max-autotune", is_flag=True)
 @click.option("--tiled-size", default=2048, show_default=True, type=int, help="Output side of the tiled row.")

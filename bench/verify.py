@@ -28,11 +28,14 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
 from dfosd.core.errors import DfosdError
+
+if TYPE_CHECKING:
+    from dfosd.core.manifest import ExportDir
 
 REFERENCES = ("auto", "tensorrt", "eager")
 ERROR_STATS = ("elemwise", "max", "mean", "median")
@@ -140,21 +143,21 @@ def choose_reference(reference: str) -> str:
     return reference
 
 
-def eager_model(manifest: dict, export_dir: Path, say: Callable[[str], None]):
+def eager_model(export: "ExportDir", say: Callable[[str], None]):
     """The fp32 eager model of the base and checkpoint this export was made from."""
     from dfosd.core.bases import load_base
     from dfosd.core.checkpoint import read_checkpoint
     from dfosd.core.onestep import build_onestep
 
-    inputs = manifest["inputs"]
+    inputs = export.manifest["inputs"]
     ckpt_path = Path(inputs["checkpoint"])
     if not ckpt_path.is_file():
-        raise DfosdError(f"{export_dir}: its checkpoint {ckpt_path} is gone, so there is no eager reference",
+        raise DfosdError(f"{export.path}: its checkpoint {ckpt_path} is gone, so there is no eager reference",
                          hint="put the checkpoint back, or verify on a machine with TensorRT (--against tensorrt)")
     ckpt = read_checkpoint(ckpt_path)
     if ckpt.sha256 != inputs["checkpoint_sha256"]:
-        raise DfosdError(f"{ckpt_path} changed since {export_dir} was exported from it",
-                         hint=f"re-export: dfosd export --ckpt {ckpt_path} --out {export_dir}")
+        raise DfosdError(f"{ckpt_path} changed since {export.path} was exported from it",
+                         hint=f"re-export: dfosd export --ckpt {ckpt_path} --out {export.path}")
     say(f"eager reference: {inputs['base']} + {ckpt_path} (fp32)")
     base = load_base(inputs["base"])
     return build_onestep(base, ckpt, copy_unet=False)  # the base is ours alone
@@ -182,6 +185,7 @@ def part_runners(reference: str, onnx_path: Path, part, contract, device: str):
 
 def compare_part(runners, feed: OrderedDict, tolerances: dict[str, Tolerance]):
     """Polygraphy runs both runners on ``feed`` and compares; returns (passed, per-output stats, outputs)."""
+    import numpy as np
     from polygraphy.comparator import CompareFunc, Comparator
     from polygraphy.exception import PolygraphyException
 
@@ -190,7 +194,8 @@ def compare_part(runners, feed: OrderedDict, tolerances: dict[str, Tolerance]):
         func = CompareFunc.simple(atol={k: t.atol for k, t in tolerances.items()},
                                   rtol={k: t.rtol for k, t in tolerances.items()},
                                   check_error_stat={k: t.stat for k, t in tolerances.items()})
-        accuracy = Comparator.compare_accuracy(results, compare_func=func)
+        with np.errstate(divide="ignore", invalid="ignore"):  # relative error against a zero pixel: NaN, by design
+            accuracy = Comparator.compare_accuracy(results, compare_func=func)
     except PolygraphyException as exc:
         raise DfosdError(f"Polygraphy could not run or compare {runners[0].name} and {runners[1].name}: {exc}") from exc
     stats = {}
@@ -205,55 +210,45 @@ def compare_part(runners, feed: OrderedDict, tolerances: dict[str, Tolerance]):
     return bool(accuracy), stats, OrderedDict((k, v.copy()) for k, v in iterations[0].items())
 
 
-def open_export(export_dir: str | Path) -> tuple[Path, dict]:
-    """The export's manifest, after checking that its files are the ones it was written with."""
-    from dfosd.core.manifest import files_intact, read_manifest
+def open_export(export_dir: str | Path) -> "ExportDir":
+    """The export directory, its files checked against its manifest; contracts-only ones refused."""
+    from dfosd.core.manifest import ExportDir
 
-    export_dir = Path(export_dir)
-    manifest = read_manifest(export_dir)
-    bad = files_intact(export_dir, manifest.get("files", {}), quick=True)
-    if bad:
-        raise DfosdError(f"{export_dir}: {', '.join(bad)} missing or changed since export",
-                         hint="re-run dfosd export into this directory")
-    if any(c.get("placeholder") for c in manifest["components"].values()):
-        raise DfosdError(f"{export_dir} is a contracts-only export (GPU bench): it holds no ONNX graphs to verify",
+    export = ExportDir(export_dir)
+    if any(c.get("placeholder") for c in export.manifest["components"].values()):
+        raise DfosdError(f"{export.path} is a contracts-only export (GPU bench): it holds no ONNX graphs to verify",
                          hint="verify a directory written by dfosd export")
-    return export_dir, manifest
+    return export
 
 
-def check_tensorrt_ops(export_dir: Path, manifest: dict) -> dict[str, Any]:
+def check_tensorrt_ops(export: "ExportDir") -> dict[str, Any]:
     """Every ONNX graph of the export against TensorRT's ONNX parser (``engines/onnx_parser_ops.py``)."""
-    from dfosd.engines.onnx_parser_ops import check_export_dir
+    from dfosd.engines.onnx_parser_ops import check_export
 
-    files = check_export_dir(export_dir, sorted(c["onnx"] for c in manifest["components"].values()))
+    files = check_export(export)
     return {"files": files, "passed": not any(files.values())}
 
 
-def compare_parts(export_dir: Path, manifest: dict, *, against: str = "auto", atol: float | None = None,
+def compare_parts(export: "ExportDir", *, against: str = "auto", atol: float | None = None,
                   rtol: float | None = None, check_error_stat: str | None = None,
                   batches: tuple[int, ...] | None = None, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Compare every part of every tile batch (or of ``batches``) through Polygraphy."""
     import math
 
-    from dfosd.core.contracts import ComponentContract
-    from dfosd.core.onestep import COMPONENTS
-    from dfosd.export.artifacts import components_for_batch
-
     reference = choose_reference(against)
-    per_batch = {b: components_for_batch(manifest, b) for b in batches or manifest["batches"]}  # before any load
-    model = eager_model(manifest, export_dir, say) if reference == "eager" else None
+    per_batch = {b: (export.entries(b), export.contracts(b)) for b in batches or export.batches}  # before any load
+    model = eager_model(export, say) if reference == "eager" else None
     parts = []
-    for batch, entries in per_batch.items():
+    for batch, (entries, contracts) in per_batch.items():
         feed = None
-        for name in COMPONENTS:
+        for name, contract in contracts.items():
             entry = entries[name]
-            contract = ComponentContract.from_dict(entry["contract"])
             if feed is None:
-                feed = first_inputs(contract, int(manifest["tile"]))
+                feed = first_inputs(contract, export.tile)
             tolerances = {s.name: tolerance_for(reference, entry["precision"], s.dtype, atol=atol, rtol=rtol,
                                                 stat=check_error_stat) for s in contract.outputs}
             say(f"== {contract.stem} ({entry['precision']}): onnxruntime vs {reference}")
-            runners = part_runners(reference, export_dir / entry["onnx"], model.part(name) if model else None,
+            runners = part_runners(reference, export.file(entry["onnx"]), model.part(name) if model else None,
                                    contract, "cpu")
             passed, stats, outputs = compare_part(runners, feed, tolerances)
             finite = all(math.isfinite(v) for st in stats.values() for v in (st["max_absdiff"], st["mean_absdiff"]))
@@ -268,11 +263,11 @@ def compare_parts(export_dir: Path, manifest: dict, *, against: str = "auto", at
 
 def verify_export(export_dir: str | Path, *, compare: bool = True, **compare_options) -> dict[str, Any]:
     """The TensorRT parser check and (unless ``compare`` is False) the part comparison, in one report."""
-    export_dir, manifest = open_export(export_dir)
-    report: dict[str, Any] = {"export_dir": str(export_dir), "precision": manifest["precision"],
-                              "tensorrt_ops": check_tensorrt_ops(export_dir, manifest)}
+    export = open_export(export_dir)
+    report: dict[str, Any] = {"export_dir": str(export.path), "precision": export.precision,
+                              "tensorrt_ops": check_tensorrt_ops(export)}
     if compare:
-        report["comparison"] = compare_parts(export_dir, manifest, **compare_options)
+        report["comparison"] = compare_parts(export, **compare_options)
     report["passed"] = report["tensorrt_ops"]["passed"] and report.get("comparison", {}).get("passed", True)
     return report
 

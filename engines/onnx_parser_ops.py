@@ -24,6 +24,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dfosd.core.manifest import ExportDir
 
 PARSER_OPS_FILE = Path(__file__).resolve().parent / "data" / "onnx-parser-ops-10.1.txt"
 OPSET_RANGE = (9, 20)
@@ -172,7 +176,7 @@ def check_onnx_file(path: str | Path) -> list[str]:
     return [f"{path.name}: {p}" for p in problems]
 
 
-def check_export_dir(export_dir: str | Path, onnx_files: list[str]) -> dict[str, list[str]]:
-    """Problems per ONNX file of an export directory (files named by its manifest)."""
-    export_dir = Path(export_dir)
-    return {name: check_onnx_file(export_dir / name) for name in onnx_files}
+def check_export(export: "ExportDir") -> dict[str, list[str]]:
+    """Problems per ONNX graph of an export directory (every part of every tile batch)."""
+    names = sorted(entry["onnx"] for entry in export.manifest["components"].values())
+    return {name: check_onnx_file(export.file(name)) for name in names}

@@ -86,14 +86,25 @@ def calib_dir(tmp_path_factory):
 def export_8bit(tiny_ckpt, calib_dir, out, precision="int8", float_precision="fp32", quantize="unet,vae-enc,vae-dec"):
     from dfosd.export.artifacts import ExportConfig, export_checkpoint
 
-    cfg = ExportConfig(precision=precision, float_precision=float_precision, tile=TILE, calib_data=str(calib_dir),
-                       calib_count=CALIB_COUNT, quantize=quantize)
+    cfg = ExportConfig.from_options(precision=precision, float_precision=float_precision, tile=TILE,
+                                    calib_data=str(calib_dir), calib_count=CALIB_COUNT, quantize=quantize)
     return export_checkpoint(tiny_ckpt, TINY, out, cfg, progress=print)
 
 
 @pytest.fixture(scope="session")
 def int8_export(tiny_ckpt, calib_dir, tmp_path_factory):
-    return export_8bit(tiny_ckpt, calib_dir, tmp_path_factory.mktemp("int8")).out_dir
+    # One torch thread, like the calibration tests (a session fixture is set up before their
+    # one_torch_thread): calibration's float reductions follow the thread count, and the
+    # fake-quantized reference calibrated in test_tensorrt_inputs_match_eager_torch then has
+    # the very amax values and SmoothQuant-scaled weights this export was made with.
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return export_8bit(tiny_ckpt, calib_dir, tmp_path_factory.mktemp("int8")).out_dir
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

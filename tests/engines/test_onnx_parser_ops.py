@@ -1,45 +1,35 @@
-"""`dfosd verify`: TensorRT's ONNX-parser check on every precision, and Polygraphy's comparator.
+"""TensorRT's ONNX-parser check (engines/onnx_parser_ops.py) on every precision and on bad graphs.
 
-The parser check runs on the session's tiny exports of every precision (fp32, fp16, int8,
-fp8), and on small hand-made graphs that break one rule each, so a check that flags
-nothing cannot pass. The comparison runs ONNX Runtime against the eager PyTorch parts
-(TensorRT is not installable here) through Polygraphy, on the tiny fp32/fp16 exports.
+The check runs on the session's tiny exports of every precision (fp32, fp16, int8, fp8: the
+shared fixtures, no extra export) and on small hand-made graphs that break one rule each, so a
+check that flags nothing cannot pass.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-SHARED_OPS = Path(__file__).resolve().parents[1].parent / "shared" / "tensorrt-api" / "onnx-parser-ops-10.1.txt"
-
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _verify(*args):
-    from dfosd.bench.verify import main
-
-    return CliRunner().invoke(main, [str(a) for a in args])
+SHARED_OPS = Path(__file__).resolve().parents[2].parent / "shared" / "tensorrt-api" / "onnx-parser-ops-10.1.txt"
 
 
 @pytest.mark.parametrize("fixture", ["tiny_export_fp32", "tiny_export_fp16", "int8_export", "fp8_export"])
 def test_every_precision_passes_the_tensorrt_parser_check(fixture, request):
-    from dfosd.bench.verify import check_tensorrt_ops, open_export
-    from dfosd.engines.onnx_parser_ops import parser_ops
+    import onnx
 
-    export_dir, manifest = open_export(request.getfixturevalue(fixture))
-    ops = check_tensorrt_ops(export_dir, manifest)
-    assert ops["passed"], ops["files"]
-    assert sorted(ops["files"]) == sorted(c["onnx"] for c in manifest["components"].values())
-    if manifest["precision"] in ("int8", "fp8"):  # the Q/DQ rules were exercised, not skipped
-        import onnx
+    from dfosd.core.manifest import ExportDir
+    from dfosd.core.vocab import QUANT_PRECISIONS
+    from dfosd.engines.onnx_parser_ops import check_export, parser_ops
 
-        used = {n.op_type for f in ops["files"] for n in onnx.load(str(export_dir / f), load_external_data=False).graph.node}
-        assert {"QuantizeLinear", "DequantizeLinear"} <= used <= parser_ops()
+    export = ExportDir(request.getfixturevalue(fixture))
+    problems = check_export(export)
+    assert sorted(problems) == sorted(c["onnx"] for c in export.manifest["components"].values())
+    assert not any(problems.values()), problems
+    used = {n.op_type for f in problems for n in onnx.load(str(export.file(f)), load_external_data=False).graph.node}
+    assert used <= parser_ops()
+    if export.precision in QUANT_PRECISIONS:  # the Q/DQ rules were exercised, not skipped
+        assert {"QuantizeLinear", "DequantizeLinear"} <= used
 
 
 def test_parser_op_list_ships_with_dfosd_and_matches_shared():
@@ -118,47 +108,3 @@ def test_parser_check_flags_what_tensorrt_refuses(case, expected, tmp_path):
     assert all(p.startswith(f"{case}.onnx: ") for p in problems)
     if case == "resize":
         assert any("cubic resize scales an axis before the last 2" in p for p in problems), problems
-
-
-def test_verify_fp32_against_eager_passes_with_polygraphys_report(tiny_export_fp32, tmp_path):
-    report_path = tmp_path / "verify.json"
-    r = _verify(tiny_export_fp32, "--batch", "1", "--against", "eager", "--report", report_path)
-    assert r.exit_code == 0, r.output
-    assert "PASSED" in r.output and "Accuracy Summary" in r.output  # Polygraphy's own report
-    report = json.loads(report_path.read_text())
-    comp = report["comparison"]
-    assert report["passed"] and comp["reference"] == "eager" and report["tensorrt_ops"]["passed"]
-    assert [p["stem"] for p in comp["parts"]] == ["encoder_b1", "unet_b1", "decoder_b1"]
-    latent = comp["parts"][1]["outputs"]["denoised_latent"]
-    assert 0 < latent["max_absdiff"] < 1e-3  # two real implementations: close, not bit-identical
-    image = comp["parts"][2]["outputs"]["sr_image"]
-    assert image["max_absdiff"] <= 2 and comp["parts"][2]["tolerances"]["sr_image"]["stat"] == "max"
-
-
-def test_verify_exit_code_tells_a_failed_comparison(tiny_export_fp16):
-    # fp16 against eager fp32 cannot meet a zero tolerance on the maximum error.
-    r = _verify(tiny_export_fp16, "--against", "eager", "--atol", "0", "--rtol", "0", "--check-error-stat", "max", "-q")
-    assert r.exit_code == 1, r.output
-    assert "FAILED" in r.output.splitlines()[-1]
-    assert "[E] Accuracy Summary" in r.output  # Polygraphy reports the failure, even with --quiet,
-    assert "Activating and starting inference" not in r.output  # but not its progress
-
-
-def test_verify_refuses_what_it_cannot_verify(tiny_export_fp32, tiny_base, tmp_path):
-    from dfosd.core.checkpoint import write_random_checkpoint
-
-    r = _verify(tmp_path)
-    assert r.exit_code == 2 and "manifest.json" in r.output
-    copy = Path(shutil.copytree(tiny_export_fp32, tmp_path / "copy"))
-    manifest = json.loads((copy / "manifest.json").read_text())
-    # the manifest names a checkpoint whose bytes are not the ones exported
-    manifest["inputs"]["checkpoint"] = str(write_random_checkpoint(tmp_path / "moved.safetensors", tiny_base, seed=7))
-    (copy / "manifest.json").write_text(json.dumps(manifest))
-    r = _verify(copy, "--against", "eager", "--batch", "1")
-    assert r.exit_code == 2 and "moved.safetensors changed since" in r.output, r.output
-    r = _verify(copy, "--against", "eager", "--batch", "3")
-    assert r.exit_code == 2 and "no tile batch 3" in r.output, r.output
-    assert _verify(copy, "--tensorrt-ops-only").exit_code == 0  # no model needed for the parser check
-    (copy / "unet_b1.onnx").write_bytes(b"not the exported graph")
-    r = _verify(copy, "--tensorrt-ops-only")
-    assert r.exit_code == 2 and "unet_b1.onnx" in r.output and "changed since export" in r.output
