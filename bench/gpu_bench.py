@@ -41,10 +41,13 @@ eager models, references, AOTI builds), ``gpu_rows`` (the rows), ``gpu_report`` 
 Markdown, plot); measuring and result files are shared with ``dfosd bench`` through
 ``measure`` and ``results``.
 
-CPU smoke test (tiny model, a minute or two)::
+CPU smoke test (tiny model; on our shared 2-core machine eager+aoti+onnxruntime took 5 min,
+mostly compiling the AOTI packages, and adding the 256² tiled row made it 25 min)::
 
     python -m dfosd.bench.gpu_bench --base synthetic:tiny --tile 32 --batches 1 \\
-        --rows eager,aoti,tiled --tiled-size 256 --warmup 1 --repeats 3 --work /tmp/gb
+        --rows eager,aoti,onnxruntime --warmup 1 --repeats 3 --work /tmp/gb
+
+``dfosd gpu-bench`` is the same command.
 """
 
 from __future__ import annotations
