@@ -7,6 +7,7 @@ check itself is tested in tests/engines/test_onnx_parser_ops.py.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -52,6 +53,9 @@ def test_verify_refuses_what_it_cannot_verify(tiny_export_fp32, tiny_base, tmp_p
 
     r = _verify(tmp_path)
     assert r.exit_code == 2 and "manifest.json" in r.output
+    if importlib.util.find_spec("tensorrt") is None:
+        r = _verify(tiny_export_fp32, "--against", "tensorrt")
+        assert r.exit_code == 2 and "tensorrt package does not import" in r.output
     copy = Path(shutil.copytree(tiny_export_fp32, tmp_path / "copy"))
     manifest = json.loads((copy / "manifest.json").read_text())
     # the manifest names a checkpoint whose bytes are not the ones exported
