@@ -15,8 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
-from dfosd.core.errors import DfosdError
-from dfosd.runtime.images import ImageInputError
+from dfosd.core.errors import DfosdError, ImageInputError
 from dfosd.core.vocab import IMAGE_IN, IMAGE_OUT
 
 PROTOCOLS = ("http", "grpc")

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import pytest
 
-CPP = Path(__file__).resolve().parents[1] / "serving" / "cpp"
-API = Path(__file__).resolve().parent / "data" / "tensorrt-api"  # copy of shared/tensorrt-api
+CPP = Path(__file__).resolve().parents[2] / "serving" / "cpp"
+API = Path(__file__).resolve().parents[1] / "data" / "tensorrt-api"  # copy of shared/tensorrt-api
 TILE, BATCH = 16, 2
 HAVE_TOOLS = all(shutil.which(t) for t in ("cmake", "make", "c++"))
 needs_tools = pytest.mark.skipif(not HAVE_TOOLS, reason="needs cmake, make and a C++ compiler")

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # The project's copy of shared/tensorrt-api (checked against it below when shared/ is beside the repo).
-API_DIR = Path(__file__).resolve().parent / "data" / "tensorrt-api"
+API_DIR = Path(__file__).resolve().parents[1] / "data" / "tensorrt-api"
 SHARED_API_DIR = REPO.parent / "shared" / "tensorrt-api"
 VERSIONS = ("tensorrt-v10.16.txt", "tensorrt-v11.1.txt")
 SOURCES = sorted((REPO / "engines").glob("tensorrt_*.py"))
