@@ -297,6 +297,10 @@ def test_cpp_runner_takes_the_largest_batch_and_checks_the_packages(cpp_runner, 
         m["batches"] = [1, BATCH]
 
     _edit(export / "manifest.json", add_batch_1)
+    # the encoder's package under a name written with \u escapes, a surrogate pair too: the reader decodes them
+    aoti = export / "manifest.aoti.json"
+    (export / f"\u00e9\U0001f600_b{BATCH}.cpu.pt2").symlink_to(stand_in_export / f"encoder_b{BATCH}.cpu.pt2")
+    aoti.write_text(aoti.read_text().replace(f'"encoder_b{BATCH}.cpu.pt2"', f'"\\u00e9\\ud83d\\ude00_b{BATCH}.cpu.pt2"'))
     img = _images()[0]
     _write_ppm(tmp_path / "in.ppm", img)
     run = subprocess.run([str(exe), "aoti", "--engines", str(export), str(tmp_path / "in.ppm"),

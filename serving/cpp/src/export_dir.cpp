@@ -38,7 +38,7 @@ std::string shell_quote(const std::string& s) {
   return q + "'";
 }
 
-std::string list(const std::vector<int>& v) {
+std::string bracketed(const std::vector<int>& v) {
   std::string s = "[";
   for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
   return s + "]";
@@ -167,21 +167,18 @@ ExportChain read_export(const std::string& dir, int batch) {
 
   const Field components = m["components"];
   std::map<int, std::vector<std::string>> stems;  // tile batch -> its parts' manifest keys
-  for (const std::string& stem : components.keys()) {
-    components[stem]["component"].str();
-    stems[positive_int(components[stem]["batch"])].push_back(stem);
-  }
+  for (const std::string& stem : components.keys()) stems[positive_int(components[stem]["batch"])].push_back(stem);
   if (stems.empty()) components.fail("lists no parts (an unfinished export? re-run dfosd-export)");
   for (const auto& [b, s] : stems) chain.batches.push_back(b);
   std::vector<int> listed;
   for (int64_t b : m["batches"].integers()) listed.push_back(static_cast<int>(b));
   std::sort(listed.begin(), listed.end());
   if (listed != chain.batches)
-    m["batches"].fail("lists tile batches " + list(listed) + " but components has parts for " + list(chain.batches));
+    m["batches"].fail("lists tile batches " + bracketed(listed) + " but components has parts for " + bracketed(chain.batches));
 
   chain.batch = batch == 0 ? chain.batches.back() : batch;
   if (!stems.count(chain.batch)) {
-    throw Error(path + ": the export has no tile batch " + std::to_string(batch) + " (it has " + list(chain.batches) +
+    throw Error(path + ": the export has no tile batch " + std::to_string(batch) + " (it has " + bracketed(chain.batches) +
                 "); pass --batch " + std::to_string(chain.batches.back()) + ", or re-export with --batch " +
                 std::to_string(batch));
   }
