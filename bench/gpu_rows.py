@@ -109,7 +109,7 @@ def run_aoti(b: GpuBench) -> None:
                  "channels_last": res.build["channels_last"], "max_autotune": res.build["max_autotune"]}
         if b.cuda:
             m = time_runs(lambda: runner(x), warmup=b.cfg.warmup, repeats=b.cfg.repeats)
-            captured = runner._graph is not None and runner._use_graph
+            captured = runner.graph_captured
             b.row(graph_id, f"aoti {prec} (one CUDA graph)", kind="engine", precision=prec, batch=batch,
                      out_side=4 * b.cfg.tile, m=m, ref=ref, mem=b.memory.read(), cuda_graph=captured,
                      **extra, **({} if captured else {"note": "capture failed: ran without the graph"}))
