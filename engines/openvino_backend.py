@@ -1,9 +1,10 @@
 """OpenVINO backend (CPU): the exported ONNX files as they are, compiled once and cached.
 
 - Reads ``<part>_b<batch>.onnx`` directly (OpenVINO's ONNX frontend): fp32 and fp16 exports,
-  and the int8 Q/DQ exports (QuantizeLinear/DequantizeLinear become FakeQuantize, which
-  the CPU plugin runs as int8 where the ISA has int8 dot products). FP8 Q/DQ exports are
-  refused with the reason (see ``load``): the ONNX frontend does not take float8 Q/DQ.
+  and the 8-bit Q/DQ exports, int8 and fp8 (E4M3) alike. Measured on the tiny model
+  (tests/engines/test_openvino.py): the same parity against eager fp32 as ONNX Runtime
+  within 1 dB (int8 31.7 vs 31.9 dB, fp8 25.4 vs 25.6 dB), not the same pixels: the two
+  runtimes round the quantized arithmetic differently.
 - Compiled with OpenVINO's model cache in ``<export>/openvino-cache``: the first load
   compiles and writes a blob per part, later loads import it. The cache is recorded in
   the manifest (``runtime.openvino_cache``) with the OpenVINO version, the CPU model, its
@@ -125,9 +126,6 @@ class OpenVinoBackend(Backend):
 
         export_dir = Path(export_dir)
         path = export_dir / entry["onnx"]
-        if entry.get("precision") == "fp8":
-            raise DfosdError(f"{path}: OpenVINO's ONNX frontend does not take FP8 (float8e4m3) Q/DQ graphs",
-                             hint="run fp8 exports with --backend tensorrt, or export int8/fp16/fp32 for OpenVINO")
         config = self.compile_config()
         if self.cache:
             if manifest is None:
