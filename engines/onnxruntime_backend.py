@@ -90,6 +90,10 @@ class OnnxRuntimeBackend(Backend):
         opts.log_severity_level = 3  # fp16 graphs on the CPU EP warn per node; errors still raise
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1  # one chain of parts, run sequentially: no parallel branches to feed
+        # ORT's idle workers spin-wait for the next op by default. Between runs they then burn the
+        # cores the next part needs when that part runs on another runtime (per-part backends) or
+        # in another process (a shared machine): blocking costs a wake-up per op, microseconds.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return opts
 
     def optimized_record(self, manifest: dict) -> dict:
