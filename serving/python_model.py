@@ -24,7 +24,8 @@ import traceback
 from pathlib import Path
 
 from dfosd.serving.triton_repo import IMAGE_IN, IMAGE_OUT
-from dfosd.serving.upscale_service import RequestError, UpscaleRequest, UpscaleService, parse_overlap
+from dfosd.serving.upscale_service import (RequestError, UpscaleRequest, UpscaleService, parse_overlap,
+                                            parse_parameters)
 
 
 def config_parameters(model_config: dict) -> dict[str, str]:
@@ -75,7 +76,7 @@ class TritonPythonModel:
             raise RequestError(f"the request has no input named {IMAGE_IN}")
         images = torch.from_dlpack(tensor.to_dlpack())
         raw = request.parameters() if hasattr(request, "parameters") else "{}"
-        params = json.loads(raw or "{}")
+        params = parse_parameters(raw)
         return UpscaleRequest(images, params.get("layout"),
                               parse_overlap(params.get("overlap"), self.service.default_tiling.overlap))
 

@@ -19,12 +19,22 @@ Process handling:
   that Ctrl-C in a terminal reaches us (not it) and we can shut it down in order: SIGTERM,
   wait for in-flight requests (``exit_timeout``), then SIGKILL whatever is left of the
   group (the backend stubs are its children). A killed ``dfosd-serve`` takes the server
-  with it.
+  with it;
+- the work folder (repository, backend links) is a fresh temp folder with an owner file
+  (pid + process start time). ``kill -9`` leaves it behind, so each start removes the
+  folders whose owner is gone: what dfosd-serve writes does not pile up, and a folder
+  without our owner file is never touched. ``--repo DIR`` writes the repository there
+  only when ``DIR`` is new, empty or an earlier dfosd repository, and never replaces a
+  model folder dfosd did not write;
+- a backend stub that dies (killed, out of memory) leaves tritonserver answering "ready"
+  while every request fails, so ``stub_problem`` watches the stubs' pids and the caller
+  restarts the server (``dfosd-serve --max-restarts``) or exits non-zero.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -119,6 +129,12 @@ def venv_site_dirs() -> tuple[str, ...]:
     return tuple(d for d in site.getsitepackages() if own in Path(d).resolve().parents)
 
 
+def pythonpath_dirs() -> tuple[str, ...]:
+    """This process's PYTHONPATH, absolute: the stub's embedded Python does not read the variable
+    (observed: a PYTHONPATH checkout of dfosd was ignored and the installed one served)."""
+    return tuple(str(Path(d).resolve()) for d in os.environ.get("PYTHONPATH", "").split(os.pathsep) if d)
+
+
 def _set_parent_death_signal() -> None:
     """In the child before exec: get SIGTERM when the parent dies (Linux prctl)."""
     try:
@@ -151,7 +167,7 @@ class ServeOptions:
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"          # no authentication: all interfaces only when asked (--host 0.0.0.0)
     max_batch: int = 8
     timeout_s: float = 0.0          # queue timeout per request (0: none)
     max_queue_delay_us: int = 2000
@@ -169,6 +185,46 @@ class ServeOptions:
     extra_args: list[str] = field(default_factory=list)
 
 
+WORK_PREFIX = "dfosd-serve-"
+OWNER_FILE = "dfosd-serve-owner.json"
+
+
+def process_start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (field 22 of /proc/pid/stat), None if it is gone or a zombie.
+    With the pid it names one process: a pid reused by another process has another start time."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == "Z" else fields[19]
+
+
+def make_work_dir(parent: Path | None = None) -> Path:
+    work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX, dir=parent))
+    owner = {"pid": os.getpid(), "start_time": process_start_time(os.getpid())}
+    (work / OWNER_FILE).write_text(json.dumps(owner) + "\n")
+    return work
+
+
+def sweep_stale_work_dirs(parent: Path | None = None) -> list[Path]:
+    """Remove the work folders of dfosd-serve processes that no longer run (killed with SIGKILL).
+
+    Only folders named ``dfosd-serve-*`` holding our owner file are candidates; a folder whose
+    owner file is unreadable, or whose owner still runs, stays."""
+    removed = []
+    for work in Path(parent or tempfile.gettempdir()).glob(WORK_PREFIX + "*"):
+        try:
+            owner = json.loads((work / OWNER_FILE).read_text())
+            pid, started = int(owner["pid"]), owner["start_time"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if started is not None and process_start_time(pid) == started:
+            continue  # its dfosd-serve still runs
+        shutil.rmtree(work, ignore_errors=True)
+        removed.append(work)
+    return removed
+
+
 class TritonServer:
     """One tritonserver process serving dfosd's Python model; use as a context manager."""
 
@@ -177,8 +233,8 @@ class TritonServer:
         self.dist = find_tritonserver()
         self.proc: subprocess.Popen | None = None
         self._work: Path | None = None
-        self._own_work = False
         self._log_handle = None
+        self._stubs: dict[int, str | None] = {}  # backend stub pid -> start time, once ready
 
     # -- setup
 
@@ -193,7 +249,7 @@ class TritonServer:
             name=o.model_name, kinds=("python",), link="symlink", backend=o.backend, tile_batch=o.tile_batch,
             overlap=o.overlap, max_batch=o.max_batch, max_queue_delay_us=o.max_queue_delay_us,
             queue_timeout_s=o.timeout_s, max_pixels=o.max_pixels or DEFAULT_MAX_PIXELS, instances=o.instances,
-            python_device=kind, site_dirs=venv_site_dirs()), force=o.repo is not None)
+            python_device=kind, site_dirs=venv_site_dirs(), path_dirs=pythonpath_dirs()))
         return repo
 
     def _backend_dir(self, work: Path) -> Path:
@@ -243,12 +299,10 @@ class TritonServer:
         return self.http_url.rsplit(":", 1)[0] + f":{self.opts.metrics_port}/metrics"
 
     def start(self) -> "TritonServer":
-        if self.opts.repo is None:
-            self._work = Path(tempfile.mkdtemp(prefix="dfosd-serve-"))
-            self._own_work = True
-        else:
-            self._work = Path(self.opts.repo).parent / f".{Path(self.opts.repo).name}.dfosd-serve"
-            self._work.mkdir(parents=True, exist_ok=True)
+        for stale in sweep_stale_work_dirs():
+            log.info("removed %s, left by a dfosd-serve that was killed", stale)
+        self._work = make_work_dir()
+        self._stubs = {}
         try:
             repo = self._write_repository(self._work)
             backends = self._backend_dir(self._work)
@@ -286,6 +340,7 @@ class TritonServer:
                 raise DfosdError(f"tritonserver exited during start-up (exit code {code}):\n{self._log_tail()}",
                                  hint="check the engines directory and the model's log lines above")
             if http_status(url) == 200:
+                self._stubs = {pid: process_start_time(pid) for pid in self.pids() if pid != self.proc.pid}
                 return
             time.sleep(0.25)
         self.stop()
@@ -295,6 +350,21 @@ class TritonServer:
     def pids(self) -> list[int]:
         """tritonserver and everything in its process group (the backend stubs)."""
         return [] if self.proc is None else group_pids(self.proc.pid)
+
+    def problem(self) -> str | None:
+        """Why the server cannot serve any more (None: it can, as far as we can see).
+
+        tritonserver exited, or a backend stub seen at start-up is gone: Triton keeps answering
+        ready after a stub dies (observed: 82 s of 500s, tritonserver 2.51), so its health
+        endpoints cannot tell."""
+        if self.proc is None:
+            return "tritonserver is not running"
+        if self.proc.poll() is not None:
+            return f"tritonserver exited by itself (exit code {self.proc.returncode})"
+        for pid, started in self._stubs.items():
+            if process_start_time(pid) != started:
+                return f"the model's backend stub (pid {pid}) died"
+        return None
 
     def stop(self) -> int | None:
         """SIGTERM, wait for the graceful exit, then SIGKILL the group's leftovers. Idempotent."""
@@ -322,7 +392,7 @@ class TritonServer:
         if self._log_handle is not None:
             self._log_handle.close()
             self._log_handle = None
-        if self._work is not None and self._own_work:
+        if self._work is not None:
             shutil.rmtree(self._work, ignore_errors=True)
             self._work = None
         return code
