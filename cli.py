@@ -9,6 +9,7 @@ class LazyGroup(click.Group):
     """Subcommands import their stage only when run, so ``dfosd --help`` loads no torch."""
 
     _commands = {
+        "checkpoint": ("dfosd.core.checkpoint_cli", "main", "Make a test checkpoint: dfosd checkpoint random --out F."),
         "export": ("dfosd.export.cli", "main", "Export a checkpoint to ONNX (and engines)."),
         "run": ("dfosd.runtime.cli", "main", "Upscale images with exported engines."),
         "bench": ("dfosd.bench.cli", "main", "Compare eager PyTorch with the engines."),

@@ -124,7 +124,9 @@ def read_checkpoint(path: str | Path) -> DfosdCheckpoint:
     path = Path(path)
     fix = "pass the lora.safetensors written by dfosd-train (or dfosd.core.checkpoint.write_checkpoint)"
     if not path.is_file():
-        raise DfosdError(f"checkpoint {path} does not exist", hint=fix)
+        raise DfosdError(f"checkpoint {path} does not exist",
+                         hint=f"{fix}; to try the pipeline, make a test one: "
+                              "dfosd checkpoint random --base synthetic:tiny --out lora.safetensors")
     if path.suffix != ".safetensors":
         raise DfosdError(f"checkpoint {path} is not a .safetensors file (pickled checkpoints are not loaded)", hint=fix)
     try:
