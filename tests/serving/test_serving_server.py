@@ -322,7 +322,7 @@ def test_listens_on_loopback_only_by_default(server):
     """Issue 12.11: no --host given (ServeProcess passes none): every port is bound to 127.0.0.1."""
     from dfosd.serving.serve import ServeOptions
 
-    assert ServeOptions(engines=Path(".")).host == "127.0.0.1"
+    assert ServeOptions(export_dir=Path(".")).host == "127.0.0.1"
     bound = {}
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
