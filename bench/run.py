@@ -15,8 +15,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from dfosd.core.checkpoint import check_checkpoint_file
 from dfosd.core.errors import DfosdError
 from dfosd.core.vocab import FLOAT_PRECISIONS, PRECISIONS, QUANT_PRECISIONS
+from dfosd.engines.base import BACKENDS
 
 if TYPE_CHECKING:
     from dfosd.export.artifacts import ExportConfig
@@ -46,10 +48,21 @@ class BenchConfig:
         bad = [p for p in self.precisions if p not in PRECISIONS]
         if bad:
             problems.append(f"--precisions {','.join(bad)}: choose from {', '.join(PRECISIONS)}")
+        unknown = [b for b in self.backends if b not in BACKENDS]
+        if unknown or not self.backends:
+            problems.append(f"--backends {','.join(unknown) or '(none)'}: choose from {', '.join(BACKENDS)}")
+        if not self.precisions:
+            problems.append(f"--precisions: give at least one of {', '.join(PRECISIONS)}")
+        if self.tile < 1 or self.batch < 1:
+            problems.append("--tile and --batch must be >= 1")
+        if self.calib_data is not None and not Path(self.calib_data).is_dir():
+            problems.append(f"--calib-data {self.calib_data}: no such folder")
         if self.float_precision not in FLOAT_PRECISIONS:
             problems.append(f"--float-precision {self.float_precision!r}: choose one of {', '.join(FLOAT_PRECISIONS)}")
         if problems:
             raise DfosdError("; ".join(problems))
+        if self.ckpt is not None:
+            check_checkpoint_file(self.ckpt)
 
     def export_config(self, precision: str, calib_dir: Path | None) -> "ExportConfig":
         from dfosd.export.artifacts import ExportConfig
@@ -135,6 +148,11 @@ def bench_inputs(tile: int, batch: int):
 
 
 def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
+    from dfosd.engines.base import select_backend
+
+    for backend in cfg.backends:  # an unusable backend (tensorrt not installed) fails before any export
+        select_backend(backend)
+
     import torch
 
     from dfosd.bench.measure import time_runs

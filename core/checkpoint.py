@@ -117,18 +117,28 @@ def _parse_metadata(meta: Mapping[str, str] | None, problems: list[str]) -> Chec
         return None
 
 
+CHECKPOINT_FIX = "pass the lora.safetensors written by dfosd-train (or dfosd.core.checkpoint.write_checkpoint)"
+
+
+def check_checkpoint_file(path: str | Path) -> Path:
+    """The cheap checks (the file is there, it is .safetensors), before anything is imported or loaded."""
+    path = Path(path)
+    if not path.is_file():
+        raise DfosdError(f"checkpoint {path} does not exist",
+                         hint=f"{CHECKPOINT_FIX}; to try the pipeline, make a test one: "
+                              "dfosd checkpoint random --base synthetic:tiny --out lora.safetensors")
+    if path.suffix != ".safetensors":
+        raise DfosdError(f"checkpoint {path} is not a .safetensors file (pickled checkpoints are not loaded)",
+                         hint=CHECKPOINT_FIX)
+    return path
+
+
 def read_checkpoint(path: str | Path) -> DfosdCheckpoint:
     """Read and check a checkpoint's own consistency (the base is checked by validate_checkpoint)."""
     from safetensors import SafetensorError, safe_open
 
-    path = Path(path)
-    fix = "pass the lora.safetensors written by dfosd-train (or dfosd.core.checkpoint.write_checkpoint)"
-    if not path.is_file():
-        raise DfosdError(f"checkpoint {path} does not exist",
-                         hint=f"{fix}; to try the pipeline, make a test one: "
-                              "dfosd checkpoint random --base synthetic:tiny --out lora.safetensors")
-    if path.suffix != ".safetensors":
-        raise DfosdError(f"checkpoint {path} is not a .safetensors file (pickled checkpoints are not loaded)", hint=fix)
+    path = check_checkpoint_file(path)
+    fix = CHECKPOINT_FIX
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()

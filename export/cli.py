@@ -20,7 +20,7 @@ from dfosd.engines.base import BACKEND_CHOICES
                    "calibrated on --calib-data (needs dfosd[quant]).")
 @click.option("--float-precision", type=click.Choice(FLOAT_PRECISIONS), default=None,
               help="int8/fp8: precision of the parts not quantized and of the ops left in float. [default: fp16]")
-@click.option("--calib-data", type=click.Path(file_okay=False), default=None,
+@click.option("--calib-data", type=click.Path(exists=True, file_okay=False), default=None,
               help="int8/fp8: folder of LR photos; cut into --tile tiles and run through the pipeline to calibrate.")
 @click.option("--calib-count", default=64, show_default=True, type=int, help="int8/fp8: calibration tiles.")
 @click.option("--quantize", "quantize", default="unet,vae-enc,vae-dec", show_default=True,
@@ -43,13 +43,15 @@ def main(ckpt, base, precision, float_precision, calib_data, calib_count, quanti
          batches, opset, backend, force, verbose):
     """Export a DFOSD checkpoint to static-shape ONNX (and engines) for dfosd-trt-run."""
     setup_logging(verbose)
-    from dfosd.core.checkpoint import read_checkpoint
+    from dfosd.core.checkpoint import check_checkpoint_file, read_checkpoint
     from dfosd.engines.base import select_backend
     from dfosd.export.artifacts import ExportConfig, export_checkpoint
 
+    # Cheap checks first (issue 12.13): options and files, before any heavy import or work.
     cfg = ExportConfig.from_options(precision=precision, tile=tile, batches=parse_int_list(batches, "--batch"),
                                     opset=opset, float_precision=float_precision, calib_data=calib_data,
                                     calib_count=calib_count, quantize=quantize, conv_calibration=conv_calibration)
+    check_checkpoint_file(ckpt)
     backend_cls, why = select_backend(backend)
     say(why)
     if base is None:

@@ -79,6 +79,10 @@ def main(inputs, export_dir, out_dir, backend, batch, tile, overlap, color_fix, 
     super-resolved); 16-bit inputs are written as 8-bit; EXIF orientation is applied.
     """
     setup_logging(verbose)
+    if server is None:  # no export there: a clear error now, not after seconds of imports (issue 12.13)
+        from dfosd.core.manifest import ExportDir
+
+        ExportDir(export_dir, check="none")
     from tqdm import tqdm
 
     from dfosd.core.errors import DfosdError
@@ -90,8 +94,9 @@ def main(inputs, export_dir, out_dir, backend, batch, tile, overlap, color_fix, 
     pairs, problems = collect_inputs(inputs)
     for p in problems:
         say(f"error: {p}")
-    if not pairs and not problems:
-        raise DfosdError("no input images found", hint="pass image files, folders or glob patterns")
+    if not pairs:  # nothing to upscale: say so before loading any engine (issue 12.13)
+        raise DfosdError("no input images found" + (f" ({'; '.join(problems)})" if problems else ""),
+                         hint="pass image files, folders or glob patterns")
     if server is not None:
         from dfosd.serving.client import local_only_options, remote_runner
 
