@@ -15,9 +15,10 @@ from dfosd.engines.base import BACKEND_CHOICES
 @click.option("--base", default=None,
               help="Base model: diffusers dir, hub id, single file, synthetic:tiny or synthetic:sd21-base. "
                    "Default: the checkpoint's base_model.")
-@click.option("--precision", type=click.Choice(PRECISIONS), default="fp16", show_default=True,
-              help="fp16: fp16 graph with fp32 pre/post-processing and x0 step. int8/fp8: ModelOpt Q/DQ graphs "
-                   "calibrated on --calib-data (needs dfosd[quant]).")
+@click.option("--precision", type=click.Choice(("auto",) + PRECISIONS), default="auto", show_default=True,
+              help="auto: fp16 where the chosen backend runs it fast (TensorRT, CUDA), fp32 for a CPU (printed "
+                   "with the reason). fp16: fp16 graph with fp32 pre/post-processing and x0 step. int8/fp8: "
+                   "ModelOpt Q/DQ graphs calibrated on --calib-data (needs dfosd[quant]).")
 @click.option("--float-precision", type=click.Choice(FLOAT_PRECISIONS), default=None,
               help="int8/fp8: precision of the parts not quantized and of the ops left in float. [default: fp16]")
 @click.option("--calib-data", type=click.Path(exists=True, file_okay=False), default=None,
@@ -44,16 +45,23 @@ def main(ckpt, base, precision, float_precision, calib_data, calib_count, quanti
     """Export a DFOSD checkpoint to static-shape ONNX (and engines) for dfosd-trt-run."""
     setup_logging(verbose)
     from dfosd.core.checkpoint import check_checkpoint_file, read_checkpoint
-    from dfosd.engines.base import select_backend
+    from dfosd.engines.base import auto_precision, select_backend
     from dfosd.export.artifacts import ExportConfig, export_checkpoint
 
     # Cheap checks first (issue 12.13): options and files, before any heavy import or work.
-    cfg = ExportConfig.from_options(precision=precision, tile=tile, batches=parse_int_list(batches, "--batch"),
-                                    opset=opset, float_precision=float_precision, calib_data=calib_data,
-                                    calib_count=calib_count, quantize=quantize, conv_calibration=conv_calibration)
+    def config(precision):
+        return ExportConfig.from_options(precision=precision, tile=tile, batches=parse_int_list(batches, "--batch"),
+                                         opset=opset, float_precision=float_precision, calib_data=calib_data,
+                                         calib_count=calib_count, quantize=quantize, conv_calibration=conv_calibration)
+
+    cfg = config("fp32" if precision == "auto" else precision)  # the options are checked either way
     check_checkpoint_file(ckpt)
     backend_cls, why = select_backend(backend)
     say(why)
+    if precision == "auto":
+        precision, reason = auto_precision(backend_cls)
+        say(f"precision auto: {precision}, because {reason}")
+        cfg = config(precision)
     if base is None:
         base = read_checkpoint(ckpt).metadata.base_model
         say(f"base: {base} (from the checkpoint's metadata)")
