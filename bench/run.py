@@ -86,6 +86,8 @@ class Row:
     psnr_db: float | None
     max_abs_diff: float | None
     runs_ms: list[float] = field(default_factory=list)
+    spread_pct: float = 0.0  # (max - min) / median of the runs
+    speedup_range: list[float] = field(default_factory=list)  # per-round eager fp32 / this: min, median, max
 
 
 def machine_description() -> dict:
@@ -148,6 +150,8 @@ def bench_inputs(tile: int, batch: int):
 
 
 def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
+    """Exports first, then every candidate (eager and each engine) loaded together and timed in
+    interleaved rounds (``time_interleaved``): their medians and per-round ratios are comparable."""
     from dfosd.engines.base import select_backend
 
     for backend in cfg.backends:  # an unusable backend (tensorrt not installed) fails before any export
@@ -155,7 +159,7 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
 
     import torch
 
-    from dfosd.bench.measure import time_runs
+    from dfosd.bench.measure import NOISY_SPREAD, ratio_range, spread, time_interleaved
     from dfosd.core.bases import load_base
     from dfosd.core.checkpoint import read_checkpoint, write_random_checkpoint
     from dfosd.core.metrics import max_abs_diff, psnr_uint8
@@ -165,53 +169,16 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
 
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    say(f"loading base {cfg.base}")
-    base = load_base(cfg.base)
     ckpt_path = Path(cfg.ckpt) if cfg.ckpt else work / "lora.safetensors"
     if not cfg.ckpt and not ckpt_path.exists():
-        write_random_checkpoint(ckpt_path, base, rank=16, alpha=16)
+        say(f"loading base {cfg.base}")
+        write_random_checkpoint(ckpt_path, load_base(cfg.base), rank=16, alpha=16)
         say(f"wrote a synthetic checkpoint {ckpt_path} (random LoRA: it does not super-resolve)")
-    ckpt = read_checkpoint(ckpt_path)
-    x = bench_inputs(cfg.tile, cfg.batch)
-    cuda = torch.cuda.is_available()
-    dev = "cuda" if cuda else "cpu"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    rows: list[Row] = []
-
-    def add(name, backend, precision, device, timing, out, ref):
-        med = timing.median_ms
-        rows.append(Row(name, backend, precision, device, round(med, 3), round(timing.p90_ms, 3),
-                        round(cfg.batch * 1000.0 / med, 4),
-                        None if ref is None else round(psnr_uint8(out, ref), 3),
-                        None if ref is None else max_abs_diff(out, ref), [round(t, 3) for t in timing.runs_ms]))
-        r = rows[-1]
-        say(f"  {name:<28} median {r.median_ms:10.1f} ms  p90 {r.p90_ms:10.1f} ms  "
-            f"{r.images_per_s:8.3f} img/s  psnr {r.psnr_db}")
-
-    eager_precisions = ["fp32"] + (["fp16"] if cuda else [])
-    ref = None
-    for prec in eager_precisions:
-        dtype = torch.float32 if prec == "fp32" else torch.float16
-        say(f"eager PyTorch {prec} on {dev}")
-        model = build_onestep(base, ckpt, dtype=dtype).to(dev)
-        xin = x.to(dev)
-        out = None
-
-        def eager():
-            nonlocal out
-            with torch.inference_mode():
-                out = model(xin)
-
-        timing = time_runs(eager, warmup=cfg.warmup, repeats=cfg.repeats, sync=sync)
-        out = out.cpu().numpy()
-        if ref is None:
-            ref = out
-        add(f"eager PyTorch {prec}", "torch", prec, dev, timing, out, ref)
-        del model
         gc.collect()
-    del base  # each export loads its own: two full-size bases at once pushed the fp16 export out of memory
-    gc.collect()
+    ckpt = read_checkpoint(ckpt_path)
 
+    # Exports before the eager model exists: each loads its own base (two full-size bases at once
+    # pushed the fp16 export out of memory).
     exports = {}
     calib_dir = Path(cfg.calib_data) if cfg.calib_data else None
     for prec in cfg.precisions:
@@ -223,38 +190,83 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
                                 progress=say)
         exports[prec] = res.out_dir
         gc.collect()
+
+    say(f"loading base {cfg.base}")
+    base = load_base(cfg.base)
+    x = bench_inputs(cfg.tile, cfg.batch)
+    cuda = torch.cuda.is_available()
+    dev = "cuda" if cuda else "cpu"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    candidates = {}  # name -> (backend, precision, device, fn returning the uint8 output as numpy)
+    for prec in ["fp32"] + (["fp16"] if cuda else []):
+        model = build_onestep(base, ckpt, dtype=torch.float32 if prec == "fp32" else torch.float16).to(dev)
+        xin = x.to(dev)
+
+        def eager(model=model, xin=xin):
+            with torch.inference_mode():
+                return model(xin)
+
+        candidates[f"eager PyTorch {prec}"] = ("torch", prec, dev, eager)
+    del base
+    gc.collect()
     for backend in cfg.backends:
         for prec, folder in exports.items():
             runner = OneStepRunner(folder, backend=backend, batch=cfg.batch, say=say)
-            out = None
-
-            def engine():
-                nonlocal out
-                out = runner(x)
-
-            timing = time_runs(engine, warmup=cfg.warmup, repeats=cfg.repeats, sync=sync)
-            add(f"{runner.backend.name} {prec}", runner.backend.name, prec, runner.backend.device, timing,
-                out.numpy(), ref)
-            del runner
-            gc.collect()
+            candidates[f"{runner.backend.name} {prec}"] = (runner.backend.name, prec, runner.backend.device,
+                                                           lambda runner=runner: runner(x))
+    outputs = {name: c[3]().cpu().numpy() for name, c in candidates.items()}  # parity, and a first warm-up
+    say(f"timing {len(candidates)} candidates in {cfg.repeats} interleaved rounds (warm-up {cfg.warmup})")
+    timings = time_interleaved({name: c[3] for name, c in candidates.items()}, warmup=cfg.warmup,
+                               repeats=cfg.repeats, sync=sync)
+    ref_name = "eager PyTorch fp32"
+    ref = outputs[ref_name]
+    rows: list[Row] = []
+    warnings: list[str] = []
+    for name, (backend, prec, device, _) in candidates.items():
+        t = timings[name]
+        lo, mid, hi = ratio_range(timings[ref_name], t)
+        r = Row(name, backend, prec, device, round(t.median_ms, 3), round(t.p90_ms, 3),
+                round(cfg.batch * 1000.0 / t.median_ms, 4),
+                None if name == ref_name else round(psnr_uint8(outputs[name], ref), 3),
+                None if name == ref_name else max_abs_diff(outputs[name], ref), [round(v, 3) for v in t.runs_ms],
+                round(100 * spread(t), 1), [round(lo, 3), round(mid, 3), round(hi, 3)])
+        rows.append(r)
+        say(f"  {name:<28} median {r.median_ms:10.1f} ms  runs {min(t.runs_ms):.1f}-{max(t.runs_ms):.1f} ms "
+            f"(spread {r.spread_pct:.0f} %)  {r.images_per_s:8.3f} img/s  psnr {r.psnr_db}")
+        if spread(t) > NOISY_SPREAD:
+            warnings.append(f"{name}: its {len(t.runs_ms)} runs disagree by {100 * spread(t):.0f} % "
+                            f"({min(t.runs_ms):.1f} to {max(t.runs_ms):.1f} ms): the machine was busy or throttling, "
+                            "so the speed-ups below are not a property of the engines; rerun with more --repeats "
+                            "on an idle machine")
+    for w in warnings:
+        say(f"warning: {w}")
     return {
         "machine": machine_description(),
         "config": asdict(cfg),
         "output_shape": list(ref.shape),
         "reference": "eager PyTorch fp32",
+        "timing": f"interleaved: {cfg.repeats} rounds, one run of each candidate per round, order rotated",
         "rows": [asdict(r) for r in rows],
+        "warnings": warnings,
     }
 
 
 def markdown_table(result: dict) -> str:
     eager = next(r for r in result["rows"] if r["name"] == "eager PyTorch fp32")
-    lines = ["| engine | device | median ms | p90 ms | images/s | speed-up vs eager fp32 | PSNR vs eager fp32 (dB) | max abs diff |",
+    lines = ["| engine | device | median ms | runs min-max ms (spread) | images/s | speed-up vs eager fp32 "
+             "(per-round range) | PSNR vs eager fp32 (dB) | max abs diff |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         psnr = "reference" if r is eager else ("inf" if r["psnr_db"] == float("inf") else f"{r['psnr_db']:.1f}")
         mad = "" if r is eager else f"{r['max_abs_diff']:.0f}"
-        lines.append(f"| {r['name']} | {r['device']} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} | "
-                     f"{r['images_per_s']:.3f} | {eager['median_ms'] / r['median_ms']:.2f}x | {psnr} | {mad} |")
+        runs = r.get("runs_ms") or [r["median_ms"]]
+        speedup = f"{eager['median_ms'] / r['median_ms']:.2f}x"
+        if r is not eager and r.get("speedup_range"):
+            speedup += f" ({r['speedup_range'][0]:.2f}-{r['speedup_range'][2]:.2f})"
+        lines.append(f"| {r['name']} | {r['device']} | {r['median_ms']:.1f} | {min(runs):.1f}-{max(runs):.1f} "
+                     f"({r.get('spread_pct', 0):.0f} %) | {r['images_per_s']:.3f} | {speedup} | {psnr} | {mad} |")
+    for w in result.get("warnings", []):
+        lines.append(f"\n**Warning:** {w}")
     return "\n".join(lines)
 
 
@@ -294,7 +306,8 @@ def write_outputs(result: dict, out_dir: Path) -> dict[str, Path]:
     m = result["machine"]
     header = (f"Machine: {m.get('gpu') or m['cpu']} ({m['cpu_count']} cores, torch {m['torch']}, "
               f"{m['torch_threads']} threads). Output {result['output_shape']}, warm-up "
-              f"{result['config']['warmup']}, {result['config']['repeats']} timed runs.\n\n")
+              f"{result['config']['warmup']}, {result['config']['repeats']} timed runs "
+              f"({result.get('timing', 'one candidate after the other')}).\n\n")
     write_text_atomic(paths["md"], header + table + "\n")
     plot(result, paths["png"])
     return paths
