@@ -35,6 +35,8 @@ def _ignore_signals(handlers: dict) -> None:
               help="Most requests the dynamic batcher hands to the model at once.")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(0), default=0.0, show_default=True,
               help="Seconds a request may wait in the queue before it is rejected (0: no limit).")
+@click.option("--request-timeout", "request_timeout_s", type=click.FloatRange(min=0, min_open=True), default=600.0,
+              show_default=True, help="Seconds after which a request that is not done fails (with the reason).")
 @click.option("--max-queue-delay-us", type=click.IntRange(0), default=2000, show_default=True,
               help="How long the batcher waits for more requests to batch.")
 @click.option("--backend", type=click.Choice(("auto", "onnxruntime", "tensorrt", "aoti")), default="auto",
@@ -55,7 +57,8 @@ def _ignore_signals(handlers: dict) -> None:
 @click.option("--log-file", type=click.Path(dir_okay=False), default=None, help="Server log (default: this terminal).")
 @click.option("-v", "--verbose", is_flag=True, help="Verbose server log.")
 @user_errors
-def main(export_dir, http_port, grpc_port, metrics_port, host, max_batch, timeout_s, max_queue_delay_us, backend,
+def main(export_dir, http_port, grpc_port, metrics_port, host, max_batch, timeout_s, request_timeout_s,
+         max_queue_delay_us, backend,
          tile_batch, overlap, max_pixels, instances, repo, startup_timeout, exit_timeout, max_restarts, log_file,
          verbose):
     """Serve the exported engines through Triton Inference Server (HTTP + gRPC).
@@ -72,6 +75,7 @@ def main(export_dir, http_port, grpc_port, metrics_port, host, max_batch, timeou
 
     opts = ServeOptions(export_dir=Path(export_dir), http_port=http_port, grpc_port=grpc_port,
                         metrics_port=metrics_port, host=host, max_batch=max_batch, timeout_s=timeout_s,
+                        request_timeout_s=request_timeout_s,
                         max_queue_delay_us=max_queue_delay_us, backend=backend, tile_batch=tile_batch,
                         overlap=overlap, max_pixels=max_pixels, instances=instances,
                         repo=Path(repo) if repo else None, startup_timeout_s=startup_timeout,

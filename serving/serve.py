@@ -170,6 +170,7 @@ class ServeOptions:
     host: str = "127.0.0.1"          # no authentication: all interfaces only when asked (--host 0.0.0.0)
     max_batch: int = 8
     timeout_s: float = 0.0          # queue timeout per request (0: none)
+    request_timeout_s: float = 600.0  # the model fails a request not done this long after it arrived
     max_queue_delay_us: int = 2000
     backend: str = "auto"
     tile_batch: int | None = None
@@ -248,7 +249,7 @@ class TritonServer:
         write_repository(o.export_dir, repo, RepoOptions(
             name=o.model_name, kinds=("python",), link="symlink", backend=o.backend, tile_batch=o.tile_batch,
             overlap=o.overlap, max_batch=o.max_batch, max_queue_delay_us=o.max_queue_delay_us,
-            queue_timeout_s=o.timeout_s, max_pixels=o.max_pixels or DEFAULT_MAX_PIXELS, instances=o.instances,
+            queue_timeout_s=o.timeout_s, request_timeout_s=o.request_timeout_s, max_pixels=o.max_pixels or DEFAULT_MAX_PIXELS, instances=o.instances,
             python_device=kind, site_dirs=venv_site_dirs(), path_dirs=pythonpath_dirs()))
         return repo
 

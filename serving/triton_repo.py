@@ -59,7 +59,8 @@ class RepoOptions:
     overlap: int | None = None      # default: tile / 4
     max_batch: int = 8              # requests per execute() call (Triton's dynamic batcher)
     max_queue_delay_us: int = 2000
-    queue_timeout_s: float = 0.0    # 0: a request may wait in the queue indefinitely
+    queue_timeout_s: float = 0.0    # 0: a request may wait in Triton's queue indefinitely (it is short: see scheduler)
+    request_timeout_s: float = 600.0  # the Python model fails a request not done this long after it arrived
     max_pixels: int = DEFAULT_MAX_PIXELS
     instances: int = 1
     python_device: str = "cpu"      # instance kind of the Python model (GPU: one instance per GPU)
@@ -84,6 +85,8 @@ class RepoOptions:
             problems.append(f"--max-pixels {self.max_pixels}: must be >= 1")
         if self.instances < 1:
             problems.append(f"--instances {self.instances}: must be >= 1")
+        if self.request_timeout_s <= 0:
+            problems.append(f"--request-timeout {self.request_timeout_s}: must be > 0")
         if self.queue_timeout_s < 0:
             problems.append(f"--timeout {self.queue_timeout_s}: must be >= 0 (0: no limit)")
         if problems:
@@ -174,7 +177,8 @@ def python_model_parameters(manifest: dict, opts: RepoOptions, tile_batch: int) 
     return {"engines": "engines", "backend": opts.backend, "tile_batch": str(tile_batch),
             "overlap": str(overlap), "max_pixels": str(opts.max_pixels), "tile": str(tile),
             "scale": str(int(manifest["upscale"])), "precision": str(manifest.get("precision", "")),
-            "export_build_key": str(manifest.get("build_key", ""))}
+            "export_build_key": str(manifest.get("build_key", "")),
+            "request_timeout_s": f"{opts.request_timeout_s:g}"}
 
 
 def python_config(model: str, params: dict[str, str], opts: RepoOptions) -> dict:
