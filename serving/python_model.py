@@ -2,9 +2,11 @@
 
 Runs inside Triton's backend stub process (``triton_python_backend_utils`` exists only
 there, hence the imports inside methods). The model directory's ``config.pbtxt``
-parameters say where the engines are and how to tile (see ``triton_repo``); the requests of
-a dynamic batch are served together by ``UpscaleService.upscale_many``, which pools their
-tiles into the engine's tile batches.
+parameters say where the engines are and how to tile (see ``triton_repo``). ``execute``
+hands its requests to a ``FairTileScheduler`` (serving/scheduler.py) and returns at once;
+the scheduler's thread runs tile batches filled round-robin across all pending requests and
+answers each request through its response sender, so a small request is not starved behind
+a big one, and requests time out (``request_timeout_s``) instead of waiting without end.
 
 Tensors cross the stub boundary through DLPack (torch), never through
 ``pb_utils.Tensor(name, ndarray)`` / ``as_numpy()``: the stub that PyPI's

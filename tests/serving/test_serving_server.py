@@ -318,6 +318,27 @@ def test_bad_json_parameters_are_400_and_unparsable_bodies_do_not_hurt(server):
     assert status(f"{server.http_url}/v2/health/ready") == 200
 
 
+def test_small_request_is_served_while_a_big_one_runs(server, local):
+    """Issue 12.10 through the real server: a 1-tile request sent while a maximal one (this server's
+    --max-pixels: 96x96, 16 tiles) runs comes back first, exact, and the big one is exact too."""
+    big, small = image(96, 96, 50), image(16, 16, 51)
+    done = {}
+
+    def send(name, img):
+        t0 = time.monotonic()
+        out = http_infer(server.http_url, img.permute(1, 2, 0).numpy()[None])
+        done[name] = (time.monotonic(), time.monotonic() - t0, out)
+
+    t = threading.Thread(target=send, args=("big", big))
+    t.start()
+    time.sleep(0.3)  # the big one is being tiled by now
+    send("small", small)
+    t.join(timeout=300)
+    assert done["small"][0] < done["big"][0], (done["small"][1], done["big"][1])
+    np.testing.assert_array_equal(done["small"][2][0], local(small).permute(1, 2, 0).numpy())
+    np.testing.assert_array_equal(done["big"][2][0], local(big).permute(1, 2, 0).numpy())
+
+
 def test_listens_on_loopback_only_by_default(server):
     """Issue 12.11: no --host given (ServeProcess passes none): every port is bound to 127.0.0.1."""
     from dfosd.serving.serve import ServeOptions
