@@ -151,10 +151,12 @@ def _watch(server, max_restarts: int) -> None:
 @click.option("--max-pixels", type=click.IntRange(1), default=None)
 @click.option("--timeout", "timeout_s", type=click.FloatRange(0), default=0.0, show_default=True,
               help="Python model: queue timeout per request in seconds (0: none).")
+@click.option("--request-timeout", "request_timeout_s", type=click.FloatRange(min=0, min_open=True), default=600.0,
+              show_default=True, help="Python model: seconds after which a request that is not done fails.")
 @click.option("--force", is_flag=True, help="Write into a non-empty folder not made by this command.")
 @user_errors
 def triton_repo_main(export_dir, out_dir, kinds, name, device, python_device, link, backend, tile_batch, overlap,
-                     max_batch, max_pixels, timeout_s, force):
+                     max_batch, max_pixels, timeout_s, request_timeout_s, force):
     """Write a Triton model repository (config.pbtxt + model files) from an export directory."""
     setup_logging(False)
     from dfosd.serving.triton_repo import DEFAULT_MAX_PIXELS, KINDS, RepoOptions, write_repository
@@ -163,6 +165,7 @@ def triton_repo_main(export_dir, out_dir, kinds, name, device, python_device, li
     opts = RepoOptions(name=name, kinds=chosen, device=device, python_device=python_device, link=link,
                        backend=backend, tile_batch=tile_batch, overlap=overlap, max_batch=max_batch,
                        max_pixels=max_pixels or DEFAULT_MAX_PIXELS, queue_timeout_s=timeout_s,
+                       request_timeout_s=request_timeout_s,
                        tensorrt_required=kinds is not None and "tensorrt" in chosen)
     result = write_repository(export_dir, out_dir, opts, force=force)
     for model, what in result.models.items():
