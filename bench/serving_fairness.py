@@ -29,7 +29,7 @@ def _infer(url: str, array):
     return seconds, list(out.as_numpy("sr_image").shape)
 
 
-def measure(url: str, big_side: int = 1024) -> dict:
+def measure(url: str, big_side: int = 1024, delay_s: float = 3.0) -> dict:
     import numpy as np
 
     rng = np.random.default_rng(0)
@@ -39,7 +39,7 @@ def measure(url: str, big_side: int = 1024) -> dict:
     result = {}
     worker = threading.Thread(target=lambda: result.setdefault("big", _infer(url, big)))
     worker.start()
-    time.sleep(3.0)
+    time.sleep(delay_s)
     during = []
     while worker.is_alive() and len(during) < 10:
         during.append(_infer(url, small)[0])
@@ -47,8 +47,9 @@ def measure(url: str, big_side: int = 1024) -> dict:
     worker.join()
     return {"url": url, "big_side": big_side, "small_side": 16, "idle_small_s": idle,
             "small_while_big_runs_s": during, "big_s": result["big"][0], "big_output_shape": result["big"][1],
-            "idle_small_median_s": statistics.median(idle), "small_while_big_median_s": statistics.median(during),
-            "small_while_big_max_s": max(during)}
+            "idle_small_median_s": statistics.median(idle),
+            "small_while_big_median_s": statistics.median(during) if during else None,
+            "small_while_big_max_s": max(during) if during else None}
 
 
 def main(argv=None) -> None:

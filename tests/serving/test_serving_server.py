@@ -339,6 +339,15 @@ def test_small_request_is_served_while_a_big_one_runs(server, local):
     np.testing.assert_array_equal(done["big"][2][0], local(big).permute(1, 2, 0).numpy())
 
 
+def test_fairness_measurement_runs(server):
+    """The command behind the README's small-request latency, on this server's maximal size (96x96)."""
+    from dfosd.bench.serving_fairness import measure
+
+    r = measure(f"127.0.0.1:{server.http}", big_side=96, delay_s=0.2)
+    assert r["big_output_shape"] == [1, 384, 384, 3] and len(r["idle_small_s"]) == 5
+    assert r["small_while_big_runs_s"] and r["small_while_big_max_s"] < r["big_s"]
+
+
 def test_listens_on_loopback_only_by_default(server):
     """Issue 12.11: no --host given (ServeProcess passes none): every port is bound to 127.0.0.1."""
     from dfosd.serving.serve import ServeOptions
