@@ -28,6 +28,7 @@ from dfosd.core.errors import DfosdError
 if TYPE_CHECKING:
     from dfosd.core.bases import Base
     from dfosd.core.checkpoint import DfosdCheckpoint
+    from dfosd.core.srmodel import SRModel
 
 
 def alphas_cumprod(scheduler_config: dict[str, Any]) -> torch.Tensor:
@@ -70,8 +71,10 @@ class EncoderPart(nn.Module):
     #: submodules that are "the network" (fp16 in an fp16 export); everything else is fp32 glue
     NETWORK_SCOPES = ("encoder", "quant_conv")
 
-    def __init__(self, vae, *, scale: int, scaling_factor: float, dtype: torch.dtype = torch.float32):
+    def __init__(self, vae, *, scale: int, scaling_factor: float, dtype: torch.dtype = torch.float32,
+                 preprocess: str = "torch-bicubic"):
         super().__init__()
+        self.preprocess = preprocess  # one of families.PREPROCESSINGS
         self.encoder = vae.encoder
         self.quant_conv = getattr(vae, "quant_conv", None)  # None when the config disables it
         self.scale = int(scale)
@@ -90,8 +93,20 @@ class EncoderPart(nn.Module):
         """[0,1] LR float -> [-1,1] bicubic-upsampled image (fp32, clamped like a saved image)."""
         return (bicubic_upscale(lr01.float(), self.scale) * 2.0 - 1.0).clamp(-1.0, 1.0)
 
+    def preprocess_uint8(self, lr_image: torch.Tensor) -> torch.Tensor:
+        """uint8 LR -> the [-1,1] encoder input, the way the model's family does it upstream."""
+        if self.preprocess == "torch-bicubic":
+            return self.upsample_lr(lr_image.float() / 255.0)
+        if self.preprocess == "torch-bicubic-unclamped":  # HYPIR: F.interpolate on [0,1], no clamp
+            return bicubic_upscale(lr_image.float() / 255.0, self.scale) * 2.0 - 1.0
+        if self.preprocess == "pil-bicubic":  # OSEDiff/PiSA-SR: PIL resize x4 of the uint8 image
+            from dfosd.core.resample import pil_bicubic_upscale
+
+            return pil_bicubic_upscale(lr_image.float(), self.scale) / 127.5 - 1.0
+        raise DfosdError(f"unknown pre-processing {self.preprocess!r}")
+
     def forward(self, lr_image: torch.Tensor) -> torch.Tensor:
-        return self.encode_float(self.upsample_lr(lr_image.float() / 255.0))
+        return self.encode_float(self.preprocess_uint8(lr_image))
 
 
 class DenoiserPart(nn.Module):
@@ -100,13 +115,16 @@ class DenoiserPart(nn.Module):
     NETWORK_SCOPES = ("unet",)
 
     def __init__(self, unet, text_embedding: torch.Tensor, *, timestep: int, alpha_bar: float,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, x0_rule: str = "ddpm"):
         super().__init__()
         self.unet = unet
         self.register_buffer("text_embedding", text_embedding.detach().to(dtype), persistent=False)
         self.timestep = int(timestep)
-        self.sqrt_ab = math.sqrt(alpha_bar)
-        self.sqrt_1mab = math.sqrt(1.0 - alpha_bar)
+        # x0 = (z - c_eps * eps) / c_z: DDPM's rule at T, or PiSA-SR's x0 = z - eps
+        ddpm = x0_rule == "ddpm"
+        self.sqrt_ab = math.sqrt(alpha_bar) if ddpm else 1.0
+        self.sqrt_1mab = math.sqrt(1.0 - alpha_bar) if ddpm else 1.0
+        self.x0_rule = x0_rule
         self.dtype = dtype
 
     def predict_noise(self, latent: torch.Tensor, embedding: torch.Tensor | None = None) -> torch.Tensor:
@@ -196,5 +214,28 @@ def build_onestep(base: "Base", checkpoint: "DfosdCheckpoint", *, dtype: torch.d
     return OneStepSR(
         EncoderPart(vae, scale=meta.upscale, scaling_factor=sf, dtype=dtype),
         DenoiserPart(unet, checkpoint.text_embedding, timestep=meta.timestep, alpha_bar=abar, dtype=dtype),
+        DecoderPart(vae, scaling_factor=sf, dtype=dtype),
+    ).eval()
+
+
+def build_from_model(base: "Base", model: "SRModel", *, dtype: torch.dtype = torch.float32, copy: bool = True,
+                     groups: dict[str, float] | None = None) -> OneStepSR:
+    """Eager one-step model of any family: layers replaced and LoRA merged into the UNet and
+    the VAE (copies unless ``copy=False``, for callers that own the base and need the memory)."""
+    import copy as copy_
+
+    from dfosd.core.srmodel import merge_into, validate_model
+
+    validate_model(model, base)
+    unet = copy_.deepcopy(base.unet) if copy else base.unet
+    vae = copy_.deepcopy(base.vae) if copy else base.vae
+    merge_into(model, unet, vae, groups=groups)
+    unet, vae = unet.to(dtype).eval(), vae.to(dtype).eval()
+    abar = float(alphas_cumprod(base.scheduler_config)[model.timestep])
+    sf = base.scaling_factor
+    return OneStepSR(
+        EncoderPart(vae, scale=model.upscale, scaling_factor=sf, dtype=dtype, preprocess=model.preprocess),
+        DenoiserPart(unet, model.text_embedding, timestep=model.timestep, alpha_bar=abar, dtype=dtype,
+                     x0_rule=model.x0_rule),
         DecoderPart(vae, scaling_factor=sf, dtype=dtype),
     ).eval()
