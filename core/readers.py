@@ -316,7 +316,7 @@ def read_model(path: str | Path, *, family: str | None = None, base_spec: str | 
     text = fam.default_prompt if prompt is None else prompt
     from dfosd.core.text import encode_prompt
 
-    progress(f"encoding the prompt {text!r} with {base_spec}'s tokenizer and text encoder (once, at export)")
+    progress(f"encoding the prompt {text!r} with {base_spec}'s tokenizer and text encoder (once: the engine holds the embedding)")
     embedding = encode_prompt(base_spec, text)
     return SRModel(family=fam, base_model=base_spec, lora_sets=tuple(sets), replacements=replaced,
                    text_embedding=embedding, timestep=fam.timestep, x0_rule=fam.x0_rule, preprocess=fam.preprocess,

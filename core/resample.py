@@ -29,20 +29,25 @@ def _cubic(x: float, a: float = CUBIC_A) -> float:
     return 0.0
 
 
-@functools.lru_cache(maxsize=16)
 def upscale_matrix(n_in: int, scale: int) -> torch.Tensor:
-    """[n_in * scale, n_in] float32: row i holds the weights of output pixel i."""
+    """[n_in * scale, n_in] float32: row i holds the weights of output pixel i (a new tensor each
+    call: the tracer must not meet one tensor object as two different constants)."""
+    return torch.tensor(_upscale_weights(n_in, scale), dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=16)
+def _upscale_weights(n_in: int, scale: int) -> tuple:
     import math
 
-    m = torch.zeros(n_in * scale, n_in, dtype=torch.float64)
+    m = [[0.0] * n_in for _ in range(n_in * scale)]
     for i in range(n_in * scale):
         center = (i + 0.5) / scale  # in input pixel units, pixel j covers [j, j+1)
         first = math.floor(center - 0.5) - 1
         weights = {j: _cubic(j + 0.5 - center) for j in range(first, first + 4) if 0 <= j < n_in}
         total = sum(weights.values())
         for j, w in weights.items():
-            m[i, j] = w / total
-    return m.float()
+            m[i][j] = w / total
+    return tuple(tuple(row) for row in m)
 
 
 class _CubicUpscaleAxis(torch.autograd.Function):
