@@ -49,7 +49,7 @@ def _process_one(src, rel, upscale, tcfg, opts, out_dir):
 
 @click.command(name="run", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--engines", "engines_dir", default="dfosd-engines", show_default=True,
+@click.option("--engines", "export_dir", default="dfosd-engines", show_default=True,
               type=click.Path(file_okay=False), help="Directory written by dfosd-export.")
 @click.option("--out", "out_dir", default="dfosd-out", show_default=True, type=click.Path(file_okay=False),
               help="Output folder (sub-folders of folder inputs are mirrored).")
@@ -71,7 +71,7 @@ def _process_one(src, rel, upscale, tcfg, opts, out_dir):
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.option("-v", "--verbose", is_flag=True)
 @user_errors
-def main(inputs, engines_dir, out_dir, backend, batch, tile, overlap, color_fix, fmt, quality, skip_existing,
+def main(inputs, export_dir, out_dir, backend, batch, tile, overlap, color_fix, fmt, quality, skip_existing,
          report, server, progress, verbose):
     """Upscale INPUT... (files, folders searched recursively, or glob patterns) x4.
 
@@ -95,10 +95,10 @@ def main(inputs, engines_dir, out_dir, backend, batch, tile, overlap, color_fix,
     if server is not None:
         from dfosd.serving.client import local_only_options, remote_runner
 
-        local_only_options(click.get_current_context(), ("engines_dir", "backend", "batch"))
+        local_only_options(click.get_current_context(), ("export_dir", "backend", "batch"))
         runner = remote_runner(server, say)  # same attributes as OneStepRunner: tile, batch, scale, ...
     else:
-        runner = OneStepRunner(engines_dir, backend=backend, batch=batch, say=say)
+        runner = OneStepRunner(export_dir, backend=backend, batch=batch, say=say)
     if tile is not None and tile != runner.tile:
         raise DfosdError(f"--tile {tile} differs from the engines' tile {runner.tile} (engines have static shapes)",
                          hint=f"omit --tile, or re-export with dfosd-export --tile {tile}")
@@ -126,7 +126,7 @@ def main(inputs, engines_dir, out_dir, backend, batch, tile, overlap, color_fix,
     counts = {s: sum(r["status"] == s for r in records) for s in ("ok", "skipped", "failed")}
     report_path = Path(report) if report else out / REPORT_NAME
     write_json_atomic(report_path, {
-        "engines": server or str(Path(engines_dir).resolve()), "backend": runner.backend.describe(),
+        "engines": server or str(Path(export_dir).resolve()), "backend": runner.backend.describe(),
         "precision": runner.precision, "tiling": {"tile": tcfg.tile, "overlap": tcfg.overlap, "batch": tcfg.batch},
         "color_fix": color_fix, "total_seconds": round(time.perf_counter() - t_all, 3), "summary": counts,
         "images": records,

@@ -49,8 +49,8 @@ def held_out_dir(tmp_path_factory):
 def _export_8bit(tiny_ckpt, calib_dir, out, precision="int8", float_precision="fp32", quantize="unet,vae-enc,vae-dec"):
     from dfosd.export.artifacts import ExportConfig, export_checkpoint
 
-    cfg = ExportConfig(precision=precision, float_precision=float_precision, tile=TILE, calib_data=str(calib_dir),
-                       calib_count=CALIB_COUNT, quantize=quantize)
+    cfg = ExportConfig.from_options(precision=precision, float_precision=float_precision, tile=TILE,
+                                    calib_data=str(calib_dir), calib_count=CALIB_COUNT, quantize=quantize)
     return export_checkpoint(tiny_ckpt, TINY, out, cfg, progress=print)
 
 
@@ -127,21 +127,31 @@ def test_export_config_for_8bit(calib_dir):
     from dfosd.core.errors import DfosdError
     from dfosd.export.artifacts import ExportConfig
 
-    cfg = ExportConfig(precision="int8", calib_data=str(calib_dir), quantize="vae-dec,unet")
+    from dfosd.calibration.recipe import QuantRecipe
+
+    opts = ExportConfig.from_options
+    cfg = opts(precision="int8", calib_data=str(calib_dir), quantize="vae-dec,unet")
     assert cfg.quantize == ("unet", "decoder") and cfg.float_precision == "fp16" and cfg.opset == 19
     assert cfg.component_precision("unet") == "int8" and cfg.component_precision("encoder") == "fp16"
-    assert ExportConfig(precision="int8", float_precision="fp32", calib_data=str(calib_dir)).opset == 17
-    assert ExportConfig(precision="fp8", float_precision="fp32", calib_data=str(calib_dir)).opset == 19
+    assert cfg.quant == QuantRecipe(precision="int8", calib_data=str(calib_dir), components=("unet", "decoder"))
+    assert opts(precision="int8", float_precision="fp32", calib_data=str(calib_dir)).opset == 17
+    assert opts(precision="fp8", float_precision="fp32", calib_data=str(calib_dir)).opset == 19
     plain = ExportConfig(precision="fp16")  # float exports keep their meaning
-    assert (plain.opset, plain.quantize, plain.float_precision) == (17, (), "fp16")
+    assert (plain.opset, plain.quantize, plain.float_precision, plain.quant) == (17, (), "fp16", None)
+    with pytest.raises(DfosdError, match="needs --calib-data"):
+        opts(precision="int8")
     with pytest.raises(DfosdError, match="needs --calib-data"):
         ExportConfig(precision="int8")
     with pytest.raises(DfosdError, match="int8/fp8 only"):
-        ExportConfig(precision="fp16", calib_data=str(calib_dir))
+        opts(precision="fp16", calib_data=str(calib_dir))
+    with pytest.raises(DfosdError, match="apply to --precision int8/fp8"):
+        ExportConfig(precision="fp16", quant=QuantRecipe(calib_data=str(calib_dir)))
+    with pytest.raises(DfosdError, match="with a fp8 recipe"):
+        ExportConfig(precision="int8", quant=QuantRecipe(precision="fp8", calib_data=str(calib_dir)))
     with pytest.raises(DfosdError, match="--quantize 'vae'"):
-        ExportConfig(precision="int8", calib_data=str(calib_dir), quantize="unet,vae")
+        opts(precision="int8", calib_data=str(calib_dir), quantize="unet,vae")
     with pytest.raises(DfosdError, match="choose 19..21"):
-        ExportConfig(precision="fp8", calib_data=str(calib_dir), opset=17)
+        opts(precision="fp8", calib_data=str(calib_dir), opset=17)
 
 
 @pytest.mark.filterwarnings("ignore:2 is not calibrated")  # ModelOpt: the disabled Linear is not smoothed
@@ -280,7 +290,7 @@ def test_tensorrt_inputs_match_eager_torch(int8_export, tiny_eager, calib_dir, h
 
 def test_parity_report_per_component(tiny_ckpt, calib_dir, held_out_dir, int8_export, tiny_export_fp32,
                                      tiny_eager, tmp_path):
-    from dfosd.calibration.report import format_report, parity_report
+    from dfosd.bench.parity import format_report, parity_report
     from dfosd.core.errors import DfosdError
 
     exports = {"fp32 (no 8-bit)": tiny_export_fp32}
@@ -314,10 +324,10 @@ def test_reexport_is_reused_and_new_photos_change_the_key(tiny_ckpt, calib_dir, 
     ckpt = read_checkpoint(tiny_ckpt)
 
     def key(folder):
-        cfg = ExportConfig(precision="int8", float_precision="fp32", tile=TILE, calib_data=str(folder),
-                           calib_count=CALIB_COUNT)
+        cfg = ExportConfig.from_options(precision="int8", float_precision="fp32", tile=TILE, calib_data=str(folder),
+                                        calib_count=CALIB_COUNT)
         inputs = export_inputs(TINY, base_fingerprint(TINY), ckpt, cfg)
-        inputs["config"].pop("calib_data")  # only the photos differ, not the path
+        inputs["config"]["quant"].pop("calib_data")  # only the photos differ, not the path
         return build_key(inputs)
 
     assert key(calib_dir) == key(shutil.copytree(calib_dir, tmp_path / "same")) != key(other)
@@ -329,7 +339,7 @@ def test_reexport_is_reused_and_new_photos_change_the_key(tiny_ckpt, calib_dir, 
 def test_fp8_export_is_standard_qdq_that_onnxruntime_runs(fp8_export, tiny_eager, held_out_dir):
     import onnx
 
-    from dfosd.calibration.report import parity_report
+    from dfosd.bench.parity import parity_report
 
     m = _manifest(fp8_export)
     assert m["calibration"]["recipe"]["algorithm"] == "max" and m["calibration"]["recipe"]["weights"] == "per-tensor"
@@ -349,7 +359,7 @@ def test_int8_with_fp16_floats(tiny_ckpt, calib_dir, tiny_eager, held_out_dir, t
     """fp16 around the Q/DQ (TensorRT strongly typed): fp16 scales, opset 19, runs in ONNX Runtime."""
     import onnx
 
-    from dfosd.calibration.report import parity_report
+    from dfosd.bench.parity import parity_report
 
     out = _export_8bit(tiny_ckpt, calib_dir, tmp_path / "int8_fp16", float_precision="fp16").out_dir
     for entry in _manifest(out)["components"].values():
@@ -389,7 +399,7 @@ def test_parity_cli_compares_exports_and_names_bad_inputs(int8_export, tiny_expo
                                                          tmp_path):
     from click.testing import CliRunner
 
-    from dfosd.calibration.parity_cli import main
+    from dfosd.bench.parity_cli import main
     from dfosd.core.checkpoint import write_random_checkpoint
     from dfosd.core.bases import load_base
     from dfosd.export.artifacts import ExportConfig, export_checkpoint
