@@ -128,6 +128,8 @@ class ExportResult:
 
 
 def export_inputs(base_spec: str, base_fp: str | None, model, cfg: ExportConfig) -> dict:
+    """What goes into the build key. ``model``: an SRModel (or a format-1 DfosdCheckpoint, whose
+    key is what it always was)."""
     inputs = {
         "base": base_spec,
         "base_fingerprint": base_fp,
@@ -135,8 +137,9 @@ def export_inputs(base_spec: str, base_fp: str | None, model, cfg: ExportConfig)
         "config": asdict(cfg),
         "software": software_versions(),
     }
-    if model.family.name != "dfosd":  # what a converted upstream checkpoint bakes besides its tensors
-        inputs["family"] = model.family.name
+    family = getattr(model, "family", None)
+    if family is not None and family.name != "dfosd":  # what an upstream checkpoint bakes besides its tensors
+        inputs["family"] = family.name
         inputs["prompt"] = model.prompt
     if cfg.quant is not None:
         from dfosd.calibration.data import file_list_sha256
