@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dfosd.core.errors import DfosdError, problems_error
+from dfosd.core.vocab import COLOR_FIXES, FAMILY_NAMES
 
 # Parts a LoRA set or a replaced layer may sit in (module names are relative to them).
 LORA_PARTS = ("unet", "vae")
@@ -29,7 +30,6 @@ CONDITIONINGS = ("embedding", "prompt")
 #   "pil-bicubic"            PIL's bicubic on the uint8 image (a=-0.5, borders renormalised,
 #                            width pass then height pass, rounded to uint8 after each)
 PREPROCESSINGS = ("torch-bicubic", "torch-bicubic-unclamped", "pil-bicubic")
-COLOR_FIXES = ("none", "adain", "wavelet")
 # How a LoRA set's merge scale is found when the file does not state alpha:
 #   "stored"      alpha is in the file (DFOSD format 1, kohya's per-module alpha)
 #   "peft-default" peft's LoraConfig default lora_alpha=8 (OSEDiff/PiSA-SR never set it)
@@ -130,6 +130,8 @@ FAMILIES: dict[str, Family] = {
         ),
     )
 }
+
+assert tuple(FAMILIES) == FAMILY_NAMES, "core/vocab.py names the families core/families.py defines"
 
 # Checkpoints of one-step SR models that are not this deploy shape, with the reason.
 NOT_SUPPORTED = {

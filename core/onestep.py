@@ -142,6 +142,25 @@ class DenoiserPart(nn.Module):
         return self.denoise(latent)
 
 
+class TwoPassDenoiserPart(DenoiserPart):
+    """PiSA-SR's adjustable mode: two weight sets in one part, two UNet calls,
+    eps = l_pix * eps_pix + l_sem * (eps_pix+sem - eps_pix), then the x0 step (fp32)."""
+
+    NETWORK_SCOPES = ("unet", "unet_pix")
+
+    def __init__(self, unet_full, unet_pix, text_embedding: torch.Tensor, *, scales: tuple[float, float], **kw):
+        super().__init__(unet_full, text_embedding, **kw)
+        self.unet_pix = unet_pix
+        self.lambda_pix, self.lambda_sem = (float(v) for v in scales)
+
+    def predict_noise(self, latent: torch.Tensor, embedding: torch.Tensor | None = None) -> torch.Tensor:
+        eps_full = super().predict_noise(latent, embedding)
+        emb = (self.text_embedding if embedding is None else embedding.to(self.dtype)).expand(latent.shape[0], -1, -1)
+        t = torch.full((latent.shape[0],), self.timestep, dtype=torch.int64, device=latent.device)
+        eps_pix = self.unet_pix(latent.to(self.dtype), t, encoder_hidden_states=emb, return_dict=False)[0].float()
+        return self.lambda_pix * eps_pix + self.lambda_sem * (eps_full - eps_pix)
+
+
 class DecoderPart(nn.Module):
     """Denoised latent (fp32) -> uint8 SR image."""
 
@@ -217,23 +236,38 @@ def build_onestep(base: "Base", checkpoint: "DfosdCheckpoint", *, dtype: torch.d
 
 
 def build_from_model(base: "Base", model: "SRModel", *, dtype: torch.dtype = torch.float32, copy: bool = True,
-                     groups: dict[str, float] | None = None) -> OneStepSR:
+                     groups: dict[str, float] | None = None,
+                     pisa_scales: tuple[float, float] | None = None) -> OneStepSR:
     """Eager one-step model of any family: layers replaced and LoRA merged into the UNet and
-    the VAE (copies unless ``copy=False``, for callers that own the base and need the memory)."""
+    the VAE (copies unless ``copy=False``, for callers that own the base and need the memory).
+
+    ``pisa_scales`` (lambda_pix, lambda_sem): PiSA-SR's two-pass UNet (a second UNet copy
+    holding only the pix set)."""
     import copy as copy_
 
     from dfosd.core.srmodel import merge_into, validate_model
 
     validate_model(model, base)
+    unet_pix = None
+    if pisa_scales is not None:
+        groups_present = {s.group for s in model.lora_sets}
+        if model.family.name != "pisa-sr" or groups_present != {"pix", "sem"}:
+            raise DfosdError(f"--pisa-scales applies to PiSA-SR checkpoints (pix and sem LoRA sets); this is "
+                             f"{model.family.name} with groups {sorted(groups_present)}")
+        unet_pix = copy_.deepcopy(base.unet)  # before the base's own UNet is merged in place
+        merge_into(model, unet_pix, None, groups={"pix": 1.0, "sem": 0.0})
+        unet_pix = unet_pix.to(dtype).eval()
     unet = copy_.deepcopy(base.unet) if copy else base.unet
     vae = copy_.deepcopy(base.vae) if copy else base.vae
     merge_into(model, unet, vae, groups=groups)
     unet, vae = unet.to(dtype).eval(), vae.to(dtype).eval()
     abar = float(alphas_cumprod(base.scheduler_config)[model.timestep])
     sf = base.scaling_factor
+    step = dict(timestep=model.timestep, alpha_bar=abar, dtype=dtype, x0_rule=model.x0_rule)
+    denoiser = DenoiserPart(unet, model.text_embedding, **step) if unet_pix is None else \
+        TwoPassDenoiserPart(unet, unet_pix, model.text_embedding, scales=pisa_scales, **step)
     return OneStepSR(
         EncoderPart(vae, scale=model.upscale, scaling_factor=sf, dtype=dtype, preprocess=model.preprocess),
-        DenoiserPart(unet, model.text_embedding, timestep=model.timestep, alpha_bar=abar, dtype=dtype,
-                     x0_rule=model.x0_rule),
+        denoiser,
         DecoderPart(vae, scaling_factor=sf, dtype=dtype),
     ).eval()

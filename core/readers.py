@@ -352,3 +352,15 @@ def _read_dfosd(path: Path, raw: dict, meta: dict, found: Detected, family: str 
         raise DfosdError(f"{path}: dfosd_format {meta['dfosd_format']!r} is newer than this dfosd reads (1, 2)",
                          hint="upgrade dfosd")
     return parse_format2(path, meta, raw, sha256_file(path))
+
+
+def read_model_as_exported(path: str | Path, manifest: dict) -> SRModel:
+    """The model an export was made from, read again as the export read it: an upstream
+    checkpoint with the family and prompt its manifest records (dfosd files hold their own)."""
+    path = Path(path)
+    _, meta = load_raw(path) if path.suffix == ".safetensors" else ({}, {})
+    if "dfosd_format" in meta:
+        return read_model(path)
+    fam = manifest.get("family") or {}
+    return read_model(path, family=fam.get("name"), prompt=fam.get("prompt"),
+                      base_spec=manifest.get("inputs", {}).get("base"))

@@ -272,19 +272,22 @@ def validate_model(model: SRModel, base: "Base") -> None:
 def merge_into(model: SRModel, unet, vae, *, groups: Mapping[str, float] | None = None) -> None:
     """Replace whole layers, then W += weight(group) * (alpha / rank) * B @ A, in place, in fp32.
 
-    ``groups`` weighs each LoRA group (PiSA-SR's pix/sem); default 1 for every group.
+    ``groups`` weighs each LoRA group (PiSA-SR's pix/sem); default 1 for every group. ``vae``
+    None: the UNet only (sets on the VAE are skipped).
     """
     import torch
 
     roots = {"unet": unet, "vae": vae}
     with torch.no_grad():
         for key, t in model.replacements.items():
+            if roots[key.partition(".")[0]] is None:
+                continue
             part, _, pname = key.partition(".")
             p = dict(roots[part].named_parameters())[pname]
             p.copy_(t.to(p.dtype))
         for s in model.lora_sets:
             weight = 1.0 if groups is None else float(groups.get(s.group, 1.0))
-            if weight == 0.0:
+            if weight == 0.0 or roots[s.part] is None:
                 continue
             modules = dict(roots[s.part].named_modules())
             for name, (a, b) in s.factors.items():

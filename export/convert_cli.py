@@ -8,9 +8,9 @@ from pathlib import Path
 import click
 
 from dfosd.core.cli_support import say, setup_logging, user_errors
-from dfosd.core.families import FAMILIES
+from dfosd.core.vocab import FAMILY_NAMES
 
-FAMILY_CHOICES = list(FAMILIES)
+FAMILY_CHOICES = list(FAMILY_NAMES)
 
 
 @click.command(name="convert", context_settings={"help_option_names": ["-h", "--help"]})
