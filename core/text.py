@@ -41,6 +41,8 @@ def _byte_symbols() -> list[str]:
 def synthetic_tokenizer():
     """A CLIP tokenizer over single bytes: 512 byte tokens (with and without end-of-word), then
     <|startoftext|> (512) and <|endoftext|> (513, also padding)."""
+    import tempfile
+
     from transformers import CLIPTokenizer
 
     symbols = _byte_symbols()
@@ -48,7 +50,12 @@ def synthetic_tokenizer():
     vocab.update({s + "</w>": 256 + i for i, s in enumerate(symbols)})
     vocab["<|startoftext|>"] = 512
     vocab["<|endoftext|>"] = 513
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=MAX_LENGTH)
+    # files, not in-memory dicts: the one constructor signature transformers 4.x and 5.x share
+    with tempfile.TemporaryDirectory(prefix="dfosd-tok-") as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
+        return CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"),
+                             model_max_length=MAX_LENGTH)
 
 
 def synthetic_text_encoder(name: str):

@@ -162,11 +162,12 @@ def reusable(out_dir: Path, key: str) -> dict | None:
 
 def export_checkpoint(ckpt_path: str | Path, base_spec: str | None, out_dir: str | Path, cfg: ExportConfig, *,
                       force: bool = False, progress: Callable[[str], None] = log.info, family: str | None = None,
-                      prompt: str | None = None) -> ExportResult:
+                      prompt: str | None = None, pisa_scales: tuple[float, float] | None = None) -> ExportResult:
     """Replace layers and merge the LoRA, trace every part for every tile batch, write the manifest.
 
     ``ckpt_path``: any checkpoint ``dfosd.core.readers`` reads (dfosd format 1/2, osediff.pkl,
     pisa_sr.pkl, HYPIR_sd2.pth, diffusers/kohya LoRA); ``base_spec`` None: the file's own base.
+    ``pisa_scales``: PiSA-SR's adjustable two-pass UNet (lambda_pix, lambda_sem) instead of both sets merged.
     """
     from dfosd.core.bases import base_fingerprint, load_base
     from dfosd.core.readers import read_model
@@ -178,6 +179,8 @@ def export_checkpoint(ckpt_path: str | Path, base_spec: str | None, out_dir: str
     model_file = read_model(ckpt_path, family=family, base_spec=base_spec, prompt=prompt, progress=progress)
     base_spec = base_spec or model_file.base_model
     inputs = export_inputs(base_spec, base_fingerprint(base_spec), model_file, cfg)
+    if pisa_scales is not None:
+        inputs["pisa_scales"] = [float(v) for v in pisa_scales]
     key = build_key(inputs)
     if not force and inputs["base_fingerprint"] is not None:
         old = reusable(out_dir, key)
@@ -198,7 +201,7 @@ def export_checkpoint(ckpt_path: str | Path, base_spec: str | None, out_dir: str
     # graph by export_part(precision="fp16") with fp32 islands (see export/onnx_export.py). Tracing
     # torch half modules on the CPU took >5 min for the full-size encoder alone. Quantized parts
     # may still build their own half copy if ModelOpt needs it.
-    model = build_from_model(base, model_file, copy=False)  # this base is ours alone: merge in place
+    model = build_from_model(base, model_file, copy=False, pisa_scales=pisa_scales)  # base ours alone: in place
     quantized, calibration = {}, None
     if cfg.quant is not None:
         from dfosd.calibration.export import quantize_for_export
@@ -241,6 +244,7 @@ def export_checkpoint(ckpt_path: str | Path, base_spec: str | None, out_dir: str
         "family": {"name": model_file.family.name, "x0_rule": model_file.x0_rule,
                    "preprocess": model_file.preprocess, "color_fix": model_file.color_fix,
                    "prompt": model_file.prompt, "source": dict(model_file.source),
+                   "pisa_scales": None if pisa_scales is None else [float(v) for v in pisa_scales],
                    "deviations": model_file.deviations()},
         "model": {"cross_attention_dim": base.cross_attention_dim, "vae_scale_factor": base.vae_scale_factor,
                   "latent_channels": base.latent_channels, "scaling_factor": base.scaling_factor,

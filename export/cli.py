@@ -17,6 +17,9 @@ from dfosd.engines.base import BACKEND_CHOICES
               help="Override the family detected from the checkpoint's keys.")
 @click.option("--prompt", default=None,
               help="Prompt families: the prompt encoded once into the engine [default: the family's, empty].")
+@click.option("--pisa-scales", default=None,
+              help="PiSA-SR: LAMBDA_PIX,LAMBDA_SEM builds its adjustable two-pass UNet (two weight sets, two UNet "
+                   "calls per tile) instead of merging both LoRA sets.")
 @click.option("--base", default=None,
               help="Base model: diffusers dir, hub id, single file, synthetic:tiny or synthetic:sd21-base. "
                    "Default: the checkpoint's base_model (SD-2.1-base for upstream checkpoints).")
@@ -44,7 +47,7 @@ from dfosd.engines.base import BACKEND_CHOICES
 @click.option("--force", is_flag=True, help="Rebuild even when the manifest says the artifacts are current.")
 @click.option("-v", "--verbose", is_flag=True)
 @user_errors
-def main(ckpt, family, prompt, base, precision, float_precision, calib_data, calib_count, quantize, conv_calibration, out_dir, tile,
+def main(ckpt, family, prompt, pisa_scales, base, precision, float_precision, calib_data, calib_count, quantize, conv_calibration, out_dir, tile,
          batches, opset, backend, force, verbose):
     """Export a one-step SR checkpoint (DFOSD, OSEDiff, PiSA-SR, HYPIR) to static-shape ONNX (and engines)."""
     setup_logging(verbose)
@@ -56,7 +59,16 @@ def main(ckpt, family, prompt, base, precision, float_precision, calib_data, cal
                                     calib_count=calib_count, quantize=quantize, conv_calibration=conv_calibration)
     backend_cls, why = select_backend(backend)
     say(why)
-    result = export_checkpoint(ckpt, base, out_dir, cfg, force=force, progress=say, family=family, prompt=prompt)
+    scales = None
+    if pisa_scales is not None:
+        try:
+            scales = tuple(float(v) for v in pisa_scales.split(","))
+        except ValueError:
+            scales = ()
+        if len(scales) != 2:
+            raise click.BadParameter(f"{pisa_scales!r}: give two numbers, e.g. 1.0,0.5", param_hint="--pisa-scales")
+    result = export_checkpoint(ckpt, base, out_dir, cfg, force=force, progress=say, family=family, prompt=prompt,
+                               pisa_scales=scales)
     if base is None:
         say(f"base: {result.manifest['inputs']['base']} (from the checkpoint's metadata)")
     if backend_cls.name == "tensorrt":

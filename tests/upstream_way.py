@@ -220,3 +220,25 @@ def run_hypir(path, base, lr_uint8, text_models, prompt="", rank=8):
     out = _unet_vae_decode(unet, vae, latent, emb, 200,
                            lambda eps, z: sched.step(eps, 200, z).pred_original_sample)
     return (out + 1) * 127.5
+
+
+def run_pisa_adjustable(path, base, lr_uint8, text_models, scales, prompt=""):
+    """PiSA-SR's adjustable mode: eps_pix from the pix adapters alone, eps_sem from pix + sem,
+    eps = l_pix * eps_pix + l_sem * (eps_sem - eps_pix), x0 = z - eps."""
+    sd = torch.load(path, weights_only=True)
+    unet, vae = copy.deepcopy(base.unet), copy.deepcopy(base.vae).eval()
+    adapters = {}
+    for g in ("pix", "sem"):
+        for kind in ("encoder", "decoder", "others"):
+            adapters[f"default_{kind}_{g}"] = (sd[f"lora_rank_unet_{g}"], sd[f"unet_lora_{kind}_modules_{g}"], {})
+    _load_peft(unet, sd["state_dict_unet"], adapters, lambda n: "lora" in n)
+    emb = encode_prompt(*text_models, prompt)
+    with torch.no_grad():
+        z = vae.encode(pil_upscale(lr_uint8, 4)).latent_dist.mode() * vae.config.scaling_factor
+        t = torch.tensor([1])
+        eps_sem = unet(z, t, encoder_hidden_states=emb).sample
+        unet.set_adapter([a for a in adapters if a.endswith("_pix")])
+        eps_pix = unet(z, t, encoder_hidden_states=emb).sample
+        eps = scales[0] * eps_pix + scales[1] * (eps_sem - eps_pix)
+        out = vae.decode((z - eps) / vae.config.scaling_factor).sample.clamp(-1, 1)
+    return (out + 1) * 127.5

@@ -133,3 +133,22 @@ def test_convert_then_inspect_then_read(upstream_files, tmp_path):
     foreign.write_bytes(b"not dfosd")
     r = CliRunner().invoke(main, ["convert", str(upstream_files["hypir"]), "--out", str(foreign), "--base", TINY])
     assert r.exit_code != 0 and "not overwriting" in r.output and foreign.read_bytes() == b"not dfosd"
+
+
+def test_pisa_two_pass_matches_upstream_adjustable_mode(upstream_files, tiny_base, text_models, lr, tmp_path):
+    from dfosd.export.artifacts import ExportConfig, export_checkpoint
+    from dfosd.runtime.step import OneStepRunner
+
+    scales = (1.0, 0.4)
+    ref = uw.run_pisa_adjustable(upstream_files["pisa-sr"], tiny_base, lr, text_models, scales).numpy()
+    merged = uw.run_pisa(upstream_files["pisa-sr"], tiny_base, lr, text_models).numpy()
+    assert psnr_uint8(ref, merged) < 40  # lambda_sem 0.4 is visibly another function than both merged
+    out = export_checkpoint(upstream_files["pisa-sr"], TINY, tmp_path / "two-pass",
+                            ExportConfig(precision="fp32", tile=TILE, batches=(1,)), pisa_scales=scales)
+    got = OneStepRunner(out.out_dir, backend="onnxruntime", batch=1)(lr).numpy()
+    db = psnr_uint8(got, ref)
+    PARITY.setdefault("pisa-sr two-pass (1.0,0.4)", {})["fp32"] = round(db, 2)
+    assert db >= 50.0 and out.manifest["family"]["pisa_scales"] == list(scales)
+    with pytest.raises(Exception, match="pisa-scales applies to PiSA-SR"):
+        export_checkpoint(upstream_files["hypir"], TINY, tmp_path / "bad", ExportConfig(precision="fp32", tile=TILE),
+                          pisa_scales=scales)
