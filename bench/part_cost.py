@@ -8,7 +8,6 @@ alternate A, B, A, B, ... so machine noise hits both alike. Prints medians and t
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from pathlib import Path

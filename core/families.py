@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dfosd.core.errors import DfosdError, problems_error
-from dfosd.core.vocab import COLOR_FIXES, FAMILY_NAMES
+from dfosd.core.vocab import COLOR_FIXES, FAMILY_NAMES, REFUSED_FAMILY_NAMES
 
 # Parts a LoRA set or a replaced layer may sit in (module names are relative to them).
 LORA_PARTS = ("unet", "vae")
@@ -143,6 +143,9 @@ NOT_SUPPORTED = {
                "the conditioning cannot be held constant",
     "adcsr": "AdcSR is a new pruned architecture, not SD-2.1-base's UNet",
 }
+
+
+assert set(NOT_SUPPORTED) == set(REFUSED_FAMILY_NAMES), "core/vocab.py names the refused families"
 
 
 def get_family(name: str) -> Family:

@@ -273,6 +273,12 @@ def read_model(path: str | Path, *, family: str | None = None, base_spec: str | 
     from dfosd.core.manifest import sha256_file
 
     path = Path(path)
+    if family is not None:
+        get_family(family)  # a family dfosd refuses (e.g. osdface) says why before any reading
+    if (path.parent / "embedding_change_weights.pth").is_file():
+        # OSDFace ships its UNet LoRA (diffusers layout) beside the network that makes its conditioning
+        raise DfosdError(f"{path} sits beside embedding_change_weights.pth: an OSDFace checkpoint; not supported: "
+                         f"{NOT_SUPPORTED['osdface']}")
     raw, meta = load_raw(path)
     found = detect(raw, meta)
     if found.layout.startswith("dfosd"):

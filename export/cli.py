@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from dfosd.core.cli_support import parse_int_list, say, setup_logging, user_errors
-from dfosd.core.vocab import FAMILY_NAMES, FLOAT_PRECISIONS, PRECISIONS
+from dfosd.core.vocab import FAMILY_NAMES, FLOAT_PRECISIONS, PRECISIONS, REFUSED_FAMILY_NAMES
 from dfosd.engines.base import BACKEND_CHOICES
 
 
@@ -13,7 +13,7 @@ from dfosd.engines.base import BACKEND_CHOICES
 @click.option("--ckpt", "ckpt", required=True, type=click.Path(dir_okay=False),
               help="Checkpoint: DFOSD lora.safetensors, a `dfosd convert` model, osediff.pkl, pisa_sr.pkl, "
                    "HYPIR_sd2.pth, or a diffusers/kohya UNet LoRA (family detected from the keys).")
-@click.option("--family", default=None, type=click.Choice(FAMILY_NAMES),
+@click.option("--family", default=None, type=click.Choice(FAMILY_NAMES + REFUSED_FAMILY_NAMES),
               help="Override the family detected from the checkpoint's keys.")
 @click.option("--prompt", default=None,
               help="Prompt families: the prompt encoded once into the engine [default: the family's, empty].")

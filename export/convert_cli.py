@@ -8,9 +8,9 @@ from pathlib import Path
 import click
 
 from dfosd.core.cli_support import say, setup_logging, user_errors
-from dfosd.core.vocab import FAMILY_NAMES
+from dfosd.core.vocab import FAMILY_NAMES, REFUSED_FAMILY_NAMES
 
-FAMILY_CHOICES = list(FAMILY_NAMES)
+FAMILY_CHOICES = list(FAMILY_NAMES + REFUSED_FAMILY_NAMES)  # the refused ones answer with the reason
 
 
 @click.command(name="convert", context_settings={"help_option_names": ["-h", "--help"]})

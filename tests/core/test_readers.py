@@ -139,3 +139,17 @@ def test_broken_checkpoint_lists_every_problem(upstream_files, tiny_base, tmp_pa
     msg = str(info.value)
     assert "3 problem(s)" in msg and "only one of lora_A/lora_B" in msg and "unet.conv_in.bias" in msg
     assert "default_others: the saved module list and the weights disagree" in msg
+
+
+def test_refused_families_say_why(upstream_files, tmp_path):
+    from safetensors.torch import save_file
+
+    for name, reason in (("invsr", "noise-predictor"), ("adcsr", "pruned"), ("osdface", "from the image")):
+        with pytest.raises(DfosdError, match=reason):
+            read_model(upstream_files["hypir"], family=name)
+    osdface = tmp_path / "osdface"
+    osdface.mkdir()
+    save_file({"unet.conv_in.lora_A.weight": torch.zeros(4, 4, 3, 3)}, osdface / "pytorch_lora_weights.safetensors")
+    torch.save({"w": torch.zeros(1)}, osdface / "embedding_change_weights.pth")
+    with pytest.raises(DfosdError, match="OSDFace"):
+        read_model(osdface / "pytorch_lora_weights.safetensors", family="hypir")
