@@ -7,6 +7,11 @@ uint8 LR [B,3,h,w]
                     x0 = (z - sqrt(1-abar_T) * eps) / sqrt(abar_T) in fp32 -> denoised fp32
   -> DecoderPart:   VAE decoder(z / scaling_factor) -> clamp -> uint8    -> SR [B,3,4h,4w]
 
+Other families (core/families.py: OSEDiff, PiSA-SR, HYPIR) change only declared pieces:
+the pre-processing (PIL's bicubic on the uint8 image, or torch's without the clamp), the
+x0 rule (x0 = z - eps for PiSA-SR), the timestep, LoRA merged into the VAE encoder too,
+and PiSA-SR's optional two-pass UNet; ``build_from_model`` builds any of them.
+
 Export traces exactly these modules, the benchmarks run them as "eager PyTorch", and
 training calls their float paths (``encode_float``, ``denoise``, ``decode_float``), so
 there is no second copy of the model to drift. Part boundaries are fp32 in every

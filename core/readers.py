@@ -268,8 +268,9 @@ def _sets_by_rank(mods: dict, prefix: str, problems: list[str], alpha_of) -> lis
 
 def read_model(path: str | Path, *, family: str | None = None, base_spec: str | None = None,
                prompt: str | None = None, base: "Base | None" = None,
-               progress: Callable[[str], None] = lambda msg: None) -> SRModel:
-    """Any supported checkpoint -> SRModel. Prompt families encode their prompt here, once."""
+               progress: Callable[[str], None] = lambda msg: None, encode: bool = True) -> SRModel:
+    """Any supported checkpoint -> SRModel. Prompt families encode their prompt here, once
+    (``encode=False``: not at all, the embedding stays None: enough to inspect a file)."""
     from dfosd.core.manifest import sha256_file
 
     path = Path(path)
@@ -320,10 +321,13 @@ def read_model(path: str | Path, *, family: str | None = None, base_spec: str | 
         raise problems_error(f"{path} ({found.layout} layout)", problems)
     base_spec = base_spec or (base.spec if base is not None else DEFAULT_FAMILY_BASE)
     text = fam.default_prompt if prompt is None else prompt
-    from dfosd.core.text import encode_prompt
+    embedding = None
+    if encode:
+        from dfosd.core.text import encode_prompt
 
-    progress(f"encoding the prompt {text!r} with {base_spec}'s tokenizer and text encoder (once: the engine holds the embedding)")
-    embedding = encode_prompt(base_spec, text)
+        progress(f"encoding the prompt {text!r} with {base_spec}'s tokenizer and text encoder "
+                 "(once: the engine holds the embedding)")
+        embedding = encode_prompt(base_spec, text)
     return SRModel(family=fam, base_model=base_spec, lora_sets=tuple(sets), replacements=replaced,
                    text_embedding=embedding, timestep=fam.timestep, x0_rule=fam.x0_rule, preprocess=fam.preprocess,
                    color_fix=fam.color_fix, upscale=fam.upscale, prompt=text,

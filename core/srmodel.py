@@ -76,7 +76,7 @@ class SRModel:
     base_model: str
     lora_sets: tuple[LoraSet, ...]
     replacements: Mapping[str, "torch.Tensor"]  # "<part>.<parameter>" -> tensor
-    text_embedding: "torch.Tensor"
+    text_embedding: "torch.Tensor | None"  # None: a prompt not encoded yet (inspection only)
     timestep: int
     x0_rule: str
     preprocess: str
@@ -125,7 +125,8 @@ class SRModel:
             **self.family.summary(),
             "base_model": self.base_model, "timestep": self.timestep, "x0_rule": self.x0_rule,
             "preprocess": self.preprocess, "color_fix": self.color_fix, "upscale": self.upscale,
-            "prompt": self.prompt, "embedding_shape": list(self.text_embedding.shape), "lora": parts,
+            "prompt": self.prompt, "lora": parts,
+            "embedding_shape": None if self.text_embedding is None else list(self.text_embedding.shape),
             "replaced": {k: list(v.shape) for k, v in self.replacements.items()},
             "deviations": self.deviations(), "source": dict(self.source),
         }

@@ -69,7 +69,7 @@ def inspect_main(file, family, base, as_json):
     setup_logging(False)
     from dfosd.core.readers import read_model
 
-    model = read_model(file, family=family, base_spec=base, progress=say)
+    model = read_model(file, family=family, base_spec=base, progress=say, encode=False)  # no text encoder needed
     info = model.summary()
     if as_json:
         click.echo(json.dumps(info, indent=2))
@@ -84,8 +84,9 @@ def inspect_main(file, family, base, as_json):
     for key, shape in info["replaced"].items():
         lines.append(f"replaced whole: {key} {shape}")
     prompt = "learned embedding" if info["prompt"] is None else f"prompt {info['prompt']!r}"
+    shape = info["embedding_shape"] or "(encoded by the base's text encoder at convert/export)"
     lines += [f"bakes: timestep {info['timestep']}, x0 rule {info['x0_rule']}, conditioning {prompt} "
-              f"{info['embedding_shape']}, pre-processing {info['preprocess']}, x{info['upscale']}",
+              f"{shape}, pre-processing {info['preprocess']}, x{info['upscale']}",
               f"default colour fix: {info['color_fix']}"]
     lines += ["deviations from upstream inference:"] + [f"  - {d}" for d in info["deviations"]] if info["deviations"] \
         else []

@@ -120,6 +120,10 @@ def test_convert_then_inspect_then_read(upstream_files, tmp_path):
     for text in ("family: osediff", "lora unet:", "lora vae:", "replaced whole: unet.conv_in.weight",
                  "timestep 999", "x0 rule ddpm", "pil-bicubic", "colour fix: adain", "posterior mean"):
         assert text in r.output
+    # an upstream file is inspected without its base (no tokenizer or text encoder is loaded)
+    r = CliRunner().invoke(main, ["inspect", str(upstream_files["hypir"])])
+    assert r.exit_code == 0 and "family: hypir" in r.output and "encoded by the base's text encoder" in r.output
+    assert "scale 1," in r.output and "timestep 200" in r.output
     direct = read_model(upstream_files["osediff"], base_spec=TINY, prompt=PROMPT)
     again = read_model(out)
     assert again.family.name == "osediff" and again.prompt == PROMPT and again.timestep == 999
