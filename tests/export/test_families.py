@@ -74,6 +74,17 @@ def test_export_matches_upstream_inference(family, upstream_files, tiny_base, te
         fam = out.manifest["family"]
         assert fam["name"] == family and fam["prompt"] == PROMPT and fam["deviations"]
     assert any(f"family {family} (" in s for s in said)  # what was detected, and why
+    # dfosd run applies the family's upstream colour fix by default (read from the manifest)
+    from PIL import Image
+
+    from dfosd.runtime.cli import main as run_main
+
+    Image.fromarray(lr[0].permute(1, 2, 0).numpy()).save(tmp_path / "lr.png")
+    r = CliRunner().invoke(run_main, [str(tmp_path / "lr.png"), "--engines", str(out.out_dir), "--out",
+                                      str(tmp_path / "sr"), "--backend", "onnxruntime", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "sr" / "dfosd-report.json").read_text())
+    assert report["color_fix"] == {"osediff": "adain", "pisa-sr": "adain", "hypir": "wavelet"}[family]
 
 
 def test_merge_is_what_unmerged_peft_computes(upstream_files, tiny_base, text_models, lr):
