@@ -17,7 +17,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from dfosd.calibration.recipe import QuantRecipe
 from dfosd.core.contracts import Geometry, component_contracts
@@ -33,6 +33,9 @@ from dfosd.core.manifest import (
     write_json_atomic,
 )
 from dfosd.core.vocab import MANIFEST_NAME, PRECISIONS, QUANT_PRECISIONS, onnx_name
+
+if TYPE_CHECKING:
+    from dfosd.core.bases import Base
 
 log = logging.getLogger(__name__)
 
@@ -161,12 +164,18 @@ def reusable(out_dir: Path, key: str) -> dict | None:
 
 
 def export_checkpoint(ckpt_path: str | Path, base_spec: str | None, out_dir: str | Path, cfg: ExportConfig, *,
-                      force: bool = False, progress: Callable[[str], None] = log.info, family: str | None = None,
+                      force: bool = False, progress: Callable[[str], None] = log.info, base: "Base | None" = None,
+                      part_exporter: Callable[..., dict] | None = None, family: str | None = None,
                       prompt: str | None = None, pisa_scales: tuple[float, float] | None = None) -> ExportResult:
     """Replace layers and merge the LoRA, trace every part for every tile batch, write the manifest.
 
     ``ckpt_path``: any checkpoint ``dfosd.core.readers`` reads (dfosd format 1/2, osediff.pkl,
     pisa_sr.pkl, HYPIR_sd2.pth, diffusers/kohya LoRA); ``base_spec`` None: the file's own base.
+    ``base``: the base of ``base_spec`` already in memory (a caller that holds it saves the
+    load; the LoRA is then merged into a copy of its UNet, so the caller's stays clean).
+    ``part_exporter``: writes one float part, with ``onnx_export.export_part``'s signature
+    and return value (the default); quantized parts always go through the Q/DQ writer.
+    ``family``/``prompt``: override the detected family, the prompt encoded once (prompt families).
     ``pisa_scales``: PiSA-SR's adjustable two-pass UNet (lambda_pix, lambda_sem) instead of both sets merged.
     """
     from dfosd.core.bases import base_fingerprint, load_base
@@ -176,7 +185,8 @@ def export_checkpoint(ckpt_path: str | Path, base_spec: str | None, out_dir: str
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     # format problems surface before the base is loaded (a prompt family loads its text encoder here)
-    model_file = read_model(ckpt_path, family=family, base_spec=base_spec, prompt=prompt, progress=progress)
+    model_file = read_model(ckpt_path, family=family, base_spec=base_spec, prompt=prompt, progress=progress,
+                            base=base)
     base_spec = base_spec or model_file.base_model
     inputs = export_inputs(base_spec, base_fingerprint(base_spec), model_file, cfg)
     if pisa_scales is not None:
@@ -188,8 +198,12 @@ def export_checkpoint(ckpt_path: str | Path, base_spec: str | None, out_dir: str
             progress(f"reusing {out_dir}: same base, checkpoint, options and software as its manifest")
             return ExportResult(out_dir, old, reused=True, seconds=time.perf_counter() - t0)
 
-    progress(f"loading base {base_spec}")
-    base = load_base(base_spec)
+    own_base = base is None
+    if own_base:
+        progress(f"loading base {base_spec}")
+        base = load_base(base_spec)
+    elif base.spec != base_spec:
+        raise DfosdError(f"export of {base_spec} was handed the base {base.spec}")
     validate_model(model_file, base)
     if inputs["base_fingerprint"] is None:  # e.g. a hub id fetched just now
         inputs["base_fingerprint"] = base.fingerprint
@@ -201,7 +215,10 @@ def export_checkpoint(ckpt_path: str | Path, base_spec: str | None, out_dir: str
     # graph by export_part(precision="fp16") with fp32 islands (see export/onnx_export.py). Tracing
     # torch half modules on the CPU took >5 min for the full-size encoder alone. Quantized parts
     # may still build their own half copy if ModelOpt needs it.
-    model = build_from_model(base, model_file, copy=False, pisa_scales=pisa_scales)  # base ours alone: in place
+    if part_exporter is None:
+        part_exporter = export_part
+    # a base of ours alone: merge in place
+    model = build_from_model(base, model_file, copy=not own_base, pisa_scales=pisa_scales)
     quantized, calibration = {}, None
     if cfg.quant is not None:
         from dfosd.calibration.export import quantize_for_export
@@ -221,8 +238,8 @@ def export_checkpoint(ckpt_path: str | Path, base_spec: str | None, out_dir: str
                 info = export_quantized_part(quantized[name], contract, out_dir / onnx_name(contract.stem),
                                              opset=cfg.opset, precision=cfg.precision)
             else:
-                info = export_part(model.part(name), contract, out_dir / onnx_name(contract.stem), opset=cfg.opset,
-                                   precision=precision)
+                info = part_exporter(model.part(name), contract, out_dir / onnx_name(contract.stem), opset=cfg.opset,
+                                     precision=precision)
             for f in info["files"]:
                 files[f] = file_record(out_dir / f)
             components[contract.stem] = {"component": name, "batch": batch, "onnx": onnx_name(contract.stem),

@@ -15,6 +15,8 @@ import pytest
 
 TINY = "synthetic:tiny"
 TILE = 32  # LR pixels: 128x128 output, 16x16 latent with the tiny VAE
+CALIB_COUNT = 8
+CALIB_PHOTOS = ("astronaut", "coffee", "chelsea")  # int8/fp8 calibration photos (scikit-image)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -64,6 +66,51 @@ def tiny_export_fp32(tiny_ckpt, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_export_fp16(tiny_ckpt, tmp_path_factory):
     return _export(tiny_ckpt, tmp_path_factory, "fp16", (1,))
+
+
+def write_photos(folder, names):
+    """scikit-image photographs reduced 4x to LR size, as PNG files (a --calib-data folder)."""
+    from PIL import Image
+    from skimage import data
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        Image.fromarray(getattr(data, name)()).reduce(4).save(folder / f"{name}.png")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def calib_dir(tmp_path_factory):
+    return write_photos(tmp_path_factory.mktemp("calib") / "photos", CALIB_PHOTOS)
+
+
+def export_8bit(tiny_ckpt, calib_dir, out, precision="int8", float_precision="fp32", quantize="unet,vae-enc,vae-dec"):
+    from dfosd.export.artifacts import ExportConfig, export_checkpoint
+
+    cfg = ExportConfig.from_options(precision=precision, float_precision=float_precision, tile=TILE,
+                                    calib_data=str(calib_dir), calib_count=CALIB_COUNT, quantize=quantize)
+    return export_checkpoint(tiny_ckpt, TINY, out, cfg, progress=print)
+
+
+@pytest.fixture(scope="session")
+def int8_export(tiny_ckpt, calib_dir, tmp_path_factory):
+    # One torch thread, like the calibration tests (a session fixture is set up before their
+    # one_torch_thread): calibration's float reductions follow the thread count, and the
+    # fake-quantized reference calibrated in test_tensorrt_inputs_match_eager_torch then has
+    # the very amax values and SmoothQuant-scaled weights this export was made with.
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return export_8bit(tiny_ckpt, calib_dir, tmp_path_factory.mktemp("int8")).out_dir
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def fp8_export(tiny_ckpt, calib_dir, tmp_path_factory):
+    return export_8bit(tiny_ckpt, calib_dir, tmp_path_factory.mktemp("fp8"), precision="fp8").out_dir
 
 
 @pytest.fixture(scope="session")
