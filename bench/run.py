@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from dfosd.core.checkpoint import check_checkpoint_file
+from dfosd.core.checkpoint import check_checkpoint_exists
 from dfosd.core.errors import DfosdError
 from dfosd.core.vocab import FLOAT_PRECISIONS, PRECISIONS, QUANT_PRECISIONS
 from dfosd.engines.base import BACKENDS
@@ -61,7 +61,7 @@ class BenchConfig:
         if problems:
             raise DfosdError("; ".join(problems))
         if self.ckpt is not None:
-            check_checkpoint_file(self.ckpt)
+            check_checkpoint_exists(self.ckpt)
 
     def export_config(self, precision: str, calib_dir: Path | None) -> "ExportConfig":
         from dfosd.export.artifacts import ExportConfig
@@ -142,9 +142,10 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
     from dfosd.bench.measure import NOISY_SPREAD, ratio_range, spread, time_interleaved
     from dfosd.bench.results import machine_description
     from dfosd.core.bases import load_base
-    from dfosd.core.checkpoint import read_checkpoint, write_random_checkpoint
+    from dfosd.core.checkpoint import write_random_checkpoint
     from dfosd.core.metrics import max_abs_diff, psnr_uint8
-    from dfosd.core.onestep import build_onestep
+    from dfosd.core.onestep import build_from_model
+    from dfosd.core.readers import read_model
     from dfosd.export.artifacts import export_checkpoint
     from dfosd.runtime.step import OneStepRunner
 
@@ -156,7 +157,7 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
         write_random_checkpoint(ckpt_path, load_base(cfg.base), rank=16, alpha=16)
         say(f"wrote a synthetic checkpoint {ckpt_path} (random LoRA: it does not super-resolve)")
         gc.collect()
-    ckpt = read_checkpoint(ckpt_path)
+    ckpt = read_model(ckpt_path, base_spec=cfg.base, progress=say)  # any family; a prompt is encoded once
 
     # Exports before the eager model exists: each loads its own base (two full-size bases at once
     # pushed the fp16 export out of memory).
@@ -180,7 +181,7 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     candidates = {}  # name -> (backend, precision, device, fn returning the uint8 output as numpy)
     for prec in ["fp32"] + (["fp16"] if cuda else []):
-        model = build_onestep(base, ckpt, dtype=torch.float32 if prec == "fp32" else torch.float16).to(dev)
+        model = build_from_model(base, ckpt, dtype=torch.float32 if prec == "fp32" else torch.float16).to(dev)
         xin = x.to(dev)
 
         def eager(model=model, xin=xin):

@@ -120,13 +120,19 @@ def _parse_metadata(meta: Mapping[str, str] | None, problems: list[str]) -> Chec
 CHECKPOINT_FIX = "pass the lora.safetensors written by dfosd-train (or dfosd.core.checkpoint.write_checkpoint)"
 
 
-def check_checkpoint_file(path: str | Path) -> Path:
-    """The cheap checks (the file is there, it is .safetensors), before anything is imported or loaded."""
+def check_checkpoint_exists(path: str | Path) -> Path:
+    """The cheap check before anything is imported or loaded: the file is there (any family's format)."""
     path = Path(path)
     if not path.is_file():
         raise DfosdError(f"checkpoint {path} does not exist",
                          hint=f"{CHECKPOINT_FIX}; to try the pipeline, make a test one: "
                               "dfosd checkpoint random --base synthetic:tiny --out lora.safetensors")
+    return path
+
+
+def check_checkpoint_file(path: str | Path) -> Path:
+    """The cheap checks for a DFOSD checkpoint (the file is there, it is .safetensors)."""
+    path = check_checkpoint_exists(path)
     if path.suffix != ".safetensors":
         raise DfosdError(f"checkpoint {path} is not a .safetensors file (pickled checkpoints are not loaded)",
                          hint=CHECKPOINT_FIX)
