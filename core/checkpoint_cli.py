@@ -43,7 +43,8 @@ def random_main(base, out, rank, alpha, tokens, seed, force):
     path = Path(out)
     # Cheap checks before the base is loaded (that imports torch and diffusers).
     if path.suffix != ".safetensors":
-        raise DfosdError(f"--out {path}: a checkpoint is a .safetensors file", hint=f"e.g. --out {path.stem}.safetensors")
+        raise DfosdError(f"--out {path}: a checkpoint is a .safetensors file",
+                         hint=f"e.g. --out {path.stem}.safetensors")
     if path.exists() and not force:
         raise DfosdError(f"{path} exists", hint="pass --force to overwrite it, or choose another --out")
     if path.parent.exists() and not path.parent.is_dir():

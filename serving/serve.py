@@ -135,6 +135,52 @@ def pythonpath_dirs() -> tuple[str, ...]:
     return tuple(str(Path(d).resolve()) for d in os.environ.get("PYTHONPATH", "").split(os.pathsep) if d)
 
 
+# tritonserver runs under this small supervisor (``python -c``, no imports beyond the standard
+# library), the leader of their process group. Why: a backend stub is tritonserver's child, and
+# when tritonserver exits during a model load (SIGTERM from a killed dfosd-serve), the stub was
+# left running for good (observed, with the model in its memory). The supervisor forwards
+# SIGTERM/SIGINT to tritonserver, kills it if it is not gone ``exit_timeout + 30`` s later, and
+# once it is gone, for whatever reason, kills what is left of the group; it exits with
+# tritonserver's exit code. Both get a parent-death signal, so a SIGKILL of dfosd-serve (or of the
+# supervisor) still ends the whole group.
+SUPERVISOR = r"""
+import ctypes, os, signal, subprocess, sys, time
+def pdeathsig():
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except Exception:
+        pass
+grace = float(sys.argv[1])
+server = subprocess.Popen(sys.argv[2:], preexec_fn=pdeathsig)
+deadline = []
+def forward(signum, frame):
+    if not deadline:
+        deadline.append(time.monotonic() + grace)
+    try:
+        server.send_signal(signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+signal.signal(signal.SIGTERM, forward)
+signal.signal(signal.SIGINT, forward)
+signal.signal(signal.SIGHUP, forward)
+while server.poll() is None:
+    if deadline and time.monotonic() > deadline[0]:
+        server.kill()
+    time.sleep(0.1)
+me, group = os.getpid(), os.getpgrp()
+for entry in os.listdir("/proc"):
+    if entry.isdigit() and int(entry) != me:
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[2]) == group:
+                os.kill(int(entry), signal.SIGKILL)
+        except (OSError, ValueError, IndexError):
+            pass
+sys.exit(server.returncode if server.returncode >= 0 else 128 - server.returncode)
+"""
+
+
 def _set_parent_death_signal() -> None:
     """In the child before exec: get SIGTERM when the parent dies (Linux prctl)."""
     try:
@@ -235,7 +281,8 @@ class TritonServer:
         self.proc: subprocess.Popen | None = None
         self._work: Path | None = None
         self._log_handle = None
-        self._stubs: dict[int, str | None] = {}  # backend stub pid -> start time, once ready
+        self._stubs: dict[int, str | None] = {}  # tritonserver and backend stub pids -> start time, once ready
+        self._names: dict[int, str] = {}
 
     # -- setup
 
@@ -249,7 +296,8 @@ class TritonServer:
         write_repository(o.export_dir, repo, RepoOptions(
             name=o.model_name, kinds=("python",), link="symlink", backend=o.backend, tile_batch=o.tile_batch,
             overlap=o.overlap, max_batch=o.max_batch, max_queue_delay_us=o.max_queue_delay_us,
-            queue_timeout_s=o.timeout_s, request_timeout_s=o.request_timeout_s, max_pixels=o.max_pixels or DEFAULT_MAX_PIXELS, instances=o.instances,
+            queue_timeout_s=o.timeout_s, request_timeout_s=o.request_timeout_s,
+            max_pixels=o.max_pixels or DEFAULT_MAX_PIXELS, instances=o.instances,
             python_device=kind, site_dirs=venv_site_dirs(), path_dirs=pythonpath_dirs()))
         return repo
 
@@ -313,9 +361,10 @@ class TritonServer:
                 self._log_handle = open(self.opts.log_file, "ab")
                 out = self._log_handle
             log.info("starting %s", " ".join(cmd))
-            self.proc = subprocess.Popen(cmd, env=server_env(self.dist), stdout=out, stderr=subprocess.STDOUT if out
-                                         else None, stdin=subprocess.DEVNULL, start_new_session=True,
-                                         preexec_fn=_set_parent_death_signal)
+            supervised = [sys.executable, "-c", SUPERVISOR, str(self.opts.exit_timeout_s + 30), *cmd]
+            self.proc = subprocess.Popen(supervised, env=server_env(self.dist), stdout=out,
+                                         stderr=subprocess.STDOUT if out else None, stdin=subprocess.DEVNULL,
+                                         start_new_session=True, preexec_fn=_set_parent_death_signal)
         except BaseException:
             self.stop()
             raise
@@ -341,7 +390,10 @@ class TritonServer:
                 raise DfosdError(f"tritonserver exited during start-up (exit code {code}):\n{self._log_tail()}",
                                  hint="check the engines directory and the model's log lines above")
             if http_status(url) == 200:
+                # tritonserver and its backend stubs (the supervisor is self.proc, watched by poll())
                 self._stubs = {pid: process_start_time(pid) for pid in self.pids() if pid != self.proc.pid}
+                self._names = {pid: ("the model's backend stub" if _comm(pid).startswith("triton_python")
+                                     else "tritonserver") for pid in self._stubs}
                 return
             time.sleep(0.25)
         self.stop()
@@ -364,7 +416,7 @@ class TritonServer:
             return f"tritonserver exited by itself (exit code {self.proc.returncode})"
         for pid, started in self._stubs.items():
             if process_start_time(pid) != started:
-                return f"the model's backend stub (pid {pid}) died"
+                return f"{self._names.get(pid, 'a server process')} (pid {pid}) died"
         return None
 
     def stop(self) -> int | None:
@@ -375,7 +427,7 @@ class TritonServer:
             if self.proc.poll() is None:
                 try:
                     self.proc.send_signal(signal.SIGTERM)
-                    self.proc.wait(timeout=self.opts.exit_timeout_s + 15)
+                    self.proc.wait(timeout=self.opts.exit_timeout_s + 45)  # the supervisor waits +30 s
                 except subprocess.TimeoutExpired:
                     self.proc.kill()
                     self.proc.wait(timeout=15)
@@ -415,6 +467,14 @@ def http_status(url: str, timeout: float = 2.0) -> int | None:
         return exc.code
     except (OSError, ValueError):
         return None
+
+
+def _comm(pid: int) -> str:
+    """The executable name of ``pid`` (truncated to 15 characters by the kernel), '' if gone."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def _cuda_visible() -> bool:

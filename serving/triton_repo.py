@@ -403,7 +403,8 @@ def write_repository(export_dir: str | Path, repo_dir: str | Path, opts: RepoOpt
                              hint=f"pass --tile-batch {max(by_batch)}, or re-export with --batch {tile_batch}")
         params = python_model_parameters(manifest, opts, tile_batch)
         files = {f"engines/{p.name}": p for p in export_files(export_dir)}
-        write_model(repo, n, python_config(n, params, opts), files, opts.link, {"model.py": model_py(opts.site_dirs, opts.path_dirs)})
+        write_model(repo, n, python_config(n, params, opts), files, opts.link,
+                    {"model.py": model_py(opts.site_dirs, opts.path_dirs)})
         result.models[n] = (f"python backend: dfosd runtime ({opts.backend}), any image size, tile batch "
                             f"{tile_batch}, up to {opts.max_batch} requests per batch")
 
