@@ -19,7 +19,7 @@ Process handling:
   that Ctrl-C in a terminal reaches us (not it) and we can shut it down in order: SIGTERM,
   wait for in-flight requests (``exit_timeout``), then SIGKILL whatever is left of the
   group (the backend stubs are its children). A killed ``dfosd-serve`` takes the server
-  with it;
+  and its stubs with it (``SUPERVISOR``);
 - the work folder (repository, backend links) is a fresh temp folder with an owner file
   (pid + process start time). ``kill -9`` leaves it behind, so each start removes the
   folders whose owner is gone: what dfosd-serve writes does not pile up, and a folder
