@@ -22,6 +22,10 @@ from dfosd.core.onestep import COMPONENTS
 log = logging.getLogger(__name__)
 
 
+class NonFiniteOutput(DfosdError):
+    """A part produced NaN or Inf: the image would come out black (or partly), so it fails instead."""
+
+
 class OneStepRunner:
     def __init__(self, export_dir: str | Path, *, backend: str = "auto", batch: int | None = None,
                  cuda_graph: bool = True, say: Callable[[str], None] = log.info):
@@ -104,5 +108,24 @@ class OneStepRunner:
         if b < lr.shape[0]:
             lr[b:].zero_()  # a partial batch: pad, and ignore the padded outputs
         self._run()
+        self._check_finite(b)
         out = self.buffers[self.contracts["decoder"].outputs[0].name]
         return out[:b].to("cpu", copy=True)
+
+    def _check_finite(self, b: int) -> None:
+        """Fail on NaN/Inf at the float part boundaries (latent, denoised latent).
+
+        The decoder's uint8 cast turns NaN into 0, so a non-finite latent (an fp16 overflow
+        in the encoder or UNet of a real checkpoint) would otherwise be saved as a black
+        image with status ok. The boundaries are small (latent-sized), so the check is cheap.
+        NaN arising inside the decoder itself cannot be seen from its uint8 output."""
+        import torch
+
+        for name in ("encoder", "unet"):
+            for spec in self.contracts[name].outputs:
+                buf = self.buffers[spec.name]
+                if buf.is_floating_point() and not bool(torch.isfinite(buf[:b]).all()):
+                    fix = ("re-export with --precision fp32 (an fp16 overflow)" if self.precision != "fp32"
+                           else "check the checkpoint: the weights make this part overflow")
+                    raise NonFiniteOutput(f"the {name} produced NaN or Inf ({spec.name}); the output would be "
+                                          f"black, so it is not written", hint=fix)

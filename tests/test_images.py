@@ -54,7 +54,7 @@ def touch_png(path: Path, size=(4, 4)) -> Path:
 # ----------------------------------------------------------------------------- collect_inputs
 
 def test_suffixes():
-    assert {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"} == set(IMAGE_SUFFIXES)
+    assert {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"} == set(IMAGE_SUFFIXES)
 
 
 def test_collect_folder_is_recursive_sorted_and_mirrors_subfolders(tmp_path):
@@ -62,10 +62,15 @@ def test_collect_folder_is_recursive_sorted_and_mirrors_subfolders(tmp_path):
     for rel in ["b.png", "a.PNG", "sub/c.JPG", "sub/deeper/d.webp", "sub/e.tiff", ".hidden.png", ".cache/f.png"]:
         touch_png(root / rel)
     (root / "notes.txt").write_text("not an image")
-    pairs, problems = collect_inputs([str(root)])
-    assert problems == []
+    (root / "sub" / "clip.mov").write_bytes(b"\0")
+    found = collect_inputs([str(root)])
+    pairs = found.pairs
+    assert found.problems == []
     assert [rel.as_posix() for _, rel in pairs] == ["a.PNG", "b.png", "sub/c.JPG", "sub/deeper/d.webp", "sub/e.tiff"]
     assert all(src == root / rel for src, rel in pairs)
+    # the other files are named with the reason (hidden ones are left out)
+    assert [(p.name, why.split(" (")[0]) for p, why in found.skipped] == [
+        ("notes.txt", "not an image file name"), ("clip.mov", "not an image file name")]
 
 
 def test_collect_files_globs_missing_and_duplicates(tmp_path):
@@ -76,7 +81,8 @@ def test_collect_files_globs_missing_and_duplicates(tmp_path):
     (tmp_path / "empty").mkdir()
     inputs = [str(d), str(odd), str(other / "*.png"), str(tmp_path / "missing.png"),
               str(tmp_path / "nothing" / "*.png"), str(tmp_path / "empty"), str(d)]
-    pairs, problems = collect_inputs(inputs)
+    found = collect_inputs(inputs)
+    pairs, problems = found.pairs, found.problems
     assert pairs == [(d, Path("d.png")), (odd, Path("e.xyz")), (f, Path("f.png"))]  # d.png once
     assert problems[0] == f"no such file or folder: {tmp_path / 'missing.png'}"
     assert problems[1] == f"no image files match: {tmp_path / 'nothing' / '*.png'}"
@@ -86,7 +92,8 @@ def test_collect_files_globs_missing_and_duplicates(tmp_path):
 
 def test_collect_reports_output_name_clashes(tmp_path):
     a1, a2 = touch_png(tmp_path / "x" / "a.png"), touch_png(tmp_path / "y" / "a.jpg")
-    pairs, problems = collect_inputs([str(a1), str(a2)])
+    found = collect_inputs([str(a1), str(a2)])
+    pairs, problems = found.pairs, found.problems
     assert pairs == [(a1, Path("a.png"))]
     assert len(problems) == 1 and str(a2) in problems[0] and str(a1) in problems[0]
 
