@@ -109,9 +109,12 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise DfosdError(f"{path} is not valid JSON ({exc})", hint="re-run dfosd-export to rewrite it") from exc
-    if data.get("format") != MANIFEST_FORMAT:
-        raise DfosdError(f"{path} has manifest format {data.get('format')!r}; this dfosd reads {MANIFEST_FORMAT}",
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        raise DfosdError(f"{path} has manifest format {data.get('format') if isinstance(data, dict) else None!r}; this dfosd reads {MANIFEST_FORMAT}",
                          hint="re-run dfosd-export with this dfosd version")
+    from dfosd.core.manifest_check import check_export_manifest
+
+    check_export_manifest(data, path)  # an edited manifest is a clear error, not a traceback later
     return data
 
 

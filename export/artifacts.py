@@ -8,7 +8,9 @@ Layout of ``--out DIR``::
     decoder_b1.onnx
 
 Re-running with identical inputs (base, checkpoint, options, software) reuses the
-directory; any change rebuilds it.
+directory; any change rebuilds it. Only a new or empty folder or an earlier export is
+written to, and only files an earlier export wrote are replaced or removed
+(``export.ownership``).
 """
 
 from __future__ import annotations
@@ -168,9 +170,11 @@ def export_checkpoint(ckpt_path: str | Path, base_spec: str, out_dir: str | Path
     """Merge the LoRA, trace every part for every tile batch, write the manifest."""
     from dfosd.core.bases import base_fingerprint, load_base
     from dfosd.core.checkpoint import read_checkpoint, validate_checkpoint
+    from dfosd.export.ownership import owned_files
 
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
+    owned = owned_files(out_dir)  # a foreign non-empty folder is refused before any work
     ckpt = read_checkpoint(ckpt_path)  # format problems surface before the base is loaded
     inputs = export_inputs(base_spec, base_fingerprint(base_spec), ckpt, cfg)
     key = build_key(inputs)
@@ -187,7 +191,7 @@ def export_checkpoint(ckpt_path: str | Path, base_spec: str, out_dir: str | Path
         inputs["base_fingerprint"] = base.fingerprint
         key = build_key(inputs)
     from dfosd.core.onestep import build_onestep
-    from dfosd.export.onnx_export import clear_stale, export_part
+    from dfosd.export.ownership import claim, part_files, release
 
     # NOTE (lead): the eager model is always built and traced in fp32; fp16 is made on the ONNX
     # graph by export_part(precision="fp16") with fp32 islands (see export/onnx_export.py). Tracing
@@ -199,6 +203,24 @@ def export_checkpoint(ckpt_path: str | Path, base_spec: str, out_dir: str | Path
         from dfosd.calibration.export import quantize_for_export
 
         quantized, calibration = quantize_for_export(model, cfg, progress=progress)
+    planned = part_files([f"{name}_b{batch}" for batch in cfg.batches for name in COMPONENTS])
+    claim(out_dir, owned, planned)
+    try:
+        manifest = _export_parts(model, base, ckpt, ckpt_path, cfg, out_dir, quantized, calibration, inputs, key,
+                                 owned, progress)
+    except BaseException:
+        release(out_dir, planned, finished=False)
+        raise
+    release(out_dir, planned, finished=True)
+    return ExportResult(out_dir, manifest, reused=False, seconds=time.perf_counter() - t0)
+
+
+def _export_parts(model, base, ckpt, ckpt_path, cfg: ExportConfig, out_dir: Path, quantized: dict, calibration,
+                  inputs: dict, key: str, owned: set[str], progress: Callable[[str], None]) -> dict:
+    """Every part for every tile batch, then the stale files of an earlier export, then the manifest."""
+    from dfosd.export.onnx_export import export_part
+    from dfosd.export.ownership import clear_stale
+
     components, files = {}, {}
     for batch in cfg.batches:
         geo = Geometry(tile=cfg.tile, batch=batch, upscale=ckpt.metadata.upscale,
@@ -220,7 +242,10 @@ def export_checkpoint(ckpt_path: str | Path, base_spec: str, out_dir: str | Path
             components[contract.stem] = {"component": name, "batch": batch, "onnx": f"{contract.stem}.onnx",
                                          "precision": precision, "contract": contract.to_dict(), "export_seconds":
                                          round(time.perf_counter() - t, 2), **info}
-    clear_stale(out_dir, set(files))
+    removed = clear_stale(out_dir, owned, set(files))
+    if removed:
+        progress(f"removed {len(removed)} file(s) of the earlier export that this one does not make: "
+                 f"{', '.join(removed)}")
     meta = ckpt.metadata
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -243,7 +268,7 @@ def export_checkpoint(ckpt_path: str | Path, base_spec: str, out_dir: str | Path
     if calibration is not None:
         manifest["calibration"] = calibration
     write_json_atomic(out_dir / MANIFEST_NAME, manifest)
-    return ExportResult(out_dir, manifest, reused=False, seconds=time.perf_counter() - t0)
+    return manifest
 
 
 def components_for_batch(manifest: dict, batch: int) -> dict[str, dict]:

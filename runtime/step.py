@@ -16,7 +16,8 @@ from typing import Callable
 
 from dfosd.core.contracts import ComponentContract
 from dfosd.core.errors import DfosdError
-from dfosd.core.manifest import files_intact, read_manifest
+from dfosd.core.manifest import MANIFEST_NAME, files_intact, read_manifest
+from dfosd.core.manifest_check import unrecorded_files
 from dfosd.core.onestep import COMPONENTS
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,12 @@ class OneStepRunner:
         self.batch = int(batch if batch is not None else max(batches))
         entries = components_for_batch(self.manifest, self.batch)
         cls, self.backend_reason = select_backend(backend)
+        if cls.name != "aoti":  # the AOTI backend loads packages, recorded in their own manifest
+            unrecorded = unrecorded_files(self.manifest, list(entries.values()))
+            if unrecorded:
+                raise DfosdError(f"{self.export_dir / MANIFEST_NAME} has no hash record of {', '.join(unrecorded)}: "
+                                 "they cannot be checked (was its 'files' list edited?)",
+                                 hint="re-run dfosd-export into this directory")
         self.backend = cls()
         say(self.backend_reason)
         self.contracts = {n: ComponentContract.from_dict(entries[n]["contract"]) for n in COMPONENTS}
