@@ -376,3 +376,91 @@ def test_save_too_large_for_format_is_a_clear_write_error(tmp_path):
     assert not (tmp_path / "wide.webp").exists()
     with pytest.raises(DfosdError, match="unknown output format"):
         save_image_atomic(Image.new("RGB", (4, 4)), tmp_path / "x.gif", "gif")
+
+
+# ----------------------------------------------------------------------------- issue 12: hostile inputs
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height RGB pixels and holds a few bytes of (zero) data:
+    decoding it would need width*height*4 bytes; its header costs nothing to read."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(64))) + \
+        chunk(b"IEND", b"")
+
+
+def test_max_pixels_is_checked_from_the_header_before_decoding(tmp_path):
+    from dfosd.runtime.images import DEFAULT_MAX_PIXELS
+
+    p = tmp_path / "bomb.png"
+    p.write_bytes(_png_header_only(12000, 12000))  # 144 MP: PIL's own limit would call it a bomb
+    with pytest.raises(ImageInputError) as exc:
+        load_image(p, max_pixels=DEFAULT_MAX_PIXELS)
+    msg = str(exc.value)
+    assert "bomb.png: 12000x12000 is 144.0 MP, over --max-pixels 25000000" in msg and "--max-pixels 144000000" in msg
+    # Ours replaces PIL's limit (an error past 179 MP, raised while opening): a 200 MP header
+    # gets our message, and PIL's global is left as it was.
+    p.write_bytes(_png_header_only(20000, 10000))
+    before = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(ImageInputError, match="20000x10000 is 200.0 MP, over --max-pixels 150000000"):
+        load_image(p, max_pixels=150_000_000)
+    assert Image.MAX_IMAGE_PIXELS == before
+    touch_png(tmp_path / "ok.png", (100, 50))
+    assert load_image(tmp_path / "ok.png", max_pixels=5000).rgb.shape == (3, 50, 100)  # exactly at the limit
+
+
+def test_gif_is_read_by_its_first_frame(tmp_path, astronaut):
+    frames = [Image.fromarray(astronaut[:64, :48]).quantize(64), Image.new("P", (48, 64), 3)]
+    p = tmp_path / "anim.gif"
+    frames[0].save(p, save_all=True, append_images=frames[1:])
+    img = load_image(p)
+    assert img.rgb.shape == (3, 64, 48) and any("2 frames" in n for n in img.notes)
+    assert torch.equal(img.rgb, chw(np.asarray(frames[0].convert("RGB"))))
+
+
+@pytest.mark.parametrize("orientation", [0, 9, 300])
+def test_invalid_exif_orientation_is_not_reported_as_applied(tmp_path, astronaut, orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    p = tmp_path / "odd.jpg"
+    Image.fromarray(astronaut[:40, :60]).save(p, quality=95, exif=exif)
+    img = load_image(p)
+    assert img.rgb.shape == (3, 40, 60)  # used as stored
+    assert not any("applied" in n for n in img.notes)
+    assert any(f"EXIF orientation {orientation} is not valid" in n for n in img.notes)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 9), (9, 1)])
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
+def test_one_pixel_inputs_load_without_warnings(tmp_path, size, mode):
+    import warnings
+
+    p = tmp_path / "dot.png"
+    Image.new(mode, size, 200).save(p)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "The given NumPy array is not writable" was one
+        img = load_image(p)
+        img.rgb[0, 0, 0] = 1  # a tensor of its own, writable
+        sr = torch.zeros(3, size[1] * 4, size[0] * 4, dtype=torch.uint8)
+        assert compose_output(sr, img, 4).size == (size[0] * 4, size[1] * 4)
+
+
+def test_output_canvas_rows_equal_compose_output(astronaut):
+    from dfosd.runtime.images import OutputCanvas
+
+    for gray, alpha in [(False, None), (True, None), (False, torch.full((30, 20), 77, dtype=torch.uint8)),
+                        (True, torch.arange(600, dtype=torch.int32).reshape(30, 20).remainder(256).to(torch.uint8))]:
+        lr = chw(astronaut[:30, :20])
+        loaded = LoadedImage(path=Path("x.png"), rgb=lr, alpha=alpha, grayscale=gray, icc_profile=b"icc")
+        sr = chw(np.ascontiguousarray(astronaut[:120, :80]))
+        whole = compose_output(sr, loaded, 4)
+        canvas = OutputCanvas(loaded, 4)
+        for y in range(0, 120, 50):  # bands of 50, 50, 20 rows
+            canvas.write_rows(y, sr[:, y:y + 50])
+        banded = canvas.finish()
+        assert banded.mode == whole.mode and banded.info["icc_profile"] == b"icc"
+        assert np.array_equal(np.asarray(banded), np.asarray(whole))
+    with pytest.raises(ValueError, match="rows within"):
+        canvas.write_rows(100, sr[:, :50])
