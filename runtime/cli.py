@@ -70,11 +70,12 @@ def main(inputs, engines_dir, out_dir, backend, batch, tile, overlap, color_fix,
 
     out = Path(out_dir)
     found = collect_inputs(inputs, out_dir=out)
+    if not found.pairs:  # nothing to do: say why before any model is loaded
+        what = [f"skipped {len(found.skipped)} file(s): {_names(found.skipped)}"] if found.skipped else []
+        raise DfosdError("no input images found" + "".join(f"\n  - {p}" for p in found.problems + what),
+                         hint="pass image files, folders or glob patterns")
     for p in found.problems:
         say(f"error: {p}")
-    if not found.pairs and not found.problems:
-        what = f" ({len(found.skipped)} file(s) skipped: {_names(found.skipped)})" if found.skipped else ""
-        raise DfosdError(f"no input images found{what}", hint="pass image files, folders or glob patterns")
     # Cheap checks before any model is loaded: where outputs go, that they can be written.
     check_output_folder(inputs, found.pairs, out, fmt)
     report_path = Path(report) if report else out / REPORT_NAME

@@ -206,24 +206,31 @@ class TiledImage:
             self._acc = self._weight = None
 
     def _finish_rows(self, n: int) -> None:
-        """Round the band's first ``n`` rows to uint8, hand them on, and move the band down by ``n``."""
+        """Round the band's first ``n`` rows to uint8, hand them on, and move the band down by ``n``.
+
+        All in place (no band-sized temporaries): the finished rows are divided, rounded
+        and clamped where they lie -- the same float32 operations as on a whole image, so
+        the same bytes -- and the rows still open are moved up in slices of at most ``n``
+        rows, each of which never overlaps the rows it reads."""
         s = self.cfg.scale
         rows = min(n, self.height * s - self._band_y)  # rows past the image are padding
+        acc, weight = self._acc, self._weight
         if rows > 0:
-            final = torch.round(self._acc[:, :rows] / self._weight[:rows]).clamp_(0, 255).to(torch.uint8)
-            final = final[:, :, :self.width * s]
+            done = acc[:, :rows].div_(weight[:rows]).round_().clamp_(0, 255)
+            final = done[:, :, :self.width * s].to(torch.uint8)
             if self.sink is not None:
                 self.sink(self._band_y, final)
             else:
                 if self._out is None:
                     self._out = torch.empty(3, self.height * s, self.width * s, dtype=torch.uint8)
                 self._out[:, self._band_y:self._band_y + rows] = final
-        band = self._acc.shape[1]
-        if n < band:  # keep the rows the next tile row still adds to
-            acc, weight = torch.zeros_like(self._acc), torch.zeros_like(self._weight)
-            acc[:, :band - n] = self._acc[:, n:]
-            weight[:band - n] = self._weight[n:]
-            self._acc, self._weight = acc, weight
+        band = acc.shape[1]
+        for start in range(n, band, n):  # rows n.. move to 0..; each slice reads rows past what it writes
+            stop = min(start + n, band)
+            acc[:, start - n:stop - n] = acc[:, start:stop]
+            weight[start - n:stop - n] = weight[start:stop]
+        acc[:, max(band - n, 0):].zero_()
+        weight[max(band - n, 0):].zero_()
         self._band_y += n
 
     def result(self) -> torch.Tensor:
