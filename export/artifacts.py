@@ -170,11 +170,13 @@ def export_checkpoint(ckpt_path: str | Path, base_spec: str, out_dir: str | Path
     """Merge the LoRA, trace every part for every tile batch, write the manifest."""
     from dfosd.core.bases import base_fingerprint, load_base
     from dfosd.core.checkpoint import read_checkpoint, validate_checkpoint
-    from dfosd.export.ownership import owned_files
+    from dfosd.export.ownership import check_planned, owned_files, part_files
 
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     owned = owned_files(out_dir)  # a foreign non-empty folder is refused before any work
+    planned = part_files([f"{name}_b{batch}" for batch in cfg.batches for name in COMPONENTS])
+    check_planned(out_dir, owned, planned)
     ckpt = read_checkpoint(ckpt_path)  # format problems surface before the base is loaded
     inputs = export_inputs(base_spec, base_fingerprint(base_spec), ckpt, cfg)
     key = build_key(inputs)
@@ -191,7 +193,7 @@ def export_checkpoint(ckpt_path: str | Path, base_spec: str, out_dir: str | Path
         inputs["base_fingerprint"] = base.fingerprint
         key = build_key(inputs)
     from dfosd.core.onestep import build_onestep
-    from dfosd.export.ownership import claim, part_files, release
+    from dfosd.export.ownership import claim, release
 
     # NOTE (lead): the eager model is always built and traced in fp32; fp16 is made on the ONNX
     # graph by export_part(precision="fp16") with fp32 islands (see export/onnx_export.py). Tracing
@@ -203,7 +205,6 @@ def export_checkpoint(ckpt_path: str | Path, base_spec: str, out_dir: str | Path
         from dfosd.calibration.export import quantize_for_export
 
         quantized, calibration = quantize_for_export(model, cfg, progress=progress)
-    planned = part_files([f"{name}_b{batch}" for batch in cfg.batches for name in COMPONENTS])
     claim(out_dir, owned, planned)
     try:
         manifest = _export_parts(model, base, ckpt, ckpt_path, cfg, out_dir, quantized, calibration, inputs, key,

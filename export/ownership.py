@@ -64,12 +64,17 @@ def owned_files(out_dir: Path) -> set[str]:
     return (manifest or set()) | (in_progress or set())
 
 
-def claim(out_dir: Path, owned: set[str], planned: set[str]) -> None:
-    """Refuse to write over a file no earlier export wrote; then record ``planned`` as ours."""
+def check_planned(out_dir: Path, owned: set[str], planned: set[str]) -> None:
+    """Refuse to write over a file no earlier export of the folder wrote (checked before any work)."""
     foreign = sorted(n for n in planned if (Path(out_dir) / n).exists() and n not in owned)
     if foreign:
         raise DfosdError(f"--out {out_dir} holds {', '.join(foreign)}, which this export would overwrite but "
                          f"no earlier dfosd export of that folder wrote", hint="move it away, or pass another --out")
+
+
+def claim(out_dir: Path, owned: set[str], planned: set[str]) -> None:
+    """Record ``planned`` as this export's before the first file is written (see the module docstring)."""
+    check_planned(out_dir, owned, planned)
     write_json_atomic(Path(out_dir) / IN_PROGRESS_NAME, {"kind": "dfosd-export-in-progress",
                                                           "files": sorted(planned | owned)})
 
