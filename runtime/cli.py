@@ -44,7 +44,7 @@ TILE_BAR_MIN_CALLS = 4  # a per-tile progress bar for images that take more engi
                    "loading engines here; --engines/--backend/--batch do not apply.")
 @click.option("--max-pixels", type=click.IntRange(1), default=None,
               help="Refuse inputs with more pixels than this, read from the header before decoding "
-                   "[default: 25000000, about 1.7 GiB at the run's ~72 bytes per input pixel].")
+                   "[default: 25000000, about 2 GiB at the run's ~88 bytes per input pixel].")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.option("-v", "--verbose", is_flag=True)
 @user_errors

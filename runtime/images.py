@@ -33,8 +33,8 @@ from dfosd.core.errors import DfosdError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 # Decoding is refused above this many input pixels (checked from the header, before any
-# pixel is decoded). 25 MP (e.g. 5000x5000) -> a 400 MP x4 output: about 1.7 GB at the
-# run's bound of ~70 bytes per input pixel (README, "Limits"); --max-pixels changes it.
+# pixel is decoded). 25 MP (e.g. 5000x5000) -> a 400 MP x4 output: about 2 GiB at the
+# run's ~88 bytes per input pixel (README, "Limits"); --max-pixels changes it.
 DEFAULT_MAX_PIXELS = 25_000_000
 
 # format name -> (PIL format, file suffix)
@@ -246,10 +246,10 @@ def too_many_pixels(path: Path, width: int, height: int, max_pixels: int) -> Ima
              f"{width * height * RUN_BYTES_PER_INPUT_PIXEL / 2**30:.1f} GiB), or downscale the image")
 
 
-# Peak bytes per input pixel of a x4 run without colour fix (README, "Limits"; measured in
-# BENCHMARKS.md): the output image (4 bytes per output pixel in PIL, 16 output pixels per
-# input pixel) plus the decoded input and its tensor.
-RUN_BYTES_PER_INPUT_PIXEL = 72
+# Peak bytes per input pixel of a x4 run without colour fix (measured in BENCHMARKS.md: 745 MiB
+# for 3000x3000, i.e. 1.81 x the uint8 output): the output image (4 bytes per output pixel in
+# PIL, 16 output pixels per input pixel), the float band, the decoded input and its tensor.
+RUN_BYTES_PER_INPUT_PIXEL = 88
 
 
 def _decode(path: Path, max_pixels: int | None = None) -> tuple[Image.Image, bool, int]:
