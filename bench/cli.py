@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from dfosd.core.cli_support import say, setup_logging, user_errors
+from dfosd.core.vocab import FLOAT_PRECISIONS
 
 
 @click.command(name="bench", context_settings={"help_option_names": ["-h", "--help"]})
@@ -22,7 +23,7 @@ from dfosd.core.cli_support import say, setup_logging, user_errors
 @click.option("--calib-data", default=None, type=click.Path(file_okay=False),
               help="int8/fp8: calibration photos (default: scikit-image photos that are not timed inputs).")
 @click.option("--calib-count", default=8, show_default=True, type=int, help="int8/fp8: calibration tiles.")
-@click.option("--float-precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+@click.option("--float-precision", type=click.Choice(FLOAT_PRECISIONS), default="fp32", show_default=True,
               help="int8/fp8: precision of what is not quantized (fp16 pays only on a GPU).")
 @click.option("--backends", default="onnxruntime", show_default=True,
               help="Backends to time (comma-separated: onnxruntime, tensorrt).")

@@ -403,7 +403,7 @@ class GpuBench:
 
     # -- per-component timing
     def components_of_runner(self, runner) -> dict[str, float]:
-        from dfosd.core.onestep import COMPONENTS
+        from dfosd.core.vocab import COMPONENTS
 
         out = {}
         for name in COMPONENTS:
@@ -514,7 +514,7 @@ class GpuBench:
 
     def aoti_build(self, batch: int):
         """The AOTI packages for one tile batch (built, or reused when current); GPU memory freed after."""
-        from dfosd.export.aoti import export_aoti
+        from dfosd.engines.aoti_build import export_aoti
 
         folder = self.aoti_export_dir(batch)
         res = export_aoti(folder, device=self.dev, precision=self.aoti_precision,

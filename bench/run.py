@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from dfosd.core.errors import DfosdError
+from dfosd.core.vocab import FLOAT_PRECISIONS, PRECISIONS, QUANT_PRECISIONS
 
 if TYPE_CHECKING:
     from dfosd.export.artifacts import ExportConfig
@@ -39,26 +40,24 @@ class BenchConfig:
     float_precision: str = "fp32"
 
     def __post_init__(self):
-        from dfosd.export.artifacts import EXPORT_PRECISIONS
-
         problems = []
         if self.repeats < 1 or self.warmup < 0:
             problems.append("--repeats must be >= 1 and --warmup >= 0")
-        bad = [p for p in self.precisions if p not in EXPORT_PRECISIONS]
+        bad = [p for p in self.precisions if p not in PRECISIONS]
         if bad:
-            problems.append(f"--precisions {','.join(bad)}: choose from {', '.join(EXPORT_PRECISIONS)}")
-        if self.float_precision not in ("fp32", "fp16"):
-            problems.append(f"--float-precision {self.float_precision!r}: choose fp32 or fp16")
+            problems.append(f"--precisions {','.join(bad)}: choose from {', '.join(PRECISIONS)}")
+        if self.float_precision not in FLOAT_PRECISIONS:
+            problems.append(f"--float-precision {self.float_precision!r}: choose one of {', '.join(FLOAT_PRECISIONS)}")
         if problems:
             raise DfosdError("; ".join(problems))
 
     def export_config(self, precision: str, calib_dir: Path | None) -> "ExportConfig":
         from dfosd.export.artifacts import ExportConfig
 
-        if precision in ("int8", "fp8"):
-            return ExportConfig(precision=precision, tile=self.tile, batches=(self.batch,),
-                                float_precision=self.float_precision, calib_data=str(calib_dir),
-                                calib_count=self.calib_count)
+        if precision in QUANT_PRECISIONS:
+            return ExportConfig.from_options(precision=precision, tile=self.tile, batches=(self.batch,),
+                                             float_precision=self.float_precision, calib_data=str(calib_dir),
+                                             calib_count=self.calib_count)
         return ExportConfig(precision=precision, tile=self.tile, batches=(self.batch,))
 
 
@@ -198,7 +197,7 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
     exports = {}
     calib_dir = Path(cfg.calib_data) if cfg.calib_data else None
     for prec in cfg.precisions:
-        if prec in ("int8", "fp8") and calib_dir is None:
+        if prec in QUANT_PRECISIONS and calib_dir is None:
             calib_dir = write_calibration_photos(work / "calibration-photos", cfg.tile)
             say(f"calibration photos (held out from the timed inputs): {calib_dir}")
         say(f"export {prec} (reused when current)")

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from dfosd.calibration.recipe import QUANTIZED_CLASSES, QuantRecipe
 from dfosd.core.errors import DfosdError
-from dfosd.core.onestep import COMPONENTS
+from dfosd.core.vocab import COMPONENTS
 
 if TYPE_CHECKING:
     import torch

@@ -18,13 +18,12 @@ nothing.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Iterable
 
 from dfosd.core.errors import DfosdError
-from dfosd.core.onestep import COMPONENTS
+from dfosd.core.vocab import COMPONENTS, FLOAT_PRECISIONS, QUANT_PRECISIONS
 
-QUANT_PRECISIONS = ("int8", "fp8")
-FLOAT_PRECISIONS = ("fp32", "fp16")
 CONV_CALIBRATIONS = ("percentile", "max")
 # --quantize names (CLI) -> component names (contracts, manifest); component names are accepted too.
 QUANTIZE_NAMES = {"unet": "unet", "vae-enc": "encoder", "vae-dec": "decoder"}
@@ -64,15 +63,29 @@ class QuantRecipe:
     percentile: float = 99.99
     smoothquant_alpha: float = 0.8
     exclude: tuple[str, ...] = EXCLUDE_PATTERNS
+    # What is quantized, and on what: the parts (``--quantize`` names or component names,
+    # kept in pipeline order) and the calibration photos (an export needs them; calibrating
+    # in memory on given tiles does not).
+    components: tuple[str, ...] | str = COMPONENTS
+    calib_data: str | None = None
+    calib_count: int = 64
 
     def __post_init__(self):
         problems = []
+        try:
+            object.__setattr__(self, "components", parse_quantize(self.components))
+        except DfosdError as exc:
+            problems.append(exc.message)
+        if self.calib_data is not None:
+            object.__setattr__(self, "calib_data", str(Path(self.calib_data).expanduser().resolve()))
+        if self.calib_count < 1:
+            problems.append(f"--calib-count {self.calib_count}: must be >= 1")
         if self.precision not in QUANT_PRECISIONS:
-            problems.append(f"precision {self.precision!r} is not one of {', '.join(QUANT_PRECISIONS)}")
+            problems.append(f"--precision {self.precision!r}: 8-bit recipes are {', '.join(QUANT_PRECISIONS)}")
         if self.float_precision not in FLOAT_PRECISIONS:
-            problems.append(f"float precision {self.float_precision!r} is not one of {', '.join(FLOAT_PRECISIONS)}")
+            problems.append(f"--float-precision {self.float_precision!r}: choose one of {', '.join(FLOAT_PRECISIONS)}")
         if self.conv_calibration not in CONV_CALIBRATIONS:
-            problems.append(f"conv calibration {self.conv_calibration!r} is not one of {', '.join(CONV_CALIBRATIONS)}")
+            problems.append(f"--conv-calibration {self.conv_calibration!r}: choose one of {', '.join(CONV_CALIBRATIONS)}")
         if not 50.0 < self.percentile <= 100.0:
             problems.append(f"percentile {self.percentile} must be in (50, 100]")
         if not 0.0 <= self.smoothquant_alpha <= 1.0:
@@ -91,6 +104,7 @@ class QuantRecipe:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["exclude"] = list(self.exclude)
+        d["components"] = list(self.components)
         d["algorithm"] = self.algorithm
         d["weights"] = "per-channel (axis 0)" if self.precision == "int8" else "per-tensor"
         d["activations"] = "per-tensor"

@@ -12,9 +12,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from dfosd.core.errors import DfosdError
+from dfosd.core.vocab import DENOISED, LATENT, LR_IMAGE, SR_IMAGE, stem
 
 DTYPES = ("uint8", "float16", "float32")
-PRECISIONS = ("fp32", "fp16", "int8", "fp8")
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ class ComponentContract:
     @property
     def stem(self) -> str:
         """File stem of this part's artifacts, e.g. ``unet_b4`` (one per tile batch)."""
-        return f"{self.component}_b{self.batch}"
+        return stem(self.component, self.batch)
 
     def sample_inputs(self, seed: int = 0) -> dict[str, Any]:
         """Deterministic example inputs with realistic ranges (uint8 images, unit-variance latents)."""
@@ -109,10 +109,6 @@ class ComponentContract:
             return tuple(TensorSpec(i["name"], i["dtype"], tuple(i["shape"])) for i in items)
 
         return cls(d["component"], int(d["batch"]), specs(d["inputs"]), specs(d["outputs"]))
-
-
-# Tensor names at the part boundaries: each output feeds the input of the same name.
-LR_IMAGE, LATENT, DENOISED, SR_IMAGE = "lr_image", "latent", "denoised_latent", "sr_image"
 
 
 def component_contracts(geo: Geometry) -> dict[str, ComponentContract]:

@@ -19,6 +19,11 @@ class DfosdError(Exception):
         super().__init__(message if hint is None else f"{message}\n  fix: {hint}")
 
 
+class ImageInputError(DfosdError):
+    """One input image that cannot be used (missing, empty, not an image, truncated, rejected by a
+    server, ...): batch commands report it for that image and go on with the others."""
+
+
 def problems_error(what: str, problems: list[str], *, hint: str | None = None) -> DfosdError:
     """One error that lists every problem found, instead of stopping at the first."""
     lines = "\n".join(f"  - {p}" for p in problems)

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from dfosd.core.errors import DfosdError
+from dfosd.core.vocab import COMPONENTS, MANIFEST_NAME
 
-MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
 
 
@@ -45,6 +45,18 @@ def source_fingerprint(stages: tuple[str, ...] = ("core", "export", "calibration
             h.update(f"{stage}/{f.name}".encode())
             h.update(f.read_bytes())
     return h.hexdigest()
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "cpu model", "hardware")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def software_versions() -> dict[str, Any]:
@@ -127,7 +139,7 @@ def file_record(path: Path) -> dict[str, Any]:
     return {"sha256": sha256_file(path), "bytes": Path(path).stat().st_size}
 
 
-def files_intact(folder: Path, files: dict[str, dict[str, Any]], *, quick: bool = False) -> list[str]:
+def changed_files(folder: Path, files: dict[str, dict[str, Any]], *, quick: bool = False) -> list[str]:
     """Names of recorded files that are missing or changed (``quick``: size only for big files)."""
     bad = []
     for name, rec in files.items():
@@ -137,3 +149,73 @@ def files_intact(folder: Path, files: dict[str, dict[str, Any]], *, quick: bool 
         elif not (quick and rec["bytes"] > QUICK_CHECK_BYTES) and sha256_file(p) != rec.get("sha256"):
             bad.append(name)
     return bad
+
+
+class ExportDir:
+    """The one reader of an export directory: its manifest, its files' integrity, and its
+    parts, contracts and file paths per tile batch.
+
+    ``check`` is how the recorded files are verified on opening: ``"quick"`` (sizes only for
+    files past ``QUICK_CHECK_BYTES``: what loading engines needs), ``"full"`` (every hash:
+    what building from the files needs) or ``"none"`` (the caller checks what it uses).
+    """
+
+    def __init__(self, path: str | Path, *, check: str = "quick"):
+        if check not in ("quick", "full", "none"):
+            raise ValueError(f"check={check!r}: choose quick, full or none")
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        if check != "none":
+            changed = changed_files(self.path, self.files, quick=check == "quick")
+            if changed:
+                raise DfosdError(f"{self.path}: {', '.join(changed)} missing or changed since export",
+                                 hint="re-run dfosd-export into this directory")
+
+    @property
+    def files(self) -> dict[str, dict[str, Any]]:
+        return self.manifest.get("files", {})
+
+    @property
+    def build_key(self) -> str:
+        return str(self.manifest.get("build_key"))
+
+    @property
+    def batches(self) -> tuple[int, ...]:
+        return tuple(sorted(int(b) for b in self.manifest["batches"]))
+
+    @property
+    def tile(self) -> int:
+        return int(self.manifest["tile"])
+
+    @property
+    def upscale(self) -> int:
+        return int(self.manifest["upscale"])
+
+    @property
+    def precision(self) -> str:
+        return str(self.manifest["precision"])
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def complete_batches(self) -> dict[int, dict[str, dict]]:
+        """Tile batch -> {part -> manifest entry}, for the batches that have every part."""
+        by_batch: dict[int, dict[str, dict]] = {}
+        for entry in self.manifest.get("components", {}).values():
+            by_batch.setdefault(int(entry["batch"]), {})[entry["component"]] = entry
+        return {b: parts for b, parts in sorted(by_batch.items()) if set(parts) == set(COMPONENTS)}
+
+    def entries(self, batch: int) -> dict[str, dict]:
+        """The manifest entry of each part for one tile batch, in pipeline order."""
+        found = self.complete_batches().get(int(batch))
+        if found is None:
+            have = sorted({int(c["batch"]) for c in self.manifest.get("components", {}).values()})
+            raise DfosdError(f"the export has no tile batch {batch} (it has {have})",
+                             hint=f"pass --batch {have[0] if have else 1}, or re-export with --batch {batch}")
+        return {name: found[name] for name in COMPONENTS}
+
+    def contracts(self, batch: int) -> dict:
+        """Part -> ``ComponentContract`` for one tile batch, in pipeline order."""
+        from dfosd.core.contracts import ComponentContract
+
+        return {name: ComponentContract.from_dict(e["contract"]) for name, e in self.entries(batch).items()}

@@ -12,14 +12,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from dfosd.core.contracts import Geometry, component_contracts
 from dfosd.core.errors import problems_error
+from dfosd.core.vocab import COMPONENTS, FLOAT_PRECISIONS, PRECISIONS
 
 EXPORT_KIND = "dfosd-export"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-# The part names, in chain order, from the one place that defines the parts' tensors
-# (core.onestep.COMPONENTS is the same tuple, but importing it would import torch).
-COMPONENTS = tuple(component_contracts(Geometry()))
 
 
 def _is_int(v: Any, low: int = 1) -> bool:
@@ -39,7 +36,7 @@ def _check_file_records(files: Any, problems: list[str]) -> None:
 
 
 def _check_component(stem: str, entry: Any, data: dict, problems: list[str]) -> tuple[str, int] | None:
-    from dfosd.core.contracts import PRECISIONS, ComponentContract
+    from dfosd.core.contracts import ComponentContract
 
     if not isinstance(entry, dict):
         problems.append(f"components[{stem!r}] is not an object")
@@ -75,8 +72,6 @@ def _check_component(stem: str, entry: Any, data: dict, problems: list[str]) -> 
 
 def check_export_manifest(data: Any, path: Path) -> None:
     """Raise one DfosdError listing every problem of an export manifest read from ``path``."""
-    from dfosd.core.contracts import PRECISIONS
-
     problems: list[str] = []
     if not isinstance(data, dict):
         raise problems_error(f"{path}", [f"is a JSON {type(data).__name__}, not an object"],
@@ -90,9 +85,9 @@ def check_export_manifest(data: Any, path: Path) -> None:
     precision, float_precision = data.get("precision"), data.get("float_precision", data.get("precision"))
     if precision not in PRECISIONS:
         problems.append(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-    if float_precision not in ("fp32", "fp16"):
+    if float_precision not in FLOAT_PRECISIONS:
         problems.append(f"float_precision {float_precision!r} is not fp32 or fp16")
-    elif precision in ("fp32", "fp16") and float_precision != precision:
+    elif precision in FLOAT_PRECISIONS and float_precision != precision:
         problems.append(f"precision {precision!r} and float_precision {float_precision!r} disagree "
                         "(they are equal in an fp32/fp16 export)")
     batches = data.get("batches")

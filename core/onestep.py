@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfosd.core.errors import DfosdError
+from dfosd.core.vocab import COMPONENTS
 
 if TYPE_CHECKING:
     from dfosd.core.bases import Base
@@ -144,9 +145,6 @@ class DecoderPart(nn.Module):
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         return to_uint8(self.decode_float(latent))
-
-
-COMPONENTS = ("encoder", "unet", "decoder")
 
 
 class OneStepSR(nn.Module):

@@ -1,4 +1,4 @@
-"""AOTInductor backend: the ``.pt2`` packages built by ``export.aoti``, run on the runner's buffers.
+"""AOTInductor backend: the ``.pt2`` packages built by ``engines.aoti_build``, run on the runner's buffers.
 
 Each part is one package loaded with ``torch._inductor.aoti_load_package``. A package
 allocates its own outputs (from torch's caching allocator), so ``run`` copies them into
@@ -25,11 +25,10 @@ from __future__ import annotations
 import inspect
 import logging
 from pathlib import Path
-from typing import Mapping
 
 from dfosd.core.contracts import ComponentContract
 from dfosd.core.errors import DfosdError
-from dfosd.core.manifest import files_intact
+from dfosd.core.manifest import changed_files
 from dfosd.engines.base import Backend, ComponentEngine, cuda_available
 
 log = logging.getLogger(__name__)
@@ -37,30 +36,12 @@ log = logging.getLogger(__name__)
 
 class AotiComponent(ComponentEngine):
     def __init__(self, contract: ComponentContract, model, device: str, package: Path):
-        super().__init__(contract)
+        super().__init__(contract, device=device)
         self.model = model
-        self.device = device
         self.package = package
-        self._checked_ptrs: tuple[int, ...] = ()
 
-    def _check(self, tensors: Mapping[str, object], specs) -> None:
-        for spec in specs:
-            t = tensors[spec.name]
-            dev = "cuda" if t.is_cuda else t.device.type
-            if (dev != self.device or tuple(t.shape) != spec.shape or str(t.dtype) != f"torch.{spec.dtype}"
-                    or not t.is_contiguous()):
-                raise ValueError(f"{self.contract.stem}: buffer {spec.name} must be a contiguous {spec.dtype} "
-                                 f"tensor of shape {spec.shape} on {self.device}, got {t.dtype} {tuple(t.shape)} "
-                                 f"on {t.device}")
-
-    def run(self, inputs, outputs) -> None:
-        args = [inputs[s.name] for s in self.contract.inputs]
-        ptrs = tuple(a.data_ptr() for a in args) + tuple(outputs[s.name].data_ptr() for s in self.contract.outputs)
-        if ptrs != self._checked_ptrs:  # static buffers: checked once, not on every call
-            self._check(inputs, self.contract.inputs)
-            self._check(outputs, self.contract.outputs)
-            self._checked_ptrs = ptrs
-        result = self.model(*args)
+    def enqueue(self, inputs, outputs) -> None:
+        result = self.model(*(inputs[s.name] for s in self.contract.inputs))
         results = result if isinstance(result, (list, tuple)) else (result,)
         if len(results) != len(self.contract.outputs):
             raise RuntimeError(f"{self.package} returned {len(results)} outputs, its contract has "
@@ -116,7 +97,7 @@ class AotiBackend(Backend):
                       "needs packages built by dfosd aoti-export --device cpu")
 
     def load(self, export_dir: Path, entry: dict, contract: ComponentContract) -> AotiComponent:
-        from dfosd.export.aoti import check_build, rebuild_command, system_info
+        from dfosd.engines.aoti_build import check_build, rebuild_command, system_info
 
         export_dir = Path(export_dir)
         if self._system is None:
@@ -130,7 +111,7 @@ class AotiBackend(Backend):
         if ComponentContract.from_dict(rec["contract"]) != contract:
             raise DfosdError(f"{rec['package']} was compiled for another contract than {contract.stem}'s", hint=fix)
         package = export_dir / rec["package"]
-        if files_intact(export_dir, {rec["package"]: build["files"].get(rec["package"], {})}, quick=True):
+        if changed_files(export_dir, {rec["package"]: build["files"].get(rec["package"], {})}, quick=True):
             raise DfosdError(f"{package} is missing or changed since it was built", hint=fix)
         try:
             model = _load_package(package, self.device)

@@ -24,14 +24,45 @@ _MODULES = {"onnxruntime": "dfosd.engines.onnxruntime_backend", "tensorrt": "dfo
 
 
 class ComponentEngine(ABC):
-    """One loaded part (encoder, unet or decoder) for one tile batch."""
+    """One loaded part (encoder, unet or decoder) for one tile batch.
 
-    def __init__(self, contract: ComponentContract):
+    ``run`` owns what every backend needs: the buffers are checked against the contract
+    (name, dtype, shape, contiguity, device) and handed to ``bind`` once, and again only
+    when they move; then ``enqueue`` runs the part. Backends implement those two and
+    nothing else, so the runtime's static buffers are validated in one place.
+    """
+
+    def __init__(self, contract: ComponentContract, device: str | None = None):
         self.contract = contract
+        self.device = device  # where the buffers must live ("cpu"/"cuda"); None: anywhere
+        self._bound_ptrs: tuple[int, ...] | None = None
 
-    @abstractmethod
     def run(self, inputs: Mapping[str, "object"], outputs: Mapping[str, "object"]) -> None:
         """Read ``inputs`` and write ``outputs`` in place (torch tensors named by the contract)."""
+        ptrs = tuple(inputs[s.name].data_ptr() for s in self.contract.inputs) + tuple(
+            outputs[s.name].data_ptr() for s in self.contract.outputs)
+        if ptrs != self._bound_ptrs:  # static buffers: checked and bound once (CUDA graphs need fixed addresses)
+            for specs, tensors in ((self.contract.inputs, inputs), (self.contract.outputs, outputs)):
+                for spec in specs:
+                    self._check_buffer(spec, tensors[spec.name])
+            self.bind(inputs, outputs)
+            self._bound_ptrs = ptrs
+        self.enqueue(inputs, outputs)
+
+    def _check_buffer(self, spec, t) -> None:
+        on = "cuda" if t.is_cuda else t.device.type
+        if (tuple(t.shape) != spec.shape or str(t.dtype) != f"torch.{spec.dtype}" or not t.is_contiguous()
+                or (self.device is not None and on != self.device)):
+            where = f" on {self.device}" if self.device is not None else ""
+            raise ValueError(f"{self.contract.stem}: buffer {spec.name} must be a contiguous {spec.dtype} tensor "
+                             f"of shape {spec.shape}{where}, got {t.dtype} {tuple(t.shape)} on {t.device}")
+
+    def bind(self, inputs: Mapping[str, "object"], outputs: Mapping[str, "object"]) -> None:
+        """Attach checked buffers to the engine (called once per set of buffer addresses)."""
+
+    @abstractmethod
+    def enqueue(self, inputs: Mapping[str, "object"], outputs: Mapping[str, "object"]) -> None:
+        """Run the part on bound buffers (on a GPU: enqueue on the current stream)."""
 
 
 class Backend(ABC):

@@ -8,8 +8,6 @@ on the CPU as on the GPU.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
-
 from dfosd.core.contracts import ComponentContract
 from dfosd.core.errors import DfosdError
 from dfosd.engines.base import Backend, ComponentEngine, cuda_available
@@ -23,39 +21,31 @@ def _providers() -> list[str]:
 
 class OrtComponent(ComponentEngine):
     def __init__(self, session, contract: ComponentContract, device: str):
-        super().__init__(contract)
+        super().__init__(contract)  # IOBinding takes CPU and CUDA buffers alike
         self.session = session
-        self.device = device
+        self.ort_device = device
         self._binding = None
-        self._bound_ptrs: tuple[int, ...] = ()
         got = {i.name for i in session.get_inputs()} | {o.name for o in session.get_outputs()}
         want = {s.name for s in contract.inputs + contract.outputs}
         if got != want:
             raise DfosdError(f"{contract.stem}: the ONNX file's tensors {sorted(got)} differ from its contract "
                              f"{sorted(want)}", hint="re-run dfosd-export into a clean directory")
 
-    def _bind(self, tensors: Mapping[str, object], specs, bind) -> None:
-        for spec in specs:
-            t = tensors[spec.name]
-            if tuple(t.shape) != spec.shape or str(t.dtype) != f"torch.{spec.dtype}" or not t.is_contiguous():
-                raise ValueError(f"{self.contract.stem}: buffer {spec.name} must be a contiguous {spec.dtype} "
-                                 f"tensor of shape {spec.shape}, got {t.dtype} {tuple(t.shape)}")
-            dev = "cuda" if t.is_cuda else "cpu"
-            bind(spec.name, dev, t.device.index or 0, spec.numpy_dtype, list(spec.shape), t.data_ptr())
+    def bind(self, inputs, outputs) -> None:
+        binding = self.session.io_binding()
+        for specs, tensors, bind in ((self.contract.inputs, inputs, binding.bind_input),
+                                     (self.contract.outputs, outputs, binding.bind_output)):
+            for spec in specs:
+                t = tensors[spec.name]
+                bind(spec.name, "cuda" if t.is_cuda else "cpu", t.device.index or 0, spec.numpy_dtype,
+                     list(spec.shape), t.data_ptr())
+        self._binding = binding
 
-    def run(self, inputs, outputs) -> None:
-        ptrs = tuple(inputs[s.name].data_ptr() for s in self.contract.inputs) + tuple(
-            outputs[s.name].data_ptr() for s in self.contract.outputs)
-        if self._binding is None or ptrs != self._bound_ptrs:
-            # Static buffers: bind once, reuse the binding for every call.
-            binding = self.session.io_binding()
-            self._bind(inputs, self.contract.inputs, binding.bind_input)
-            self._bind(outputs, self.contract.outputs, binding.bind_output)
-            self._binding, self._bound_ptrs = binding, ptrs
-        if self.device == "cuda":
+    def enqueue(self, inputs, outputs) -> None:
+        if self.ort_device == "cuda":
             self._binding.synchronize_inputs()
         self.session.run_with_iobinding(self._binding)
-        if self.device == "cuda":
+        if self.ort_device == "cuda":
             self._binding.synchronize_outputs()
 
 

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Mapping
 
 from dfosd.core.contracts import ComponentContract
 from dfosd.core.errors import DfosdError
-from dfosd.core.manifest import files_intact, read_manifest
+from dfosd.core.manifest import ExportDir, changed_files
 from dfosd.engines.base import Backend, ComponentEngine, cuda_available, tensorrt_importable
-from dfosd.engines.tensorrt_build import (
+from dfosd.engines.tensorrt_common import (
     check_plan_system,
     import_tensorrt,
     read_plan_manifest,
@@ -43,32 +42,21 @@ log = logging.getLogger(__name__)
 
 class TrtComponent(ComponentEngine):
     def __init__(self, contract: ComponentContract, runtime, engine, context):
-        super().__init__(contract)
+        super().__init__(contract, device="cuda")
         self.runtime, self.engine, self.context = runtime, engine, context  # runtime outlives the engine
         self.device_memory_bytes = int(engine.device_memory_size_v2)
-        self._bound_ptrs: tuple[int, ...] = ()
 
-    def _bind(self, tensors: Mapping[str, Any], specs, is_input: bool) -> None:
-        for spec in specs:
-            t = tensors[spec.name]
-            if (not t.is_cuda or tuple(t.shape) != spec.shape or str(t.dtype) != f"torch.{spec.dtype}"
-                    or not t.is_contiguous()):
-                raise ValueError(f"{self.contract.stem}: buffer {spec.name} must be a contiguous CUDA {spec.dtype} "
-                                 f"tensor of shape {spec.shape}, got {t.dtype} {tuple(t.shape)} on {t.device}")
-            if is_input and not self.context.set_input_shape(spec.name, spec.shape):
-                raise RuntimeError(f"{self.contract.stem}: TensorRT refused shape {spec.shape} for {spec.name}")
-            if not self.context.set_tensor_address(spec.name, t.data_ptr()):
-                raise RuntimeError(f"{self.contract.stem}: TensorRT refused the address of {spec.name}")
+    def bind(self, inputs, outputs) -> None:
+        for specs, tensors, is_input in ((self.contract.inputs, inputs, True), (self.contract.outputs, outputs, False)):
+            for spec in specs:
+                if is_input and not self.context.set_input_shape(spec.name, spec.shape):
+                    raise RuntimeError(f"{self.contract.stem}: TensorRT refused shape {spec.shape} for {spec.name}")
+                if not self.context.set_tensor_address(spec.name, tensors[spec.name].data_ptr()):
+                    raise RuntimeError(f"{self.contract.stem}: TensorRT refused the address of {spec.name}")
 
-    def run(self, inputs, outputs) -> None:
+    def enqueue(self, inputs, outputs) -> None:
         import torch
 
-        ptrs = tuple(inputs[s.name].data_ptr() for s in self.contract.inputs) + tuple(
-            outputs[s.name].data_ptr() for s in self.contract.outputs)
-        if ptrs != self._bound_ptrs:  # static buffers: bound once (a CUDA graph needs the same addresses)
-            self._bind(inputs, self.contract.inputs, True)
-            self._bind(outputs, self.contract.outputs, False)
-            self._bound_ptrs = ptrs
         if not self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
             raise RuntimeError(f"{self.contract.stem}: TensorRT enqueue failed (see its log)")
 
@@ -129,8 +117,8 @@ class TensorRTBackend(Backend):
         manifest = read_plan_manifest(export_dir, contract.stem)
         check_plan_system(manifest, self._system, export_dir)
         plan = export_dir / manifest["plan"]
-        exported = read_manifest(export_dir)["files"].get(entry["onnx"], {}).get("sha256")
-        if files_intact(export_dir, {plan.name: manifest["plan_file"]}, quick=True) or \
+        exported = ExportDir(export_dir, check="none").files.get(entry["onnx"], {}).get("sha256")
+        if changed_files(export_dir, {plan.name: manifest["plan_file"]}, quick=True) or \
                 manifest.get("onnx_sha256") != exported:
             raise DfosdError(f"{plan} is missing, changed, or was built from another {entry['onnx']}",
                              hint=f"rebuild: {rebuild_command(export_dir)}")

@@ -19,7 +19,6 @@ used by name, never by number (their values changed between 10 and 11).
 from __future__ import annotations
 
 import logging
-import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,37 +26,24 @@ from typing import Any, Callable
 
 from dfosd.core.contracts import ComponentContract
 from dfosd.core.errors import DfosdError, problems_error
-from dfosd.core.manifest import build_key, file_record, files_intact, read_manifest, write_json_atomic
+from dfosd.core.manifest import ExportDir, build_key, changed_files, file_record, write_json_atomic
+from dfosd.core.vocab import plan_manifest_name, plan_name
+from dfosd.engines.tensorrt_common import (
+    INSTALL_HINT,
+    PLAN_FORMAT,
+    import_tensorrt,
+    rebuild_command,
+    system_info,
+    tensorrt_major,
+    trt_dtypes,
+)
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_MAJORS = (10, 11)
-PLAN_FORMAT = 1
-PLAN_SUFFIX = ".plan"
-PLAN_MANIFEST_SUFFIX = ".plan.json"
 OPT_LEVEL = 3
 QDQ_OPT_LEVEL = 4
 DEFAULT_WORKSPACE_BYTES = 8 << 30
-INSTALL_HINT = ('install TensorRT from NVIDIA\'s index: pip install --extra-index-url https://pypi.nvidia.com '
-                '"tensorrt-cu13>=10.12" (or dfosd[tensorrt]), on a machine with a CUDA GPU')
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
-
-
-def import_tensorrt():
-    """``tensorrt``, imported lazily, of a supported major version."""
-    try:
-        import tensorrt as trt
-    except ImportError as exc:
-        raise DfosdError(f"TensorRT does not import here ({exc})", hint=INSTALL_HINT) from exc
-    major = tensorrt_major(trt)
-    if major not in SUPPORTED_MAJORS:
-        raise DfosdError(f"TensorRT {trt.__version__} is not supported (dfosd supports "
-                         f"{', '.join(f'{m}.x' for m in SUPPORTED_MAJORS)})", hint=INSTALL_HINT)
-    return trt
-
-
-def tensorrt_major(trt) -> int:
-    return int(str(trt.__version__).split(".")[0])
 
 
 def network_flags(trt) -> int:
@@ -68,46 +54,6 @@ def network_flags(trt) -> int:
     if major >= 11:
         return 0  # strongly typed is TensorRT 11's only mode
     raise DfosdError(f"TensorRT {trt.__version__} has no strongly typed networks", hint=INSTALL_HINT)
-
-
-def system_info(trt) -> dict[str, Any]:
-    """What a plan is tied to: TensorRT version, GPU and its SM, CUDA version."""
-    import torch
-
-    if not torch.cuda.is_available():
-        raise DfosdError("TensorRT plans need a CUDA GPU and none is visible",
-                         hint="run on a GPU machine, or use --backend onnxruntime")
-    dev = torch.cuda.current_device()
-    sm_major, sm_minor = torch.cuda.get_device_capability(dev)
-    # torch's CUDA runtime: the process's CUDA, which TensorRT's libraries must share here.
-    cuda = torch.version.cuda or ""
-    return {"tensorrt": str(trt.__version__), "tensorrt_major": tensorrt_major(trt),
-            "gpu": torch.cuda.get_device_name(dev), "sm": f"{sm_major}.{sm_minor}",
-            "cuda": cuda, "cuda_major": int(cuda.split(".")[0]) if cuda else None}
-
-
-def rebuild_command(export_dir: str | Path) -> str:
-    return f"python -m dfosd.engines.tensorrt_build {shlex.quote(str(export_dir))}"
-
-
-def plan_mismatches(built: dict[str, Any], running: dict[str, Any]) -> list[str]:
-    """Why a plan built on ``built`` (its manifest's ``system``) cannot run on ``running``."""
-    problems = []
-    if built.get("tensorrt_major") != running["tensorrt_major"]:
-        problems.append(f"built with TensorRT {built.get('tensorrt')}, this is TensorRT {running['tensorrt']}")
-    if built.get("sm") != running["sm"]:
-        problems.append(f"built for SM {built.get('sm')} ({built.get('gpu')}), this GPU is SM {running['sm']} "
-                        f"({running['gpu']})")
-    if built.get("cuda_major") != running["cuda_major"]:
-        problems.append(f"built with CUDA {built.get('cuda')}, this process runs CUDA {running['cuda']}")
-    return problems
-
-
-def check_plan_system(plan_manifest: dict[str, Any], running: dict[str, Any], export_dir: str | Path) -> None:
-    problems = plan_mismatches(plan_manifest.get("system", {}), running)
-    if problems:
-        raise problems_error(f"{Path(export_dir) / plan_manifest.get('plan', '?')} does not fit this system", problems,
-                             hint=f"rebuild the plans here: {rebuild_command(export_dir)}")
 
 
 @dataclass(frozen=True)
@@ -125,11 +71,11 @@ class PlanJob:
 
     @property
     def plan(self) -> Path:
-        return self.onnx.with_name(self.stem + PLAN_SUFFIX)
+        return self.onnx.with_name(plan_name(self.stem))
 
     @property
     def plan_manifest(self) -> Path:
-        return self.onnx.with_name(self.stem + PLAN_MANIFEST_SUFFIX)
+        return self.onnx.with_name(plan_manifest_name(self.stem))
 
     @property
     def optimization_level(self) -> int:
@@ -148,14 +94,11 @@ def onnx_has_qdq(path: Path) -> bool:
     return any(n.op_type in QDQ_OPS for n in graph.node)
 
 
-def plan_jobs(export_dir: str | Path, manifest: dict | None = None) -> list[PlanJob]:
+def plan_jobs(export: "ExportDir | str | Path") -> list[PlanJob]:
     """The exact ONNX files ``build_engines`` builds, with the facts the build needs."""
-    export_dir = Path(export_dir)
-    manifest = read_manifest(export_dir) if manifest is None else manifest
-    bad = files_intact(export_dir, manifest.get("files", {}))
-    if bad:
-        raise DfosdError(f"{export_dir}: {', '.join(bad)} missing or changed since export",
-                         hint="re-run dfosd-export into this directory")
+    if not isinstance(export, ExportDir):
+        export = ExportDir(export, check="full")  # a plan is built from these very bytes
+    export_dir, manifest = export.path, export.manifest
     jobs = []
     for stem, entry in sorted(manifest["components"].items()):
         onnx_path = export_dir / entry["onnx"]
@@ -165,11 +108,6 @@ def plan_jobs(export_dir: str | Path, manifest: dict | None = None) -> list[Plan
                             onnx_files={n: manifest["files"][n] for n in names}, qdq=onnx_has_qdq(onnx_path),
                             contract=ComponentContract.from_dict(entry["contract"])))
     return jobs
-
-
-def trt_dtypes(trt) -> dict[str, Any]:
-    """Contract dtype names -> TensorRT DataType members."""
-    return {"uint8": trt.DataType.UINT8, "float16": trt.DataType.HALF, "float32": trt.DataType.FLOAT}
 
 
 def _parser_errors(parser, onnx_path: Path) -> list[str]:
@@ -284,7 +222,7 @@ def _current_plan(job: PlanJob, key: str) -> dict | None:
         old = json.loads(job.plan_manifest.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if old.get("build_key") != key or files_intact(job.plan.parent, {job.plan.name: old.get("plan_file", {})}):
+    if old.get("build_key") != key or changed_files(job.plan.parent, {job.plan.name: old.get("plan_file", {})}):
         return None
     return old
 
@@ -297,9 +235,9 @@ def timing_cache_path(export_dir: Path, system: dict[str, Any]) -> Path:
 def build_engines(export_dir: str | Path, *, progress: Callable[[str], None] = log.info,
                   workspace_bytes: int = DEFAULT_WORKSPACE_BYTES, force: bool = False) -> list[dict[str, Any]]:
     """Build (or reuse) a TensorRT plan for every ONNX part of the export; returns the plan manifests."""
-    export_dir = Path(export_dir)
-    manifest = read_manifest(export_dir)
-    jobs = plan_jobs(export_dir, manifest)  # export problems surface before TensorRT is needed
+    export = ExportDir(export_dir, check="full")
+    export_dir, manifest = export.path, export.manifest
+    jobs = plan_jobs(export)  # export problems surface before TensorRT is needed
     trt = import_tensorrt()
     system = system_info(trt)
     logger = trt.Logger(trt.Logger.WARNING)
@@ -347,19 +285,6 @@ def build_engines(export_dir: str | Path, *, progress: Callable[[str], None] = l
                  f"{record['build_seconds']:.0f} s)")
         results.append(record)
     return results
-
-
-def read_plan_manifest(export_dir: str | Path, stem: str) -> dict[str, Any]:
-    import json
-
-    path = Path(export_dir) / f"{stem}{PLAN_MANIFEST_SUFFIX}"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DfosdError(f"{Path(export_dir)} has no TensorRT plan for {stem}",
-                         hint=f"build the plans: {rebuild_command(export_dir)}") from None
-    except json.JSONDecodeError as exc:
-        raise DfosdError(f"{path} is not valid JSON ({exc})", hint=f"rebuild: {rebuild_command(export_dir)}") from exc
 
 
 def main(argv: list[str] | None = None) -> None:

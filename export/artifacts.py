@@ -21,30 +21,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from dfosd.calibration.recipe import (
-    CONV_CALIBRATIONS,
-    FLOAT_PRECISIONS,
-    QUANT_PRECISIONS,
-    QuantRecipe,
-    parse_quantize,
-)
+from dfosd.calibration.recipe import QuantRecipe
 from dfosd.core.contracts import Geometry, component_contracts
 from dfosd.core.errors import DfosdError
 from dfosd.core.manifest import (
     MANIFEST_FORMAT,
-    MANIFEST_NAME,
+    ExportDir,
     build_key,
-    files_intact,
+    changed_files,
     file_record,
     package_versions,
     software_versions,
     write_json_atomic,
 )
-from dfosd.core.onestep import COMPONENTS
+from dfosd.core.vocab import COMPONENTS, MANIFEST_NAME, PRECISIONS, QUANT_PRECISIONS, onnx_name, stem
 
 log = logging.getLogger(__name__)
 
-EXPORT_PRECISIONS = ("fp32", "fp16", "int8", "fp8")
 DEFAULT_OPSET = 17
 QDQ_FP16_OPSET = 19  # QuantizeLinear with fp16 scales, and any FP8 Q/DQ
 
@@ -55,26 +48,19 @@ class ExportConfig:
     tile: int = 128
     batches: tuple[int, ...] = (1,)
     opset: int | None = None  # None: 17, or 19 where Q/DQ need it (fp8; int8 in fp16)
-    # int8/fp8 only: the precision of everything left in float, and the calibration.
-    float_precision: str | None = None  # default fp16; equals precision for fp32/fp16
-    calib_data: str | None = None
-    calib_count: int = 64
-    quantize: tuple[str, ...] = COMPONENTS  # parts to quantize; () for fp32/fp16
-    conv_calibration: str = "percentile"
+    quant: QuantRecipe | None = None  # int8/fp8 only: what is quantized, how, and on which photos
 
     def __post_init__(self):
         problems = []
-        if self.precision not in EXPORT_PRECISIONS:
-            problems.append(f"--precision {self.precision!r}: choose one of {', '.join(EXPORT_PRECISIONS)}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"--precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         elif self.precision in QUANT_PRECISIONS:
-            self._check_quantization(problems)
-        else:
-            if self.calib_data is not None:
-                problems.append(f"--calib-data is used by --precision int8/fp8 only (got {self.precision})")
-            if self.float_precision not in (None, self.precision):
-                problems.append(f"--float-precision applies to int8/fp8 exports (got {self.precision})")
-            object.__setattr__(self, "float_precision", self.precision)
-            object.__setattr__(self, "quantize", ())
+            if self.quant is None or self.quant.calib_data is None:
+                problems.append(f"--precision {self.precision} needs --calib-data DIR (LR photos to calibrate on)")
+            elif self.quant.precision != self.precision:
+                problems.append(f"--precision {self.precision} with a {self.quant.precision} recipe")
+        elif self.quant is not None:
+            problems.append(f"quantization settings apply to --precision int8/fp8 (got {self.precision})")
         if not self.batches or any(b < 1 for b in self.batches):
             problems.append(f"--batch {list(self.batches)}: tile batches must be integers >= 1")
         if len(set(self.batches)) != len(self.batches):
@@ -91,34 +77,44 @@ class ExportConfig:
             raise DfosdError("; ".join(problems))
         object.__setattr__(self, "batches", tuple(sorted(self.batches)))
 
-    def _check_quantization(self, problems: list[str]) -> None:
-        if self.float_precision is None:
-            object.__setattr__(self, "float_precision", "fp16")
-        elif self.float_precision not in FLOAT_PRECISIONS:
-            problems.append(f"--float-precision {self.float_precision!r}: choose one of {', '.join(FLOAT_PRECISIONS)}")
-        if self.calib_data is None:
-            problems.append(f"--precision {self.precision} needs --calib-data DIR (LR photos to calibrate on)")
+    @classmethod
+    def from_options(cls, *, precision: str = "fp16", tile: int = 128, batches: tuple[int, ...] = (1,),
+                     opset: int | None = None, float_precision: str | None = None, calib_data: str | None = None,
+                     calib_count: int = 64, quantize: str | tuple[str, ...] | None = None,
+                     conv_calibration: str = "percentile") -> "ExportConfig":
+        """The config of ``dfosd-export``'s flags: the 8-bit ones become a ``QuantRecipe`` for
+        int8/fp8 and are refused with a float precision."""
+        quant = None
+        if precision in QUANT_PRECISIONS:
+            extra = {} if quantize is None else {"components": quantize}
+            quant = QuantRecipe(precision=precision, float_precision=float_precision or "fp16",
+                                conv_calibration=conv_calibration, calib_data=calib_data, calib_count=calib_count,
+                                **extra)
         else:
-            object.__setattr__(self, "calib_data", str(Path(self.calib_data).expanduser().resolve()))
-        if self.calib_count < 1:
-            problems.append(f"--calib-count {self.calib_count}: must be >= 1")
-        if self.conv_calibration not in CONV_CALIBRATIONS:
-            problems.append(f"--conv-calibration {self.conv_calibration!r}: choose one of {', '.join(CONV_CALIBRATIONS)}")
-        try:
-            object.__setattr__(self, "quantize", parse_quantize(self.quantize))
-        except DfosdError as exc:
-            problems.append(exc.message)
+            problems = []
+            if calib_data is not None:
+                problems.append(f"--calib-data is used by --precision int8/fp8 only (got {precision})")
+            if float_precision not in (None, precision):
+                problems.append(f"--float-precision applies to int8/fp8 exports (got {precision})")
+            if problems:
+                raise DfosdError("; ".join(problems))
+        return cls(precision=precision, tile=tile, batches=tuple(batches), opset=opset, quant=quant)
+
+    @property
+    def float_precision(self) -> str:
+        """The precision of every part not quantized and of the ops left in float."""
+        return self.quant.float_precision if self.quant is not None else self.precision
+
+    @property
+    def quantize(self) -> tuple[str, ...]:
+        """The quantized parts; () for fp32/fp16."""
+        return tuple(self.quant.components) if self.quant is not None else ()
 
     @property
     def min_opset(self) -> int:
         if self.precision == "fp8" or (self.precision == "int8" and self.float_precision == "fp16"):
             return QDQ_FP16_OPSET
         return 13
-
-    def recipe(self) -> "QuantRecipe":
-        """The quantization recipe of an int8/fp8 export."""
-        return QuantRecipe(precision=self.precision, float_precision=self.float_precision,
-                           conv_calibration=self.conv_calibration)
 
     def component_precision(self, component: str) -> str:
         return self.precision if component in self.quantize else self.float_precision
@@ -141,28 +137,23 @@ def export_inputs(base_spec: str, base_fp: str | None, ckpt, cfg: ExportConfig) 
         "config": asdict(cfg),
         "software": software_versions(),
     }
-    if cfg.quantize:
+    if cfg.quant is not None:
         from dfosd.calibration.data import file_list_sha256
 
-        inputs["calibration_sha256"] = file_list_sha256(cfg.calib_data)  # new photos -> new build key
+        inputs["calibration_sha256"] = file_list_sha256(cfg.quant.calib_data)  # new photos -> new build key
         inputs["software"].update(package_versions("nvidia-modelopt"))
     return inputs
 
 
 def reusable(out_dir: Path, key: str) -> dict | None:
     """The existing manifest when it matches ``key`` and every file is intact."""
-    import json
-
-    path = out_dir / MANIFEST_NAME
-    if not path.is_file():
-        return None
     try:
-        old = json.loads(path.read_text())
-    except json.JSONDecodeError:
+        existing = ExportDir(out_dir, check="none")
+    except DfosdError:
         return None
-    if old.get("format") != MANIFEST_FORMAT or old.get("build_key") != key:
+    if existing.build_key != key or changed_files(out_dir, existing.files):
         return None
-    return None if files_intact(out_dir, old.get("files", {})) else old
+    return existing.manifest
 
 
 def export_checkpoint(ckpt_path: str | Path, base_spec: str, out_dir: str | Path, cfg: ExportConfig, *,
@@ -175,7 +166,7 @@ def export_checkpoint(ckpt_path: str | Path, base_spec: str, out_dir: str | Path
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     owned = owned_files(out_dir)  # a foreign non-empty folder is refused before any work
-    planned = part_files([f"{name}_b{batch}" for batch in cfg.batches for name in COMPONENTS])
+    planned = part_files([stem(name, batch) for batch in cfg.batches for name in COMPONENTS])
     check_planned(out_dir, owned, planned)
     ckpt = read_checkpoint(ckpt_path)  # format problems surface before the base is loaded
     inputs = export_inputs(base_spec, base_fingerprint(base_spec), ckpt, cfg)
@@ -201,10 +192,10 @@ def export_checkpoint(ckpt_path: str | Path, base_spec: str, out_dir: str | Path
     # may still build their own half copy if ModelOpt needs it.
     model = build_onestep(base, ckpt, copy_unet=False)  # this base is ours alone: merge in place
     quantized, calibration = {}, None
-    if cfg.quantize:
+    if cfg.quant is not None:
         from dfosd.calibration.export import quantize_for_export
 
-        quantized, calibration = quantize_for_export(model, cfg, progress=progress)
+        quantized, calibration = quantize_for_export(model, cfg.quant, cfg.tile, progress=progress)
     claim(out_dir, owned, planned)
     try:
         manifest = _export_parts(model, base, ckpt, ckpt_path, cfg, out_dir, quantized, calibration, inputs, key,
@@ -231,16 +222,16 @@ def _export_parts(model, base, ckpt, ckpt_path, cfg: ExportConfig, out_dir: Path
             precision = cfg.component_precision(name)
             progress(f"exporting {contract.stem} ({precision})")
             if name in quantized:
-                from dfosd.calibration.onnx_qdq import export_quantized_part
+                from dfosd.export.onnx_qdq import export_quantized_part
 
-                info = export_quantized_part(quantized[name], contract, out_dir / f"{contract.stem}.onnx",
+                info = export_quantized_part(quantized[name], contract, out_dir / onnx_name(contract.stem),
                                              opset=cfg.opset, precision=cfg.precision)
             else:
-                info = export_part(model.part(name), contract, out_dir / f"{contract.stem}.onnx", opset=cfg.opset,
+                info = export_part(model.part(name), contract, out_dir / onnx_name(contract.stem), opset=cfg.opset,
                                    precision=precision)
             for f in info["files"]:
                 files[f] = file_record(out_dir / f)
-            components[contract.stem] = {"component": name, "batch": batch, "onnx": f"{contract.stem}.onnx",
+            components[contract.stem] = {"component": name, "batch": batch, "onnx": onnx_name(contract.stem),
                                          "precision": precision, "contract": contract.to_dict(), "export_seconds":
                                          round(time.perf_counter() - t, 2), **info}
     removed = clear_stale(out_dir, owned, set(files))
@@ -271,12 +262,3 @@ def _export_parts(model, base, ckpt, ckpt_path, cfg: ExportConfig, out_dir: Path
     write_json_atomic(out_dir / MANIFEST_NAME, manifest)
     return manifest
 
-
-def components_for_batch(manifest: dict, batch: int) -> dict[str, dict]:
-    """The manifest entries of each part for one tile batch."""
-    found = {c["component"]: c for c in manifest["components"].values() if c["batch"] == batch}
-    if set(found) != set(COMPONENTS):
-        have = sorted({c["batch"] for c in manifest["components"].values()})
-        raise DfosdError(f"the export has no tile batch {batch} (it has {have})",
-                         hint=f"pass --batch {have[0]}, or re-export with --batch {batch}")
-    return found

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from dfosd.core.cli_support import parse_int_list, say, setup_logging, user_errors
+from dfosd.core.vocab import FLOAT_PRECISIONS, PRECISIONS
 from dfosd.engines.base import BACKEND_CHOICES
 
 
@@ -14,10 +15,10 @@ from dfosd.engines.base import BACKEND_CHOICES
 @click.option("--base", default=None,
               help="Base model: diffusers dir, hub id, single file, synthetic:tiny or synthetic:sd21-base. "
                    "Default: the checkpoint's base_model.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "fp8"]), default="fp16", show_default=True,
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp16", show_default=True,
               help="fp16: fp16 graph with fp32 pre/post-processing and x0 step. int8/fp8: ModelOpt Q/DQ graphs "
                    "calibrated on --calib-data (needs dfosd[quant]).")
-@click.option("--float-precision", type=click.Choice(["fp16", "fp32"]), default=None,
+@click.option("--float-precision", type=click.Choice(FLOAT_PRECISIONS), default=None,
               help="int8/fp8: precision of the parts not quantized and of the ops left in float. [default: fp16]")
 @click.option("--calib-data", type=click.Path(file_okay=False), default=None,
               help="int8/fp8: folder of LR photos; cut into --tile tiles and run through the pipeline to calibrate.")
@@ -46,9 +47,9 @@ def main(ckpt, base, precision, float_precision, calib_data, calib_count, quanti
     from dfosd.engines.base import select_backend
     from dfosd.export.artifacts import ExportConfig, export_checkpoint
 
-    cfg = ExportConfig(precision=precision, tile=tile, batches=parse_int_list(batches, "--batch"), opset=opset,
-                       float_precision=float_precision, calib_data=calib_data, calib_count=calib_count,
-                       quantize=quantize, conv_calibration=conv_calibration)
+    cfg = ExportConfig.from_options(precision=precision, tile=tile, batches=parse_int_list(batches, "--batch"),
+                                    opset=opset, float_precision=float_precision, calib_data=calib_data,
+                                    calib_count=calib_count, quantize=quantize, conv_calibration=conv_calibration)
     backend_cls, why = select_backend(backend)
     say(why)
     if base is None:

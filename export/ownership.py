@@ -21,7 +21,8 @@ import shutil
 from pathlib import Path
 
 from dfosd.core.errors import DfosdError
-from dfosd.core.manifest import MANIFEST_NAME, write_json_atomic
+from dfosd.core.manifest import write_json_atomic
+from dfosd.core.vocab import MANIFEST_NAME, onnx_name
 
 IN_PROGRESS_NAME = ".dfosd-export-in-progress.json"
 EXPORT_KIND = "dfosd-export"
@@ -43,7 +44,7 @@ def _listed_files(path: Path, kind: str) -> set[str] | None:
 
 def part_files(stems: list[str]) -> set[str]:
     """Every file name an export of these part stems may write (graph and external data)."""
-    return {name for stem in stems for name in (f"{stem}.onnx", f"{stem}.onnx.data")}
+    return {name for stem in stems for name in (onnx_name(stem), onnx_name(stem) + ".data")}
 
 
 def owned_files(out_dir: Path) -> set[str]:

@@ -23,7 +23,7 @@ TILE_BAR_MIN_CALLS = 4  # a per-tile progress bar for images that take more engi
 
 @click.command(name="run", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--engines", "engines_dir", default="dfosd-engines", show_default=True,
+@click.option("--engines", "export_dir", default="dfosd-engines", show_default=True,
               type=click.Path(file_okay=False), help="Directory written by dfosd-export.")
 @click.option("--out", "out_dir", default="dfosd-out", show_default=True, type=click.Path(file_okay=False),
               help="Output folder (sub-folders of folder inputs are mirrored).")
@@ -48,7 +48,7 @@ TILE_BAR_MIN_CALLS = 4  # a per-tile progress bar for images that take more engi
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.option("-v", "--verbose", is_flag=True)
 @user_errors
-def main(inputs, engines_dir, out_dir, backend, batch, tile, overlap, color_fix, fmt, quality, skip_existing,
+def main(inputs, export_dir, out_dir, backend, batch, tile, overlap, color_fix, fmt, quality, skip_existing,
          report, server, max_pixels, progress, verbose):
     """Upscale INPUT... (files, folders searched recursively, or glob patterns) x4.
 
@@ -84,7 +84,7 @@ def main(inputs, engines_dir, out_dir, backend, batch, tile, overlap, color_fix,
     opts = {"fmt": fmt, "quality": quality, "skip_existing": skip_existing, "color_fix": color_fix,
             "max_pixels": DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels}
     with report_lock(report_path), stop_on_signals():
-        rep = RunReport(report_path, {"engines": server or str(Path(engines_dir).resolve()), "color_fix": color_fix,
+        rep = RunReport(report_path, {"engines": server or str(Path(export_dir).resolve()), "color_fix": color_fix,
                                       "max_pixels": opts["max_pixels"], "out": str(out.resolve())})
         rep.records += [{"input": p, "status": "failed", "error": p} for p in found.problems]
         rep.records += [{"input": str(p), "status": "skipped", "reason": why} for p, why in found.skipped]
@@ -92,7 +92,7 @@ def main(inputs, engines_dir, out_dir, backend, batch, tile, overlap, color_fix,
         rep.write("running")  # from here on, the report on disk is this run's
         code = 0
         try:
-            runner, tcfg, upscale = _make_upscaler(engines_dir, backend, batch, tile, overlap, server)
+            runner, tcfg, upscale = _make_upscaler(export_dir, backend, batch, tile, overlap, server)
             rep.header.update(backend=runner.backend.describe(), precision=runner.precision,
                               tiling={"tile": tcfg.tile, "overlap": tcfg.overlap, "batch": tcfg.batch})
             _run_all(found.pairs, upscale, tcfg, opts, out, rep, progress)
@@ -126,7 +126,7 @@ def _names(items, limit: int = 5) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _make_upscaler(engines_dir, backend, batch, tile, overlap, server):
+def _make_upscaler(export_dir, backend, batch, tile, overlap, server):
     """(runner, tiling, upscale(rgb, sink, progress)) for local engines or a server."""
     from dfosd.core.errors import DfosdError
     from dfosd.runtime.tiling import TilingConfig
@@ -134,12 +134,12 @@ def _make_upscaler(engines_dir, backend, batch, tile, overlap, server):
     if server is not None:
         from dfosd.serving.client import local_only_options, remote_runner
 
-        local_only_options(click.get_current_context(), ("engines_dir", "backend", "batch"))
+        local_only_options(click.get_current_context(), ("export_dir", "backend", "batch"))
         runner = remote_runner(server, say)  # same attributes as OneStepRunner: tile, batch, scale, ...
     else:
         from dfosd.runtime.step import OneStepRunner
 
-        runner = OneStepRunner(engines_dir, backend=backend, batch=batch, say=say)
+        runner = OneStepRunner(export_dir, backend=backend, batch=batch, say=say)
     if tile is not None and tile != runner.tile:
         raise DfosdError(f"--tile {tile} differs from the engines' tile {runner.tile} (engines have static shapes)",
                          hint=f"omit --tile, or re-export with dfosd-export --tile {tile}")

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from dfosd.core.errors import DfosdError
+from dfosd.core.errors import DfosdError, ImageInputError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 # Decoding is refused above this many input pixels (checked from the header, before any
@@ -44,10 +44,6 @@ _MAX_SIDE = {"jpg": 65_535, "webp": 16_383}
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 NOTE_16BIT = "16-bit input written as 8-bit"
-
-
-class ImageInputError(DfosdError):
-    """An input file that cannot be used (missing, empty, not an image, truncated, ...)."""
 
 
 class ImageOutputError(DfosdError, OSError):

@@ -14,11 +14,10 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-from dfosd.core.contracts import ComponentContract
 from dfosd.core.errors import DfosdError
-from dfosd.core.manifest import MANIFEST_NAME, files_intact, read_manifest
+from dfosd.core.manifest import ExportDir
 from dfosd.core.manifest_check import unrecorded_files
-from dfosd.core.onestep import COMPONENTS
+from dfosd.core.vocab import COMPONENTS, MANIFEST_NAME
 
 log = logging.getLogger(__name__)
 
@@ -31,17 +30,12 @@ class OneStepRunner:
     def __init__(self, export_dir: str | Path, *, backend: str = "auto", batch: int | None = None,
                  cuda_graph: bool = True, say: Callable[[str], None] = log.info):
         from dfosd.engines.base import select_backend
-        from dfosd.export.artifacts import components_for_batch
 
-        self.export_dir = Path(export_dir)
-        self.manifest = read_manifest(self.export_dir)
-        bad = files_intact(self.export_dir, self.manifest.get("files", {}), quick=True)
-        if bad:
-            raise DfosdError(f"{self.export_dir}: {', '.join(bad)} missing or changed since export",
-                             hint="re-run dfosd-export into this directory")
-        batches = self.manifest["batches"]
-        self.batch = int(batch if batch is not None else max(batches))
-        entries = components_for_batch(self.manifest, self.batch)
+        self.export = ExportDir(export_dir)
+        self.export_dir = self.export.path
+        self.manifest = self.export.manifest
+        self.batch = int(batch if batch is not None else max(self.export.batches))
+        entries = self.export.entries(self.batch)
         cls, self.backend_reason = select_backend(backend)
         if cls.name != "aoti":  # the AOTI backend loads packages, recorded in their own manifest
             unrecorded = unrecorded_files(self.manifest, list(entries.values()))
@@ -51,7 +45,7 @@ class OneStepRunner:
                                  hint="re-run dfosd-export into this directory")
         self.backend = cls()
         say(self.backend_reason)
-        self.contracts = {n: ComponentContract.from_dict(entries[n]["contract"]) for n in COMPONENTS}
+        self.contracts = self.export.contracts(self.batch)
         self.engines = {n: self.backend.load(self.export_dir, entries[n], self.contracts[n]) for n in COMPONENTS}
         self.buffers = {}
         for c in self.contracts.values():
@@ -63,15 +57,15 @@ class OneStepRunner:
 
     @property
     def tile(self) -> int:
-        return int(self.manifest["tile"])
+        return self.export.tile
 
     @property
     def scale(self) -> int:
-        return int(self.manifest["upscale"])
+        return self.export.upscale
 
     @property
     def precision(self) -> str:
-        return str(self.manifest["precision"])
+        return self.export.precision
 
     def run_chain(self) -> None:
         for name in COMPONENTS:

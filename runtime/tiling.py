@@ -127,7 +127,7 @@ def _pad_to_tile(image: torch.Tensor, tile: int) -> torch.Tensor:
     return x[0].to(torch.uint8)  # exact: the values are still the original integers
 
 
-def _check_step_output(out: torch.Tensor, n: int, cfg: TilingConfig) -> None:
+def check_step_output(out: torch.Tensor, n: int, cfg: TilingConfig) -> None:
     want = (n, 3, cfg.tile * cfg.scale, cfg.tile * cfg.scale)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != want or out.dtype != torch.uint8:
         got = f"{out.dtype} {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
@@ -186,7 +186,7 @@ class TiledImage:
         if start != self.done or start + len(outputs) > len(self):
             raise ValueError(f"tile outputs {start}..{start + len(outputs) - 1} do not follow tile {self.done - 1} "
                              f"of {len(self)} in plan order")
-        _check_step_output(outputs, len(outputs), self.cfg)
+        check_step_output(outputs, len(outputs), self.cfg)
         s, t = self.cfg.scale, self.cfg.tile
         band = t * s
         for (y, x), tile_out in zip(self.origins[start:start + len(outputs)], outputs):
@@ -256,7 +256,7 @@ def upscale_tiled(image: torch.Tensor, step: StepFn, cfg: TilingConfig, *, sink:
     for i in range(0, len(job), cfg.batch):
         tiles = job.tiles(i, i + cfg.batch)
         out = step(tiles)
-        _check_step_output(out, len(tiles), cfg)
+        check_step_output(out, len(tiles), cfg)
         job.add(i, out)
         if progress is not None:
             progress(job.done, len(job))

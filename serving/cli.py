@@ -24,7 +24,7 @@ def _ignore_signals(handlers: dict) -> None:
 
 
 @click.command(name="serve", context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--engines", "engines_dir", required=True, type=click.Path(file_okay=False),
+@click.option("--engines", "export_dir", required=True, type=click.Path(file_okay=False),
               help="Directory written by dfosd-export.")
 @click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
@@ -50,7 +50,7 @@ def _ignore_signals(handlers: dict) -> None:
 @click.option("--log-file", type=click.Path(dir_okay=False), default=None, help="Server log (default: this terminal).")
 @click.option("-v", "--verbose", is_flag=True, help="Verbose server log.")
 @user_errors
-def main(engines_dir, http_port, grpc_port, metrics_port, host, max_batch, timeout_s, max_queue_delay_us, backend,
+def main(export_dir, http_port, grpc_port, metrics_port, host, max_batch, timeout_s, max_queue_delay_us, backend,
          tile_batch, overlap, max_pixels, instances, repo, startup_timeout, log_file, verbose):
     """Serve the exported engines through Triton Inference Server (HTTP + gRPC).
 
@@ -62,7 +62,7 @@ def main(engines_dir, http_port, grpc_port, metrics_port, host, max_batch, timeo
     setup_logging(verbose)
     from dfosd.serving.serve import ServeOptions, TritonServer
 
-    opts = ServeOptions(engines=Path(engines_dir), http_port=http_port, grpc_port=grpc_port,
+    opts = ServeOptions(export_dir=Path(export_dir), http_port=http_port, grpc_port=grpc_port,
                         metrics_port=metrics_port, host=host, max_batch=max_batch, timeout_s=timeout_s,
                         max_queue_delay_us=max_queue_delay_us, backend=backend, tile_batch=tile_batch,
                         overlap=overlap, max_pixels=max_pixels, instances=instances,
@@ -76,7 +76,7 @@ def main(engines_dir, http_port, grpc_port, metrics_port, host, max_batch, timeo
     previous = {s: signal.signal(s, stop_handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.start()
-        say(f"dfosd-serve: starting tritonserver (pid {server.proc.pid}) on {engines_dir} ...")
+        say(f"dfosd-serve: starting tritonserver (pid {server.proc.pid}) on {export_dir} ...")
         server.wait_ready()
         say(f"dfosd-serve: ready  HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}  "
             f"model '{opts.model_name}' (Ctrl-C to stop)")
@@ -97,7 +97,7 @@ def main(engines_dir, http_port, grpc_port, metrics_port, host, max_batch, timeo
 
 
 @click.command(name="triton-repo", context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--engines", "engines_dir", required=True, type=click.Path(file_okay=False),
+@click.option("--engines", "export_dir", required=True, type=click.Path(file_okay=False),
               help="Directory written by dfosd-export (and optionally TensorRT plans).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Model repository to write.")
 @click.option("--kinds", default=None, help=KINDS_HELP)
@@ -118,7 +118,7 @@ def main(engines_dir, http_port, grpc_port, metrics_port, host, max_batch, timeo
               help="Python model: queue timeout per request in seconds (0: none).")
 @click.option("--force", is_flag=True, help="Write into a non-empty folder not made by this command.")
 @user_errors
-def triton_repo_main(engines_dir, out_dir, kinds, name, device, python_device, link, backend, tile_batch, overlap,
+def triton_repo_main(export_dir, out_dir, kinds, name, device, python_device, link, backend, tile_batch, overlap,
                      max_batch, max_pixels, timeout_s, force):
     """Write a Triton model repository (config.pbtxt + model files) from an export directory."""
     setup_logging(False)
@@ -129,7 +129,7 @@ def triton_repo_main(engines_dir, out_dir, kinds, name, device, python_device, l
                        backend=backend, tile_batch=tile_batch, overlap=overlap, max_batch=max_batch,
                        max_pixels=max_pixels or DEFAULT_MAX_PIXELS, queue_timeout_s=timeout_s,
                        tensorrt_required=kinds is not None and "tensorrt" in chosen)
-    result = write_repository(engines_dir, out_dir, opts, force=force)
+    result = write_repository(export_dir, out_dir, opts, force=force)
     for model, what in result.models.items():
         say(f"  {model}: {what}")
     for note in result.notes:

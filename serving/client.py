@@ -15,9 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
-from dfosd.core.errors import DfosdError
-from dfosd.runtime.images import ImageInputError
-from dfosd.serving.triton_repo import IMAGE_IN, IMAGE_OUT
+from dfosd.core.errors import DfosdError, ImageInputError
+from dfosd.core.vocab import IMAGE_IN, IMAGE_OUT
 
 PROTOCOLS = ("http", "grpc")
 DEFAULT_TIMEOUT_S = 600.0  # a large image on a CPU server takes minutes

@@ -58,7 +58,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def cpu_description() -> str:
-    from dfosd.export.aoti import cpu_model  # /proc/cpuinfo (torch-free function)
+    from dfosd.core.manifest import cpu_model
 
     return f"{cpu_model()}, {os.cpu_count()} cores ({platform.machine()}, {platform.system()})"
 
@@ -194,7 +194,7 @@ def _sizes(value: str) -> list[tuple[int, int]]:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--engines", "engines_dir", type=click.Path(file_okay=False), default=None,
+@click.option("--engines", "export_dir", type=click.Path(file_okay=False), default=None,
               help="Start a server on this export (else --url).")
 @click.option("--url", default=None, help="A running server: http://HOST:PORT or grpc://HOST:PORT.")
 @click.option("--protocol", type=click.Choice(("http", "grpc")), default="http", show_default=True,
@@ -209,19 +209,19 @@ def _sizes(value: str) -> list[tuple[int, int]]:
               help="Write OUT.json and OUT.md.")
 @click.option("--note", "notes", multiple=True, help="A line for the report (e.g. other load on the machine).")
 @user_errors
-def main(engines_dir, url, protocol, model, concurrency, sizes, seconds, warmup, max_batch, out_stem, notes):
+def main(export_dir, url, protocol, model, concurrency, sizes, seconds, warmup, max_batch, out_stem, notes):
     """Measure latency (median, p90, p99) and throughput of a served dfosd model under concurrency."""
-    if (engines_dir is None) == (url is None):
+    if (export_dir is None) == (url is None):
         raise DfosdError("give --engines DIR (start a server) or --url URL (a running one)")
     levels = list(parse_int_list(concurrency, "--concurrency"))
     server = None
     load_before = os.getloadavg()
     try:
-        if engines_dir is not None:
+        if export_dir is not None:
             from dfosd.serving.serve import ServeOptions, TritonServer, free_port
 
             log = Path(out_stem + ".server.log") if out_stem else None
-            server = TritonServer(ServeOptions(engines=Path(engines_dir), host="127.0.0.1", http_port=free_port(),
+            server = TritonServer(ServeOptions(export_dir=Path(export_dir), host="127.0.0.1", http_port=free_port(),
                                                grpc_port=free_port(), metrics_port=free_port(), max_batch=max_batch,
                                                log_file=log))
             server.start()
@@ -241,7 +241,7 @@ def main(engines_dir, url, protocol, model, concurrency, sizes, seconds, warmup,
     meta = {
         "machine": cpu_description(),
         "server": f"{described}; tritonserver from nvidia-pytriton, dynamic batching up to {max_batch} requests",
-        "model": f"export {Path(engines_dir).resolve()}" if engines_dir else url,
+        "model": f"export {Path(export_dir).resolve()}" if export_dir else url,
         "method": f"per level: {warmup:g} s warm-up, then {seconds:g} s of N client threads (one {protocol} "
                   "connection each) sending one image per request back to back; latency = client-side round trip",
         "load_average_before": [round(x, 2) for x in load_before],

@@ -23,7 +23,7 @@ import json
 import traceback
 from pathlib import Path
 
-from dfosd.serving.triton_repo import IMAGE_IN, IMAGE_OUT
+from dfosd.core.vocab import IMAGE_IN, IMAGE_OUT
 from dfosd.serving.upscale_service import RequestError, UpscaleRequest, UpscaleService, parse_overlap
 
 

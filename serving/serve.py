@@ -147,7 +147,7 @@ def group_pids(pgid: int) -> list[int]:
 
 @dataclass
 class ServeOptions:
-    engines: Path
+    export_dir: Path
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002
@@ -189,7 +189,7 @@ class TritonServer:
         repo = o.repo if o.repo is not None else work / "models"
         # KIND_GPU: one instance per visible GPU, each pinned to its device (see python_model).
         kind = "gpu" if _cuda_visible() else "cpu"
-        write_repository(o.engines, repo, RepoOptions(
+        write_repository(o.export_dir, repo, RepoOptions(
             name=o.model_name, kinds=("python",), link="symlink", backend=o.backend, tile_batch=o.tile_batch,
             overlap=o.overlap, max_batch=o.max_batch, max_queue_delay_us=o.max_queue_delay_us,
             queue_timeout_s=o.timeout_s, max_pixels=o.max_pixels or DEFAULT_MAX_PIXELS, instances=o.instances,

@@ -33,22 +33,16 @@ from typing import Any
 
 from dfosd.core.contracts import ComponentContract
 from dfosd.core.errors import DfosdError, problems_error
-from dfosd.core.manifest import MANIFEST_NAME, files_intact, read_manifest
+from dfosd.core.manifest import ExportDir, changed_files
+from dfosd.core.vocab import COMPONENTS, IMAGE_IN, IMAGE_OUT, MANIFEST_NAME, plan_manifest_name, plan_name
 from dfosd.serving.pbtxt import Enum, Map, to_pbtxt
 
-# The chain of parts, in order: core.onestep.COMPONENTS, spelled out here so that writing a
-# repository does not import torch (a test checks the two agree).
-CHAIN = ("encoder", "unet", "decoder")
 DATA_TYPES = {"uint8": "TYPE_UINT8", "float16": "TYPE_FP16", "float32": "TYPE_FP32"}
 KINDS = ("python", "onnx", "tensorrt")
 LINK_MODES = ("copy", "hardlink", "symlink")
 DEVICES = ("cpu", "gpu")
 VERSION = "1"
 MARKER = ".dfosd-repo.json"  # marks a repository written here, so rewriting it may replace our models
-PLAN_MANIFEST_SUFFIX = ".plan.json"  # engines.tensorrt_build writes <stem>.plan + <stem>.plan.json
-
-# The Python model's tensors: one image per batch entry, any size, HWC or CHW.
-IMAGE_IN, IMAGE_OUT = "lr_image", "sr_image"
 DEFAULT_MAX_PIXELS = 1024 * 1024  # LR pixels per image: 1024x1024 in -> 4096x4096 out (48 MiB)
 
 
@@ -104,21 +98,9 @@ class RepoResult:
 # ---------------------------------------------------------------- the export's parts
 
 
-def batches_of(manifest: dict) -> dict[int, dict[str, dict]]:
-    """Tile batch -> {part -> manifest entry}, for batches that have all three parts."""
-    by_batch: dict[int, dict[str, dict]] = {}
-    for entry in manifest.get("components", {}).values():
-        by_batch.setdefault(int(entry["batch"]), {})[entry["component"]] = entry
-    return {b: parts for b, parts in sorted(by_batch.items()) if set(parts) == set(CHAIN)}
-
-
-def contracts_of(parts: dict[str, dict]) -> dict[str, ComponentContract]:
-    return {name: ComponentContract.from_dict(parts[name]["contract"]) for name in CHAIN}
-
-
 def check_chain(contracts: dict[str, ComponentContract]) -> None:
     """Each part's outputs must be the next part's inputs (names, dtypes, shapes)."""
-    for a, b in zip(CHAIN, CHAIN[1:]):
+    for a, b in zip(COMPONENTS, COMPONENTS[1:]):
         if contracts[a].outputs != contracts[b].inputs:
             raise DfosdError(f"the export's {a} outputs {contracts[a].outputs} are not the {b} inputs "
                              f"{contracts[b].inputs}", hint="re-run dfosd-export into a clean directory")
@@ -166,9 +148,9 @@ def plan_config(model: str, plan: dict, contract: ComponentContract) -> dict:
 
 def ensemble_config(model: str, step_models: dict[str, str], contracts: dict[str, ComponentContract]) -> dict:
     """Chain the parts by tensor name: each part's output feeds the next part's input."""
-    first, last = contracts[CHAIN[0]], contracts[CHAIN[-1]]
+    first, last = contracts[COMPONENTS[0]], contracts[COMPONENTS[-1]]
     steps = []
-    for name in CHAIN:
+    for name in COMPONENTS:
         c = contracts[name]
         steps.append({"model_name": step_models[name], "model_version": -1,
                       "input_map": Map({s.name: s.name for s in c.inputs}),
@@ -288,9 +270,9 @@ def read_plans(export_dir: Path, manifest: dict, parts: dict[str, dict],
                contracts: dict[str, ComponentContract]) -> tuple[dict[str, dict] | None, list[str]]:
     """The plan manifests of one tile batch's three parts, or (None, why) when they are absent/unusable."""
     plans, problems = {}, []
-    for name in CHAIN:
+    for name in COMPONENTS:
         stem = contracts[name].stem
-        path = export_dir / f"{stem}{PLAN_MANIFEST_SUFFIX}"
+        path = export_dir / plan_manifest_name(stem)
         if not path.is_file():
             return None, [f"no TensorRT plan for {stem}"]
         try:
@@ -308,8 +290,8 @@ def read_plans(export_dir: Path, manifest: dict, parts: dict[str, dict],
         if not plan.get("system", {}).get("sm"):
             problems.append(f"{path.name} does not record the GPU compute capability (system.sm)")
         plan_file = plan.get("plan")
-        if not plan_file or files_intact(export_dir, {plan_file: plan.get("plan_file", {})}, quick=True):
-            problems.append(f"{plan_file or stem + '.plan'} is missing or changed since it was built")
+        if not plan_file or changed_files(export_dir, {plan_file: plan.get("plan_file", {})}, quick=True):
+            problems.append(f"{plan_file or plan_name(stem)} is missing or changed since it was built")
         plans[name] = plan
     return (None, problems) if problems else (plans, [])
 
@@ -322,27 +304,23 @@ def _write_chain(repo: Path, result: "RepoResult", opts: "RepoOptions", contract
     """One model per part of the chain plus the ensemble that links them, for one tile batch.
     ``part(name, model)`` gives the part's (config, files, description)."""
     steps = {}
-    for name in CHAIN:
+    for name in COMPONENTS:
         model = f"{opts.name}_{contracts[name].stem}{suffix}"
         config, files, description = part(name, model)
         write_model(repo, model, config, files, opts.link)
         result.models[model] = description
         steps[name] = model
-    batch = contracts[CHAIN[0]].batch
+    batch = contracts[COMPONENTS[0]].batch
     ens = f"{opts.name}_tiles_b{batch}{suffix}"
     write_model(repo, ens, ensemble_config(ens, steps, contracts), {}, opts.link)
     result.models[ens] = ensemble
 
 
-def write_repository(engines_dir: str | Path, repo_dir: str | Path, opts: RepoOptions = RepoOptions(), *,
+def write_repository(export_dir: str | Path, repo_dir: str | Path, opts: RepoOptions = RepoOptions(), *,
                      force: bool = False) -> RepoResult:
-    export_dir = Path(engines_dir)
-    manifest = read_manifest(export_dir)
-    bad = files_intact(export_dir, manifest.get("files", {}), quick=True)
-    if bad:
-        raise DfosdError(f"{export_dir}: {', '.join(bad)} missing or changed since export",
-                         hint="re-run dfosd-export into this directory")
-    by_batch = batches_of(manifest)
+    export = ExportDir(export_dir)
+    export_dir, manifest = export.path, export.manifest
+    by_batch = export.complete_batches()
     if not by_batch:
         raise DfosdError(f"{export_dir}/{MANIFEST_NAME} lists no complete set of encoder/unet/decoder parts",
                          hint="re-run dfosd-export into this directory")
@@ -352,7 +330,7 @@ def write_repository(engines_dir: str | Path, repo_dir: str | Path, opts: RepoOp
     n = opts.name
 
     for batch, parts in by_batch.items():
-        contracts = contracts_of(parts)
+        contracts = export.contracts(batch)
         check_chain(contracts)
         if "onnx" in opts.kinds:
             def onnx_part(name, model):

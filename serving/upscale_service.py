@@ -142,7 +142,7 @@ class UpscaleService:
         """
         import torch
 
-        from dfosd.runtime.tiling import _check_step_output
+        from dfosd.runtime.tiling import check_step_output
 
         results: list = [None] * len(requests)
         prepared = {}  # request index -> (layout, jobs)
@@ -165,7 +165,7 @@ class UpscaleService:
                 break
             try:
                 out = self.runner(torch.cat([job.tiles(i, i + 1) for _, job, i in chunk]))
-                _check_step_output(out, len(chunk), self.default_tiling)
+                check_step_output(out, len(chunk), self.default_tiling)
                 for k, (r, job, i) in enumerate(chunk):
                     job.add(i, out[k:k + 1])
                     if job.done == len(job):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from dfosd.core.cli_support import say, setup_logging, user_errors
+from dfosd.core.vocab import FLOAT_PRECISIONS
 
 
 @click.command(name="aoti-export", context_settings={"help_option_names": ["-h", "--help"]})
@@ -12,7 +13,7 @@ from dfosd.core.cli_support import say, setup_logging, user_errors
               help="Export directory written by dfosd-export (its manifest.json gives tile, batches, base, checkpoint).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
               help="Device the packages run on; they only load there. [default: cuda when a GPU is visible, else cpu]")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default=None,
+@click.option("--precision", type=click.Choice(FLOAT_PRECISIONS), default=None,
               help="fp16: half-precision networks with fp32 islands and fp32 part boundaries. "
                    "[default: the export's precision (its float precision for int8/fp8)]")
 @click.option("--channels-last/--no-channels-last", default=None,
@@ -29,7 +30,7 @@ def main(export_dir, device, precision, channels_last, max_autotune, ckpt, base,
     """Compile every part and tile batch of an export to <part>_b<batch>.<device>.pt2 (AOTInductor)."""
     setup_logging(verbose)
     from dfosd.engines.base import cuda_available
-    from dfosd.export.aoti import export_aoti
+    from dfosd.engines.aoti_build import export_aoti
 
     if device is None:
         device = "cuda" if cuda_available() else "cpu"

@@ -58,26 +58,20 @@ from dfosd.core.errors import DfosdError, problems_error
 from dfosd.core.manifest import (
     build_key,
     file_record,
-    files_intact,
+    changed_files,
     package_versions,
-    read_manifest,
+    ExportDir,
+    cpu_model,
     source_fingerprint,
     write_json_atomic,
 )
-from dfosd.core.onestep import COMPONENTS
+from dfosd.core.vocab import AOTI_MANIFEST_NAME, COMPONENTS, FLOAT_PRECISIONS, PACKAGE_SUFFIX, package_name
 
 log = logging.getLogger(__name__)
 
-AOTI_MANIFEST_NAME = "manifest.aoti.json"
 AOTI_FORMAT = 1
-AOTI_PRECISIONS = ("fp32", "fp16")
+AOTI_PRECISIONS = FLOAT_PRECISIONS  # AOTInductor compiles float parts; 8-bit exports use their float precision
 AOTI_DEVICES = ("cpu", "cuda")
-PACKAGE_SUFFIX = ".pt2"
-
-
-def package_name(stem: str, device: str) -> str:
-    """``unet_b1`` + ``cuda`` -> ``unet_b1.cuda.pt2``."""
-    return f"{stem}.{device}{PACKAGE_SUFFIX}"
 
 
 def default_channels_last(device: str) -> bool:
@@ -113,18 +107,6 @@ def system_info(device: str) -> dict[str, Any]:
     else:
         info.update(cpu=cpu_model(), cpu_isa=str(torch.backends.cpu.get_cpu_capability()))
     return info
-
-
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), else what ``platform`` knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith(("model name", "cpu model", "hardware")):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def system_mismatches(built: dict[str, Any], running: dict[str, Any]) -> list[str]:
@@ -185,7 +167,7 @@ def check_build(export_dir: str | Path, device: str, *, export_manifest: dict | 
     build = aoti["builds"][device]
     running = system_info(device) if running is None else running
     problems = system_mismatches(build.get("system", {}), running)
-    export_manifest = read_manifest(export_dir) if export_manifest is None else export_manifest
+    export_manifest = ExportDir(export_dir, check="none").manifest if export_manifest is None else export_manifest
     if build.get("export_build_key") != export_manifest.get("build_key"):
         problems.append("built from an earlier export of this directory (its manifest.json changed since)")
     if problems:
@@ -334,7 +316,7 @@ def export_aoti(export_dir: str | Path, *, device: str, precision: str | None = 
 
     t0 = time.perf_counter()
     export_dir = Path(export_dir)
-    manifest = read_manifest(export_dir)
+    manifest = ExportDir(export_dir, check="none").manifest  # the packages are built from the checkpoint
     check_device(device)
     notes: list[str] = []
 
@@ -348,7 +330,7 @@ def export_aoti(export_dir: str | Path, *, device: str, precision: str | None = 
     inputs = _build_inputs(manifest, device, precision, channels_last, max_autotune, system)
     key = build_key(inputs)
     old = (read_aoti_manifest(export_dir) or {"builds": {}})["builds"].get(device)
-    if not force and old and old.get("build_key") == key and not files_intact(export_dir, old.get("files", {})):
+    if not force and old and old.get("build_key") == key and not changed_files(export_dir, old.get("files", {})):
         progress(f"reusing the {device} AOTInductor packages in {export_dir}: same export, options, software, system")
         return AotiResult(export_dir, device, old, reused=True, seconds=time.perf_counter() - t0)
 

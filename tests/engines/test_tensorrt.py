@@ -41,7 +41,7 @@ def test_strongly_typed_network_flags_per_major_version():
 
 def test_import_tensorrt_checks_the_major_version(monkeypatch):
     from dfosd.core.errors import DfosdError
-    from dfosd.engines.tensorrt_build import import_tensorrt
+    from dfosd.engines.tensorrt_common import import_tensorrt
 
     monkeypatch.setitem(sys.modules, "tensorrt", fake_trt("11.1.0"))
     assert import_tensorrt().__version__ == "11.1.0"
@@ -56,7 +56,7 @@ def test_import_tensorrt_checks_the_major_version(monkeypatch):
 
 def test_plan_system_comparison(tmp_path):
     from dfosd.core.errors import DfosdError
-    from dfosd.engines.tensorrt_build import check_plan_system, plan_mismatches
+    from dfosd.engines.tensorrt_common import check_plan_system, plan_mismatches
 
     assert plan_mismatches(H100, H100) == []
     assert plan_mismatches(H100, {**H100, "tensorrt": "10.17.1", "cuda": "12.9"}) == []  # same majors
@@ -92,7 +92,8 @@ def test_without_tensorrt_build_and_backend_say_how_to_get_it(tiny_export_fp32):
     from dfosd.core.errors import DfosdError
     from dfosd.engines.base import select_backend
     from dfosd.engines.tensorrt_backend import TensorRTBackend
-    from dfosd.engines.tensorrt_build import build_engines, read_plan_manifest
+    from dfosd.engines.tensorrt_build import build_engines
+    from dfosd.engines.tensorrt_common import read_plan_manifest
 
     with pytest.raises(DfosdError, match="TensorRT does not import"):
         build_engines(tiny_export_fp32)
@@ -208,7 +209,8 @@ def test_build_engines_writes_plans_manifests_and_timing_cache(stand_in_trt, tin
     import shutil
 
     from dfosd.core.manifest import read_manifest, sha256_file
-    from dfosd.engines.tensorrt_build import build_engines, read_plan_manifest, timing_cache_path
+    from dfosd.engines.tensorrt_build import build_engines, timing_cache_path
+    from dfosd.engines.tensorrt_common import read_plan_manifest
 
     out = shutil.copytree(tiny_export_fp32, tmp_path / "export")
     lines = []
@@ -314,7 +316,7 @@ def test_tensorrt_plans_run_like_onnxruntime_in_one_cuda_graph(precision, tiny_c
     if precision == "int8":
         quant = dict(float_precision="fp16", calib_data=str(_write_photos(tmp_path / "photos")), calib_count=8)
     out = export_checkpoint(tiny_ckpt, TINY, tmp_path / "export",
-                            ExportConfig(precision=precision, tile=TILE, batches=(2,), **quant)).out_dir
+                            ExportConfig.from_options(precision=precision, tile=TILE, batches=(2,), **quant)).out_dir
     plans = build_engines(out, progress=print)
     assert {p["stem"] for p in plans} == {"encoder_b2", "unet_b2", "decoder_b2"}
     assert all(p["system"]["sm"] and p["builder"]["strongly_typed"] for p in plans)

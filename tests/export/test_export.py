@@ -80,23 +80,40 @@ def test_manifest_records_inputs_and_contracts(tiny_export_fp32, tiny_ckpt):
         assert (tiny_export_fp32 / name).stat().st_size == rec["bytes"]
 
 
-def test_reuse_and_rebuild(tiny_ckpt, tmp_path, tiny_base):
-    from dfosd.core.checkpoint import write_random_checkpoint
+def test_reuse_and_rebuild(tiny_ckpt, tiny_export_fp32, tmp_path, tiny_base):
+    """Same inputs reuse the folder; a changed file, checkpoint or option changes the verdict.
+    One copy of the session export and the build key itself, instead of four real exports."""
+    import shutil
 
-    cfg = ExportConfig(precision="fp32", tile=TILE, batches=(1,))
-    first = export_checkpoint(tiny_ckpt, TINY, tmp_path, cfg)
-    assert not first.reused
-    again = export_checkpoint(tiny_ckpt, TINY, tmp_path, cfg)
-    assert again.reused and again.manifest["build_key"] == first.manifest["build_key"]
-    # a changed file is detected and rebuilt
-    (tmp_path / "decoder_b1.onnx").write_bytes(b"corrupt")
-    assert not export_checkpoint(tiny_ckpt, TINY, tmp_path, cfg).reused
-    # another checkpoint or another option rebuilds
+    from dfosd.core.bases import base_fingerprint
+    from dfosd.core.checkpoint import read_checkpoint, write_random_checkpoint
+    from dfosd.core.manifest import build_key
+    from dfosd.export.artifacts import export_inputs, reusable
+
+    out = shutil.copytree(tiny_export_fp32, tmp_path / "export")
+    cfg = ExportConfig(precision="fp32", tile=TILE, batches=(1, 2))  # the session export's options
+    again = export_checkpoint(tiny_ckpt, TINY, out, cfg)
+    key = again.manifest["build_key"]
+    assert again.reused and reusable(out, key) is not None
+
+    def key_of(ckpt, config):
+        return build_key(export_inputs(TINY, base_fingerprint(TINY), read_checkpoint(ckpt), config))
+
+    assert key_of(tiny_ckpt, cfg) == key  # the key is a pure function of what went in
+    # another checkpoint or another option is another key: the folder is rebuilt
     other = write_random_checkpoint(tmp_path / "other.safetensors", tiny_base, seed=5)
-    assert not export_checkpoint(other, TINY, tmp_path, cfg).reused
-    changed = export_checkpoint(other, TINY, tmp_path, ExportConfig(precision="fp32", tile=16, batches=(1,)))
-    assert not changed.reused and changed.manifest["tile"] == 16
-    assert not list(tmp_path.glob(".*")), "no temp files left behind"
+    assert key_of(other, cfg) != key
+    for changed in (ExportConfig(precision="fp32", tile=16, batches=(1, 2)),
+                    ExportConfig(precision="fp32", tile=TILE, batches=(1,)),
+                    ExportConfig(precision="fp16", tile=TILE, batches=(1, 2))):
+        assert key_of(tiny_ckpt, changed) != key, changed
+    # a changed file is detected: the folder is no longer reusable, and a real re-export fixes it
+    (out / "decoder_b1.onnx").write_bytes(b"corrupt")
+    assert reusable(out, key) is None
+    fixed = export_checkpoint(tiny_ckpt, TINY, out, ExportConfig(precision="fp32", tile=TILE, batches=(1,)))
+    assert not fixed.reused and sorted(fixed.manifest["batches"]) == [1]
+    assert reusable(out, fixed.manifest["build_key"]) is not None
+    assert not list(out.glob(".*")), "no temp files left behind"
 
 
 def test_external_data_above_threshold(tiny_eager, tmp_path, monkeypatch):

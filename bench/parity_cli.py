@@ -50,7 +50,7 @@ def _reference_inputs(export_dirs: list[Path], base: str | None, ckpt: str | Non
 def main(export_dirs, photos, base, ckpt, max_tiles, json_path, verbose):
     """Compare exported pipelines (ONNX Runtime, CPU) with eager PyTorch fp32 on held-out photos."""
     setup_logging(verbose)
-    from dfosd.calibration.report import format_report, parity_report
+    from dfosd.bench.parity import format_report, parity_report
     from dfosd.core.bases import load_base
     from dfosd.core.checkpoint import read_checkpoint, validate_checkpoint
     from dfosd.core.manifest import write_json_atomic

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # The project's copy of shared/tensorrt-api (checked against it below when shared/ is beside the repo).
-API_DIR = Path(__file__).resolve().parent / "data" / "tensorrt-api"
+API_DIR = Path(__file__).resolve().parents[1] / "data" / "tensorrt-api"
 SHARED_API_DIR = REPO.parent / "shared" / "tensorrt-api"
 VERSIONS = ("tensorrt-v10.16.txt", "tensorrt-v11.1.txt")
 SOURCES = sorted((REPO / "engines").glob("tensorrt_*.py"))
@@ -77,7 +77,7 @@ def trt_names(source: str) -> tuple[set[str], set[str]]:
 
 
 def test_sources_found():
-    assert {p.name for p in SOURCES} >= {"tensorrt_build.py", "tensorrt_backend.py"}
+    assert {p.name for p in SOURCES} >= {"tensorrt_build.py", "tensorrt_backend.py", "tensorrt_common.py"}
 
 
 def test_trt_module_names_exist_in_both_versions():

@@ -45,7 +45,7 @@ def _fake_export(folder, build_key="export-key-1", batches=(1,)):
 
 def _fake_build(folder, manifest, device="cpu", system=None, files=None, components=None):
     from dfosd.core.manifest import write_json_atomic
-    from dfosd.export.aoti import AOTI_FORMAT, AOTI_MANIFEST_NAME, package_name, system_info
+    from dfosd.engines.aoti_build import AOTI_FORMAT, AOTI_MANIFEST_NAME, package_name, system_info
 
     comps = components if components is not None else {
         stem: {"component": e["component"], "batch": e["batch"], "package": package_name(stem, device),
@@ -62,7 +62,7 @@ def _fake_build(folder, manifest, device="cpu", system=None, files=None, compone
 
 
 def test_names_and_rebuild_command(tmp_path):
-    from dfosd.export.aoti import default_channels_last, package_name, rebuild_command
+    from dfosd.engines.aoti_build import default_channels_last, package_name, rebuild_command
 
     assert package_name("unet_b1", "cuda") == "unet_b1.cuda.pt2"
     assert rebuild_command(tmp_path / "my dir", "cuda") == f"dfosd aoti-export --engines '{tmp_path}/my dir' --device cuda"
@@ -70,7 +70,7 @@ def test_names_and_rebuild_command(tmp_path):
 
 
 def test_system_mismatches():
-    from dfosd.export.aoti import system_mismatches
+    from dfosd.engines.aoti_build import system_mismatches
 
     gpu = {"torch": "2.11.0+cu130", "device": "cuda", "arch": "x86_64", "sm": "9.0", "gpu": "H100", "cuda": "13.0"}
     assert system_mismatches(gpu, dict(gpu)) == []
@@ -86,7 +86,7 @@ def test_system_mismatches():
 
 
 def test_check_build_refuses_missing_foreign_and_stale(tmp_path):
-    from dfosd.export.aoti import check_build, system_info
+    from dfosd.engines.aoti_build import check_build, system_info
 
     manifest = _fake_export(tmp_path)
     with pytest.raises(DfosdError) as exc:
@@ -114,7 +114,7 @@ def test_check_build_refuses_missing_foreign_and_stale(tmp_path):
 
 
 def test_runner_refuses_foreign_packages(tmp_path):
-    from dfosd.export.aoti import system_info
+    from dfosd.engines.aoti_build import system_info
     from dfosd.runtime.step import OneStepRunner
 
     manifest = _fake_export(tmp_path)
@@ -160,7 +160,7 @@ def test_export_aoti_refuses_bad_requests(tmp_path, tiny_base):
 
     from dfosd.core.checkpoint import write_random_checkpoint
     from dfosd.core.manifest import MANIFEST_NAME, write_json_atomic
-    from dfosd.export.aoti import export_aoti
+    from dfosd.engines.aoti_build import export_aoti
 
     manifest = _fake_export(tmp_path)
     with pytest.raises(DfosdError, match="fp32 or fp16"):
@@ -178,7 +178,7 @@ def test_export_aoti_refuses_bad_requests(tmp_path, tiny_base):
 
 
 def test_cli_help_is_light_and_errors_are_clean(tmp_path):
-    probe = ("import sys; from click.testing import CliRunner; import dfosd.export.aoti_cli as m\n"
+    probe = ("import sys; from click.testing import CliRunner; import dfosd.engines.aoti_cli as m\n"
              "r = CliRunner().invoke(m.main, ['--help']); assert r.exit_code == 0 and 'Usage' in r.output, r.output\n"
              "print([x for x in ('torch', 'diffusers', 'onnxruntime') if x in sys.modules])")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
@@ -187,7 +187,7 @@ def test_cli_help_is_light_and_errors_are_clean(tmp_path):
 
     from click.testing import CliRunner
 
-    from dfosd.export.aoti_cli import main
+    from dfosd.engines.aoti_cli import main
 
     r = CliRunner().invoke(main, ["--engines", str(tmp_path), "--device", "cpu"])
     assert r.exit_code == 1 and "no manifest.json" in r.output and "Traceback" not in r.output
@@ -203,7 +203,7 @@ def test_stand_in_package_compiles_loads_and_runs_on_buffers(tmp_path):
     from dfosd.core.contracts import ComponentContract
     from dfosd.core.manifest import file_record
     from dfosd.engines.aoti_backend import AotiBackend
-    from dfosd.export.aoti import compile_part, package_name
+    from dfosd.engines.aoti_build import compile_part, package_name
 
     class StandIn(torch.nn.Module):
         def forward(self, latent):
@@ -241,7 +241,7 @@ def test_stand_in_package_compiles_loads_and_runs_on_buffers(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_aoti_cpu(tiny_ckpt, tmp_path_factory):
-    from dfosd.export.aoti import export_aoti
+    from dfosd.engines.aoti_build import export_aoti
     from dfosd.export.artifacts import ExportConfig, export_checkpoint
 
     out = tmp_path_factory.mktemp("aoti_fp32")
@@ -274,7 +274,7 @@ def test_aoti_manifest_records_system_and_hashes(tiny_aoti_cpu, tiny_ckpt):
     import torch
 
     from dfosd.core.manifest import read_manifest, sha256_file
-    from dfosd.export.aoti import AOTI_MANIFEST_NAME, export_aoti
+    from dfosd.engines.aoti_build import AOTI_MANIFEST_NAME, export_aoti
 
     out, _ = tiny_aoti_cpu
     aoti = json.loads((out / AOTI_MANIFEST_NAME).read_text())
@@ -295,7 +295,7 @@ def test_aoti_manifest_records_system_and_hashes(tiny_aoti_cpu, tiny_ckpt):
 @pytest.mark.slow
 def test_aoti_runner_refuses_a_package_from_another_system(tiny_aoti_cpu, tmp_path):
     from dfosd.core.manifest import write_json_atomic
-    from dfosd.export.aoti import AOTI_MANIFEST_NAME
+    from dfosd.engines.aoti_build import AOTI_MANIFEST_NAME
     from dfosd.runtime.step import OneStepRunner
 
     src, _ = tiny_aoti_cpu
@@ -318,7 +318,7 @@ def test_aoti_cuda_graph_capture_matches_eager(tiny_ckpt, tiny_eager, photo_lr, 
     import torch
 
     from dfosd.core.metrics import psnr_uint8
-    from dfosd.export.aoti import export_aoti
+    from dfosd.engines.aoti_build import export_aoti
     from dfosd.export.artifacts import ExportConfig, export_checkpoint
     from dfosd.runtime.step import OneStepRunner
 

@@ -249,13 +249,6 @@ def test_refusals(tmp_path):
         write_repository(export, tmp_path / "r7")
 
 
-def test_chain_is_core_components():
-    from dfosd.core.onestep import COMPONENTS
-    from dfosd.serving.triton_repo import CHAIN
-
-    assert CHAIN == COMPONENTS
-
-
 @needs_schema
 def test_cli_on_the_real_tiny_export(tiny_export_fp32, tmp_path):
     from click.testing import CliRunner

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-CPP = Path(__file__).resolve().parents[1] / "serving" / "cpp"
-API = Path(__file__).resolve().parent / "data" / "tensorrt-api"  # copy of shared/tensorrt-api
+CPP = Path(__file__).resolve().parents[2] / "serving" / "cpp"
+API = Path(__file__).resolve().parents[1] / "data" / "tensorrt-api"  # copy of shared/tensorrt-api
 TILE, BATCH = 16, 2
 HAVE_TOOLS = all(shutil.which(t) for t in ("cmake", "make", "c++"))
 needs_tools = pytest.mark.skipif(not HAVE_TOOLS, reason="needs cmake, make and a C++ compiler")
@@ -106,7 +106,7 @@ def _package_export(folder: Path, parts: dict, tile: int, batch: int) -> Path:
     """An export directory whose cpu AOTI packages are ``parts`` compiled (manifests as dfosd writes them)."""
     from dfosd.core.contracts import Geometry, component_contracts
     from dfosd.core.manifest import MANIFEST_FORMAT, MANIFEST_NAME, file_record, write_json_atomic
-    from dfosd.export.aoti import AOTI_FORMAT, AOTI_MANIFEST_NAME, compile_part, package_name, system_info
+    from dfosd.engines.aoti_build import AOTI_FORMAT, AOTI_MANIFEST_NAME, compile_part, package_name, system_info
 
     folder.mkdir(parents=True, exist_ok=True)
     components, aoti, files = {}, {}, {}
@@ -219,7 +219,7 @@ def test_cpp_runner_bad_inputs(cpp_runner, stand_in_export, tmp_path):
 @needs_tools
 def test_cpp_aoti_runner_on_the_tiny_model(cpp_runner, tiny_ckpt, tmp_path_factory):
     """The synthetic:tiny model's real AOTI packages (dfosd aoti-export), C++ vs Python."""
-    from dfosd.export.aoti import export_aoti
+    from dfosd.engines.aoti_build import export_aoti
     from dfosd.export.artifacts import ExportConfig, export_checkpoint
 
     exe, _ = cpp_runner

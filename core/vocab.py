@@ -1,0 +1,53 @@
+"""dfosd's vocabulary: one home for every word the stages share.
+
+Part names, precisions, boundary tensor names and artifact file names are spelled here
+and nowhere else. Plain strings and tuples only: importing this module costs nothing
+(no torch, no numpy), so command-line front ends, the Triton client and the C++ runner's
+manifest reader can all use it.
+"""
+
+from __future__ import annotations
+
+# The deployable parts, in pipeline order. The manifest and the contracts call each one a
+# "component"; the Triton ensembles chain them in this order.
+COMPONENTS = ("encoder", "unet", "decoder")
+
+# Precisions of an export. Float precisions are what un-quantized parts (and graphs) are
+# stored in; the 8-bit ones carry explicit Q/DQ nodes around float islands.
+FLOAT_PRECISIONS = ("fp32", "fp16")
+QUANT_PRECISIONS = ("int8", "fp8")
+PRECISIONS = FLOAT_PRECISIONS + QUANT_PRECISIONS
+
+# Tensors at the part boundaries: each part's output feeds the input of the same name.
+LR_IMAGE, LATENT, DENOISED, SR_IMAGE = "lr_image", "latent", "denoised_latent", "sr_image"
+IMAGE_IN, IMAGE_OUT = LR_IMAGE, SR_IMAGE  # what clients send and get back
+
+# Artifact files of an export directory.
+MANIFEST_NAME = "manifest.json"
+ONNX_SUFFIX = ".onnx"
+PLAN_SUFFIX = ".plan"  # TensorRT engine
+PLAN_MANIFEST_SUFFIX = ".plan.json"  # its build record, beside it
+PACKAGE_SUFFIX = ".pt2"  # AOTInductor package
+AOTI_MANIFEST_NAME = "manifest.aoti.json"  # AOTInductor build record, one section per device
+
+
+def stem(component: str, batch: int) -> str:
+    """File stem of one part for one tile batch: ``unet`` + 4 -> ``unet_b4``."""
+    return f"{component}_b{int(batch)}"
+
+
+def onnx_name(stem_: str) -> str:
+    return stem_ + ONNX_SUFFIX
+
+
+def plan_name(stem_: str) -> str:
+    return stem_ + PLAN_SUFFIX
+
+
+def plan_manifest_name(stem_: str) -> str:
+    return stem_ + PLAN_MANIFEST_SUFFIX
+
+
+def package_name(stem_: str, device: str) -> str:
+    """``unet_b1`` + ``cuda`` -> ``unet_b1.cuda.pt2`` (packages for several devices live side by side)."""
+    return f"{stem_}.{device}{PACKAGE_SUFFIX}"
