@@ -290,3 +290,23 @@ def test_ctrl_c_writes_an_interrupted_report_and_leaves_no_temp_files(tiny_expor
     assert counts["ok"] + counts["interrupted"] + counts["not_started"] == 40 and counts["not_started"] > 0
     assert len(list(out.glob("*.png"))) == counts["ok"]  # every output listed ok exists, and no other
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no hidden temp file left
+
+
+@pytest.mark.parametrize("exc, needle", [
+    (MemoryError(), "out of memory"),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"), "out of memory"),
+    (RuntimeError("ONNXRuntimeError: ... Non-zero status code"), "RuntimeError: ONNXRuntimeError"),
+])
+def test_any_failure_inside_one_image_is_that_image_s_record(tmp_path, exc, needle):
+    """What the batch loop gets back when the upscale itself fails: a record, never an exception."""
+    from dfosd.runtime.batch import process_image
+
+    _photo((24, 24)).save(tmp_path / "a.png")
+
+    def upscale(rgb, sink, progress):
+        raise exc
+
+    opts = {"fmt": "png", "quality": 95, "skip_existing": False, "color_fix": "none", "max_pixels": 10**6}
+    rec = process_image(tmp_path / "a.png", Path("a.png"), upscale, 4, opts, tmp_path / "out")
+    assert rec["status"] == "failed" and needle in rec["error"] and str(tmp_path / "a.png") in rec["error"]
+    assert not (tmp_path / "out" / "a.png").exists()
