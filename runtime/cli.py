@@ -66,7 +66,8 @@ def main(inputs, export_dir, out_dir, backend, batch, tile, overlap, color_fix, 
         report_lock,
         stop_on_signals,
     )
-    from dfosd.runtime.images import DEFAULT_MAX_PIXELS, check_output_folder, collect_inputs
+    from dfosd.runtime.images import DEFAULT_MAX_PIXELS
+    from dfosd.runtime.inputs import check_output_folder, collect_inputs
 
     out = Path(out_dir)
     found = collect_inputs(inputs, out_dir=out)

@@ -15,16 +15,15 @@ from PIL import Image
 
 from dfosd.core.errors import DfosdError
 from dfosd.runtime.images import (
-    IMAGE_SUFFIXES,
     ImageInputError,
     ImageOutputError,
     LoadedImage,
-    collect_inputs,
     compose_output,
     load_image,
     output_path_for,
     save_image_atomic,
 )
+from dfosd.runtime.inputs import IMAGE_SUFFIXES, collect_inputs
 
 
 @pytest.fixture(scope="module")
