@@ -17,6 +17,8 @@ class LazyGroup(click.Group):
         "train": ("dfosd.training.cli", "main", "Train a DFOSD checkpoint (LoRA + embedding) on HR photos."),
         "triton-repo": ("dfosd.serving.cli", "triton_repo_main", "Write a Triton model repository from an export."),
         "demo": ("dfosd.bench.demo", "main", "Synthetic checkpoint -> export -> upscale photos -> latency."),
+        "verify": ("dfosd.bench.verify", "main", "TensorRT parser check + Polygraphy comparison of each part."),
+        "gpu-bench": ("dfosd.bench.gpu_bench", "main", "GPU benchmark: eager, torch.compile, AOTI, onnxruntime, tiled."),
     }
 
     def list_commands(self, ctx):

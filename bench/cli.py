@@ -45,7 +45,7 @@ def main(base, ckpt, work_dir, out_dir, tile, batch, precisions, calib_data, cal
     result = run_bench(cfg, say=say)
     paths = write_outputs(result, out_dir or work_dir)
     click.echo(markdown_table(result))
-    say(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")
+    say("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
 if __name__ == "__main__":  # pragma: no cover

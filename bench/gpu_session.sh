@@ -107,7 +107,7 @@ EOF
         find / -xdev -name 'libnvinfer*.so*' 2>/dev/null | head -5
         command -v trtexec || echo "no trtexec on PATH"
         echo "--- pytest -m gpu (tiny model: cuda AOTI packages, one CUDA graph, parity)"
-        timeout 420 python3 -m pytest -p no:cacheprovider -q -rs -m gpu tests/test_aoti.py --durations=5
+        timeout 420 python3 -m pytest -p no:cacheprovider -q -rs -m gpu tests/engines/test_aoti.py --durations=5
         ;;
     eager)   setup; bench 420 --rows eager --batches 1,4,8 ;;
     aoti1)   setup; bench 540 --rows aoti --batches 1 ;;

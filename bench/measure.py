@@ -1,16 +1,18 @@
-"""Timing helpers: warm-up, repeated runs, median and p90."""
+"""Measuring, shared by every bench: timed runs (median, p90), device sync, memory around a row."""
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 
 @dataclass(frozen=True)
 class Timing:
     runs_ms: tuple[float, ...]
+    output: Any = field(default=None, compare=False, repr=False)  # what the last timed run returned
 
     @property
     def median_ms(self) -> float:
@@ -23,14 +25,66 @@ class Timing:
         return xs[min(len(xs) - 1, max(0, int(round(0.9 * len(xs) + 0.5)) - 1))]
 
 
-def time_runs(fn: Callable[[], object], *, warmup: int, repeats: int, sync: Callable[[], None] = lambda: None) -> Timing:
+def device_sync() -> None:
+    """Wait for queued GPU work, so a timer stops when the work is done (no-op without CUDA)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_runs(fn: Callable[[], Any], *, warmup: int, repeats: int,
+              sync: Callable[[], None] = device_sync) -> Timing:
+    out = None
     for _ in range(warmup):
-        fn()
+        out = fn()
     sync()
     runs = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fn()
+        out = fn()
         sync()
         runs.append((time.perf_counter() - t0) * 1000.0)
-    return Timing(tuple(runs))
+    return Timing(tuple(runs), out)
+
+
+def free_memory() -> None:
+    """Collect garbage and give cached GPU blocks back, so the next row starts from the same floor."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+class Memory:
+    """torch's allocator peak and the device memory held, around one row (None without CUDA)."""
+
+    def __init__(self, baseline_used: int):
+        self.baseline_used = baseline_used
+
+    @staticmethod
+    def device_used() -> int:
+        import torch
+
+        if not torch.cuda.is_available():
+            return 0
+        free, total = torch.cuda.mem_get_info()
+        return total - free
+
+    def start(self) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+
+    def read(self) -> dict[str, float | None]:
+        import torch
+
+        if not torch.cuda.is_available():
+            return {"peak_alloc_mib": None, "device_mib": None}
+        torch.cuda.synchronize()
+        return {"peak_alloc_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1),
+                "device_mib": round((self.device_used() - self.baseline_used) / 2**20, 1)}

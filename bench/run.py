@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gc
 import json
-import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -75,25 +74,6 @@ class Row:
     runs_ms: list[float] = field(default_factory=list)
 
 
-def machine_description() -> dict:
-    import os
-
-    import torch
-
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-        info["cuda"] = torch.version.cuda
-    return info
-
-
 BENCH_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 # Calibration photos for the 8-bit rows: real photographs, none of them a timed input.
 CALIB_PHOTOS = ("immunohistochemistry", "hubble_deep_field", "retina", "coins", "page")
@@ -138,6 +118,7 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
     import torch
 
     from dfosd.bench.measure import time_runs
+    from dfosd.bench.results import machine_description
     from dfosd.core.bases import load_base
     from dfosd.core.checkpoint import read_checkpoint, write_random_checkpoint
     from dfosd.core.metrics import max_abs_diff, psnr_uint8
@@ -157,7 +138,6 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
     x = bench_inputs(cfg.tile, cfg.batch)
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     rows: list[Row] = []
 
     def add(name, backend, precision, device, timing, out, ref):
@@ -177,15 +157,13 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
         say(f"eager PyTorch {prec} on {dev}")
         model = build_onestep(base, ckpt, dtype=dtype).to(dev)
         xin = x.to(dev)
-        out = None
 
         def eager():
-            nonlocal out
             with torch.inference_mode():
-                out = model(xin)
+                return model(xin)
 
-        timing = time_runs(eager, warmup=cfg.warmup, repeats=cfg.repeats, sync=sync)
-        out = out.cpu().numpy()
+        timing = time_runs(eager, warmup=cfg.warmup, repeats=cfg.repeats)
+        out = timing.output.cpu().numpy()
         if ref is None:
             ref = out
         add(f"eager PyTorch {prec}", "torch", prec, dev, timing, out, ref)
@@ -208,15 +186,9 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
     for backend in cfg.backends:
         for prec, folder in exports.items():
             runner = OneStepRunner(folder, backend=backend, batch=cfg.batch, say=say)
-            out = None
-
-            def engine():
-                nonlocal out
-                out = runner(x)
-
-            timing = time_runs(engine, warmup=cfg.warmup, repeats=cfg.repeats, sync=sync)
+            timing = time_runs(lambda: runner(x), warmup=cfg.warmup, repeats=cfg.repeats)
             add(f"{runner.backend.name} {prec}", runner.backend.name, prec, runner.backend.device, timing,
-                out.numpy(), ref)
+                timing.output.numpy(), ref)
             del runner
             gc.collect()
     return {
@@ -241,45 +213,29 @@ def markdown_table(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from dfosd.bench.results import latency_bars, pyplot, save_figure
 
     rows = result["rows"]
-    fig, ax = plt.subplots(figsize=(7, 0.6 * len(rows) + 1.5))
-    names = [r["name"] for r in rows]
-    med = [r["median_ms"] for r in rows]
-    p90 = [r["p90_ms"] for r in rows]
-    ax.barh(names, med, color="#4c72b0", label="median")
-    ax.errorbar(p90, names, fmt="|", color="black", markersize=12, label="p90")
-    ax.invert_yaxis()
-    ax.set_xlabel("latency per tile batch (ms)")
+    fig, ax = pyplot().subplots(figsize=(7, 0.6 * len(rows) + 1.5))
+    latency_bars(ax, [r["name"] for r in rows], [r["median_ms"] for r in rows], [r["p90_ms"] for r in rows],
+                 xlabel="latency per tile batch (ms)")
     m = result["machine"]
     shape = "x".join(map(str, result["output_shape"][-2:]))
     ax.set_title(f"{result['config']['base']}, {shape} output, batch {result['config']['batch']}\n"
                  f"{m.get('gpu') or m['cpu']}", fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_outputs(result: dict, out_dir: Path) -> dict[str, Path]:
-    from dfosd.core.manifest import write_json_atomic, write_text_atomic
+    """bench.json, bench.md (machine line + table) and bench.png in ``out_dir``."""
+    from dfosd.bench.results import write_result_files
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "bench.json", "md": out_dir / "bench.md", "png": out_dir / "bench.png"}
-    write_json_atomic(paths["json"], result)
-    table = markdown_table(result)
     m = result["machine"]
     header = (f"Machine: {m.get('gpu') or m['cpu']} ({m['cpu_count']} cores, torch {m['torch']}, "
               f"{m['torch_threads']} threads). Output {result['output_shape']}, warm-up "
               f"{result['config']['warmup']}, {result['config']['repeats']} timed runs.\n\n")
-    write_text_atomic(paths["md"], header + table + "\n")
-    plot(result, paths["png"])
-    return paths
+    return write_result_files(result, out_dir, "bench", header + markdown_table(result), plot)
 
 
 def load_result(path: Path) -> dict:

@@ -12,7 +12,7 @@ pool limit; static shapes (the export's contracts); a timing cache per GPU/TRT/C
 export directory. A plan whose inputs (ONNX hash, system, settings) are unchanged is reused.
 
 Every ``trt.X`` / ``trt.X.y`` and TensorRT member name used here exists in both 10.16 and
-11.1 (checked against shared/tensorrt-api by tests/test_tensorrt_api.py); enum members are
+11.1 (checked against shared/tensorrt-api by tests/engines/test_tensorrt_api.py); enum members are
 used by name, never by number (their values changed between 10 and 11).
 """
 

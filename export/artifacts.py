@@ -19,7 +19,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from dfosd.calibration.recipe import QuantRecipe
 from dfosd.core.contracts import Geometry, component_contracts
@@ -35,6 +35,9 @@ from dfosd.core.manifest import (
     write_json_atomic,
 )
 from dfosd.core.vocab import COMPONENTS, MANIFEST_NAME, PRECISIONS, QUANT_PRECISIONS, onnx_name, stem
+
+if TYPE_CHECKING:
+    from dfosd.core.bases import Base
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +160,15 @@ def reusable(out_dir: Path, key: str) -> dict | None:
 
 
 def export_checkpoint(ckpt_path: str | Path, base_spec: str, out_dir: str | Path, cfg: ExportConfig, *,
-                      force: bool = False, progress: Callable[[str], None] = log.info) -> ExportResult:
-    """Merge the LoRA, trace every part for every tile batch, write the manifest."""
+                      force: bool = False, progress: Callable[[str], None] = log.info, base: "Base | None" = None,
+                      part_exporter: Callable[..., dict] | None = None) -> ExportResult:
+    """Merge the LoRA, trace every part for every tile batch, write the manifest.
+
+    ``base``: the base of ``base_spec`` already in memory (a caller that holds it saves the
+    load; the LoRA is then merged into a copy of its UNet, so the caller's stays clean).
+    ``part_exporter``: writes one float part, with ``onnx_export.export_part``'s signature
+    and return value (the default); quantized parts always go through the Q/DQ writer.
+    """
     from dfosd.core.bases import base_fingerprint, load_base
     from dfosd.core.checkpoint import read_checkpoint, validate_checkpoint
     from dfosd.export.ownership import check_planned, owned_files, part_files
@@ -177,8 +187,12 @@ def export_checkpoint(ckpt_path: str | Path, base_spec: str, out_dir: str | Path
             progress(f"reusing {out_dir}: same base, checkpoint, options and software as its manifest")
             return ExportResult(out_dir, old, reused=True, seconds=time.perf_counter() - t0)
 
-    progress(f"loading base {base_spec}")
-    base = load_base(base_spec)
+    own_base = base is None
+    if own_base:
+        progress(f"loading base {base_spec}")
+        base = load_base(base_spec)
+    elif base.spec != base_spec:
+        raise DfosdError(f"export of {base_spec} was handed the base {base.spec}")
     validate_checkpoint(ckpt, base)
     if inputs["base_fingerprint"] is None:  # e.g. a hub id fetched just now
         inputs["base_fingerprint"] = base.fingerprint
@@ -190,7 +204,9 @@ def export_checkpoint(ckpt_path: str | Path, base_spec: str, out_dir: str | Path
     # graph by export_part(precision="fp16") with fp32 islands (see export/onnx_export.py). Tracing
     # torch half modules on the CPU took >5 min for the full-size encoder alone. Quantized parts
     # may still build their own half copy if ModelOpt needs it.
-    model = build_onestep(base, ckpt, copy_unet=False)  # this base is ours alone: merge in place
+    if part_exporter is None:
+        part_exporter = export_part
+    model = build_onestep(base, ckpt, copy_unet=not own_base)  # a base of ours alone: merge in place
     quantized, calibration = {}, None
     if cfg.quant is not None:
         from dfosd.calibration.export import quantize_for_export
@@ -227,8 +243,8 @@ def _export_parts(model, base, ckpt, ckpt_path, cfg: ExportConfig, out_dir: Path
                 info = export_quantized_part(quantized[name], contract, out_dir / onnx_name(contract.stem),
                                              opset=cfg.opset, precision=cfg.precision)
             else:
-                info = export_part(model.part(name), contract, out_dir / onnx_name(contract.stem), opset=cfg.opset,
-                                   precision=precision)
+                info = part_exporter(model.part(name), contract, out_dir / onnx_name(contract.stem), opset=cfg.opset,
+                                     precision=precision)
             for f in info["files"]:
                 files[f] = file_record(out_dir / f)
             components[contract.stem] = {"component": name, "batch": batch, "onnx": onnx_name(contract.stem),

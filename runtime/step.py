@@ -67,6 +67,11 @@ class OneStepRunner:
     def precision(self) -> str:
         return self.export.precision
 
+    @property
+    def graph_captured(self) -> bool:
+        """True once the whole step runs as one replayed CUDA graph."""
+        return self._graph is not None and self._use_graph
+
     def run_chain(self) -> None:
         for name in COMPONENTS:
             c = self.contracts[name]

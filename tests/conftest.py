@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 
 TINY = "synthetic:tiny"
 TILE = 32  # LR pixels: 128x128 output, 16x16 latent with the tiny VAE
+CALIB_COUNT = 8
+CALIB_PHOTOS = ("astronaut", "coffee", "chelsea")  # int8/fp8 calibration photos (scikit-image)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -65,6 +68,51 @@ def tiny_export_fp16(tiny_ckpt, tmp_path_factory):
     return _export(tiny_ckpt, tmp_path_factory, "fp16", (1,))
 
 
+def write_photos(folder, names):
+    """scikit-image photographs reduced 4x to LR size, as PNG files (a --calib-data folder)."""
+    from PIL import Image
+    from skimage import data
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        Image.fromarray(getattr(data, name)()).reduce(4).save(folder / f"{name}.png")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def calib_dir(tmp_path_factory):
+    return write_photos(tmp_path_factory.mktemp("calib") / "photos", CALIB_PHOTOS)
+
+
+def export_8bit(tiny_ckpt, calib_dir, out, precision="int8", float_precision="fp32", quantize="unet,vae-enc,vae-dec"):
+    from dfosd.export.artifacts import ExportConfig, export_checkpoint
+
+    cfg = ExportConfig.from_options(precision=precision, float_precision=float_precision, tile=TILE,
+                                    calib_data=str(calib_dir), calib_count=CALIB_COUNT, quantize=quantize)
+    return export_checkpoint(tiny_ckpt, TINY, out, cfg, progress=print)
+
+
+@pytest.fixture(scope="session")
+def int8_export(tiny_ckpt, calib_dir, tmp_path_factory):
+    # One torch thread, like the calibration tests (a session fixture is set up before their
+    # one_torch_thread): calibration's float reductions follow the thread count, and the
+    # fake-quantized reference calibrated in test_tensorrt_inputs_match_eager_torch then has
+    # the very amax values and SmoothQuant-scaled weights this export was made with.
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return export_8bit(tiny_ckpt, calib_dir, tmp_path_factory.mktemp("int8")).out_dir
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def fp8_export(tiny_ckpt, calib_dir, tmp_path_factory):
+    return export_8bit(tiny_ckpt, calib_dir, tmp_path_factory.mktemp("fp8"), precision="fp8").out_dir
+
+
 @pytest.fixture(scope="session")
 def tiny_eager(tiny_base, tiny_ckpt):
     from dfosd.core.checkpoint import read_checkpoint
@@ -98,3 +146,66 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------- one compiled stand-in AOTI export
+# Three one-line parts compiled by AOTInductor (cpu) into an export directory with dfosd's
+# manifests: the real compile -> manifest -> load -> run path in seconds instead of minutes.
+# Compiled once per session and shared by the AOTI backend tests and the C++ runner tests.
+STAND_IN_TILE, STAND_IN_BATCH = 16, 2
+
+
+def stand_in_parts():
+    import torch
+    import torch.nn.functional as F
+
+    class Encoder(torch.nn.Module):
+        def forward(self, lr_image):
+            f = lr_image.to(torch.float32) / 127.5 - 1.0
+            p = F.avg_pool2d(f, 2)
+            # channels_last, like the real VAE encoder's latent: the next part must get it contiguous
+            return (torch.cat([p, p.mean(1, keepdim=True)], 1) * 0.9).contiguous(memory_format=torch.channels_last)
+
+    class Unet(torch.nn.Module):
+        def forward(self, latent):
+            return latent * 0.8 + torch.tanh(latent) * 0.2
+
+    class Decoder(torch.nn.Module):
+        def forward(self, denoised_latent):
+            r = F.interpolate(denoised_latent[:, :3] + 0.1 * denoised_latent[:, 3:], scale_factor=8, mode="nearest")
+            return ((r + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+    return {"encoder": Encoder(), "unet": Unet(), "decoder": Decoder()}
+
+
+def package_export(folder: Path, parts: dict, tile: int, batch: int) -> Path:
+    """An export directory whose cpu AOTI packages are ``parts`` compiled (manifests as dfosd writes them)."""
+    from dfosd.core.contracts import Geometry, component_contracts
+    from dfosd.core.manifest import MANIFEST_FORMAT, MANIFEST_NAME, file_record, write_json_atomic
+    from dfosd.engines.aoti_build import AOTI_FORMAT, AOTI_MANIFEST_NAME, compile_part, package_name, system_info
+
+    folder.mkdir(parents=True, exist_ok=True)
+    components, aoti, files = {}, {}, {}
+    for name, c in component_contracts(Geometry(tile=tile, batch=batch)).items():
+        components[c.stem] = {"component": name, "batch": batch, "onnx": f"{c.stem}.onnx", "precision": "fp32",
+                              "contract": c.to_dict()}
+        pkg = package_name(c.stem, "cpu")
+        compile_part(parts[name], c, folder / pkg, device="cpu")
+        files[pkg] = file_record(folder / pkg)
+        aoti[c.stem] = {"component": name, "batch": batch, "package": pkg, "precision": "fp32",
+                        "contract": c.to_dict()}
+    manifest = {"format": MANIFEST_FORMAT, "kind": "dfosd-export", "build_key": "stand-in", "precision": "fp32",
+                "float_precision": "fp32", "tile": tile, "batches": [batch], "upscale": 4, "components": components,
+                "files": {}, "inputs": {}}
+    write_json_atomic(folder / MANIFEST_NAME, manifest)
+    build = {"build_key": "stand-in-aoti", "export_build_key": "stand-in", "device": "cpu", "precision": "fp32",
+             "system": system_info("cpu"), "components": aoti, "files": files}
+    write_json_atomic(folder / AOTI_MANIFEST_NAME, {"format": AOTI_FORMAT, "kind": "dfosd-aoti",
+                                                    "builds": {"cpu": build}})
+    return folder
+
+
+@pytest.fixture(scope="session")
+def aoti_stand_in_export(tmp_path_factory):
+    """An export directory holding only cpu AOTI packages of ``stand_in_parts`` (read-only: copy to tamper)."""
+    return package_export(tmp_path_factory.mktemp("aoti_stand_in"), stand_in_parts(), STAND_IN_TILE, STAND_IN_BATCH)

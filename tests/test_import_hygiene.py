@@ -42,10 +42,12 @@ def test_serving_client_imports_no_torch():
 COMMANDS = [
     ("dfosd.cli", []),
     *[("dfosd.cli", [name]) for name in ("export", "run", "bench", "aoti-export", "parity", "train", "triton-repo",
-                                         "demo")],
+                                         "demo", "verify", "gpu-bench")],
     ("dfosd.export.cli", []),
     ("dfosd.runtime.cli", []),
     ("dfosd.bench.cli", []),
+    ("dfosd.bench.gpu_bench", []),
+    ("dfosd.bench.verify", []),
     ("dfosd.serving.cli", []),
     ("dfosd.training.cli", []),
 ]

@@ -13,10 +13,8 @@ import shutil
 import numpy as np
 import pytest
 
-TINY = "synthetic:tiny"
-TILE = 32
-CALIB_COUNT = 8
-CALIB_PHOTOS = ("astronaut", "coffee", "chelsea")
+from conftest import CALIB_COUNT, CALIB_PHOTOS, TILE, TINY, export_8bit, write_photos
+
 HELD_OUT_PHOTOS = ("rocket", "immunohistochemistry")
 # Never quantized (the recipe's exclusions), as ONNX node-name fragments.
 EXCLUDED_NODES = ("/conv_in/", "/conv_out/", "/conv_shortcut/", "/proj_out/", "/time_emb", "/attn2/to_k/",
@@ -26,53 +24,9 @@ EXCLUDED_NODES = ("/conv_in/", "/conv_out/", "/conv_shortcut/", "/proj_out/", "/
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def write_photos(folder, names):
-    from PIL import Image
-    from skimage import data
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        Image.fromarray(getattr(data, name)()).reduce(4).save(folder / f"{name}.png")
-    return folder
-
-
-@pytest.fixture(scope="session")
-def calib_dir(tmp_path_factory):
-    return write_photos(tmp_path_factory.mktemp("calib") / "photos", CALIB_PHOTOS)
-
-
 @pytest.fixture(scope="session")
 def held_out_dir(tmp_path_factory):
     return write_photos(tmp_path_factory.mktemp("held_out") / "photos", HELD_OUT_PHOTOS)
-
-
-def _export_8bit(tiny_ckpt, calib_dir, out, precision="int8", float_precision="fp32", quantize="unet,vae-enc,vae-dec"):
-    from dfosd.export.artifacts import ExportConfig, export_checkpoint
-
-    cfg = ExportConfig.from_options(precision=precision, float_precision=float_precision, tile=TILE,
-                                    calib_data=str(calib_dir), calib_count=CALIB_COUNT, quantize=quantize)
-    return export_checkpoint(tiny_ckpt, TINY, out, cfg, progress=print)
-
-
-@pytest.fixture(scope="session")
-def int8_export(tiny_ckpt, calib_dir, tmp_path_factory):
-    # One torch thread, like the tests of this module (a session fixture is set up before their
-    # one_torch_thread): calibration's float reductions follow the thread count, and the
-    # fake-quantized reference calibrated in test_tensorrt_inputs_match_eager_torch then has
-    # the very amax values and SmoothQuant-scaled weights this export was made with.
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _export_8bit(tiny_ckpt, calib_dir, tmp_path_factory.mktemp("int8")).out_dir
-    finally:
-        torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def fp8_export(tiny_ckpt, calib_dir, tmp_path_factory):
-    return _export_8bit(tiny_ckpt, calib_dir, tmp_path_factory.mktemp("fp8"), precision="fp8").out_dir
 
 
 def _manifest(export_dir):
@@ -356,7 +310,7 @@ def test_parity_report_per_component(tiny_ckpt, calib_dir, held_out_dir, int8_ex
 
     exports = {"fp32 (no 8-bit)": tiny_export_fp32}
     for choice in ("unet", "vae-enc", "vae-dec"):
-        exports[f"int8 {choice}"] = _export_8bit(tiny_ckpt, calib_dir, tmp_path / choice, quantize=choice).out_dir
+        exports[f"int8 {choice}"] = export_8bit(tiny_ckpt, calib_dir, tmp_path / choice, quantize=choice).out_dir
     exports["int8 all"] = int8_export
     rows = parity_report(exports, tiny_eager, held_out_dir, max_tiles=16)
     print("\n" + format_report(rows))
@@ -378,7 +332,7 @@ def test_reexport_is_reused_and_new_photos_change_the_key(tiny_ckpt, calib_dir, 
     from dfosd.core.manifest import build_key
     from dfosd.export.artifacts import ExportConfig, export_inputs
 
-    again = _export_8bit(tiny_ckpt, calib_dir, int8_export)
+    again = export_8bit(tiny_ckpt, calib_dir, int8_export)
     assert again.reused
     other = shutil.copytree(calib_dir, tmp_path / "other")
     (other / "chelsea.png").unlink()
@@ -422,7 +376,7 @@ def test_int8_with_fp16_floats(tiny_ckpt, calib_dir, tiny_eager, held_out_dir, t
 
     from dfosd.bench.parity import parity_report
 
-    out = _export_8bit(tiny_ckpt, calib_dir, tmp_path / "int8_fp16", float_precision="fp16").out_dir
+    out = export_8bit(tiny_ckpt, calib_dir, tmp_path / "int8_fp16", float_precision="fp16").out_dir
     for entry in _manifest(out)["components"].values():
         model = onnx.load(str(out / entry["onnx"]))
         inits = {i.name: i.data_type for i in model.graph.initializer}

@@ -196,44 +196,37 @@ def test_cli_help_is_light_and_errors_are_clean(tmp_path):
 # ---------------------------------------------------------------- fast: one real (stand-in) package
 
 
-def test_stand_in_package_compiles_loads_and_runs_on_buffers(tmp_path):
-    """The real compile -> manifest -> load -> run path on a one-line module (~10 s)."""
+def test_stand_in_package_compiles_loads_and_runs_on_buffers(aoti_stand_in_export, tmp_path):
+    """The real compile -> manifest -> load -> run path on one-line modules (shared with the C++ tests)."""
     import torch
 
-    from dfosd.core.contracts import ComponentContract
-    from dfosd.core.manifest import file_record
+    from dfosd.core.manifest import ExportDir
     from dfosd.engines.aoti_backend import AotiBackend
-    from dfosd.engines.aoti_build import compile_part, package_name
+    from dfosd.engines.aoti_build import read_aoti_manifest
 
-    class StandIn(torch.nn.Module):
-        def forward(self, latent):
-            return latent * 2.0 - 1.0
-
-    manifest = _fake_export(tmp_path)
-    entry = manifest["components"]["unet_b1"]
-    contract = ComponentContract.from_dict(entry["contract"])
-    name = package_name("unet_b1", "cpu")
-    info = compile_part(StandIn(), contract, tmp_path / name, device="cpu")
-    assert info["compile_seconds"] > 0 and (tmp_path / name).is_file()
-    assert not list(tmp_path.glob(".*.tmp"))  # the staging folder is gone
-    _fake_build(tmp_path, manifest, files={name: file_record(tmp_path / name)},
-                components={"unet_b1": {"component": "unet", "batch": 1, "package": name,
-                                        "contract": contract.to_dict()}})
-    engine = AotiBackend("cpu").load(tmp_path, entry, contract)
+    export = ExportDir(aoti_stand_in_export, check="none")
+    batch = export.batches[0]
+    entry, contract = export.entries(batch)["unet"], export.contracts(batch)["unet"]
+    build = read_aoti_manifest(aoti_stand_in_export)["builds"]["cpu"]
+    name = build["components"][contract.stem]["package"]
+    assert build["files"][name]["bytes"] == (aoti_stand_in_export / name).stat().st_size
+    assert not list(aoti_stand_in_export.glob(".*.tmp"))  # the staging folders are gone
+    engine = AotiBackend("cpu").load(aoti_stand_in_export, entry, contract)
     x = contract.sample_inputs()["latent"]
     out = torch.full(contract.outputs[0].shape, float("nan"))
     ptr = out.data_ptr()
     for _ in range(2):
         engine.run({"latent": x}, {"denoised_latent": out})
     assert out.data_ptr() == ptr  # written in place, into the caller's buffer
-    torch.testing.assert_close(out, x * 2.0 - 1.0)
+    torch.testing.assert_close(out, x * 0.8 + torch.tanh(x) * 0.2)  # the stand-in UNet
     with pytest.raises(ValueError, match="must be a contiguous float32"):
         engine.run({"latent": x.double()}, {"denoised_latent": out})
 
-    with open(tmp_path / name, "ab") as f:  # a package changed after its build is refused
+    tampered = shutil.copytree(aoti_stand_in_export, tmp_path / "tampered")
+    with open(tampered / name, "ab") as f:  # a package changed after its build is refused
         f.write(b"\0")
     with pytest.raises(DfosdError, match="missing or changed"):
-        AotiBackend("cpu").load(tmp_path, entry, contract)
+        AotiBackend("cpu").load(tampered, entry, contract)
 
 
 # ---------------------------------------------------------------- slow: the real tiny model

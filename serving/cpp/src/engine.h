@@ -1,20 +1,18 @@
 // The one thing dfosd_runner asks of an engine kind: upscale a batch of fixed-size LR tiles.
 //
-// Both kinds (AOTInductor packages, TensorRT plans) chain the three exported parts
-// encoder -> unet -> decoder on uint8 tiles [batch,3,tile,tile] -> uint8 [batch,3,tile*scale,tile*scale],
-// exactly like the Python runtime's OneStepRunner. Factories live in their own translation units
-// so that main.cpp compiles without the heavy torch / TensorRT headers.
+// Both kinds (AOTInductor packages, TensorRT plans) run the export's chain of parts (export_dir.h:
+// encoder -> unet -> decoder, read from the manifest) on uint8 tiles [batch,3,tile,tile] -> uint8
+// [batch,3,tile*scale,tile*scale], exactly like the Python runtime's OneStepRunner. Factories live
+// in their own translation units so that main.cpp compiles without the heavy torch / TensorRT headers.
 #pragma once
 
 #include <cstdint>
 #include <memory>
 #include <string>
 
-namespace dfosd {
+#include "export_dir.h"
 
-struct PartFiles {
-  std::string encoder, unet, decoder;
-};
+namespace dfosd {
 
 class TileEngine {
  public:
@@ -28,16 +26,16 @@ class TileEngine {
 };
 
 #ifdef DFOSD_WITH_AOTI
-// AOTInductor .pt2 packages (torch::inductor::AOTIModelPackageLoader). The packages do not
-// record their shapes in a form the loader exposes, so tile and batch are given.
-std::unique_ptr<TileEngine> make_aoti_engine(const PartFiles& files, int tile, int batch, int scale,
-                                             const std::string& device);
+// AOTInductor .pt2 packages (torch::inductor::AOTIModelPackageLoader). The loader does not expose
+// the packages' shapes, so every part's output is checked against its contract as it comes back.
+std::unique_ptr<TileEngine> make_aoti_engine(const ExportChain& chain, const std::string& device);
 #endif
 
 #ifdef DFOSD_WITH_TENSORRT
-// TensorRT plans: shapes come from the engines; one activation buffer shared by the three
-// execution contexts; the whole step (copy in, three enqueues, copy out) in one CUDA graph.
-std::unique_ptr<TileEngine> make_tensorrt_engine(const PartFiles& files);
+// TensorRT plans: each engine's I/O tensors are checked against its part's contract on loading;
+// one activation buffer shared by the execution contexts; the whole step (copy in, one enqueue per
+// part, copy out) in one CUDA graph.
+std::unique_ptr<TileEngine> make_tensorrt_engine(const ExportChain& chain);
 #endif
 
 }  // namespace dfosd

@@ -3,13 +3,15 @@
 // cross-checked with the Python API lists of 10.16 and 11.1 by tests/test_serving_cpp.py).
 //
 // What it does, as the notes describe (shared/notes/tensorrt.md, "Running and CUDA graphs"):
-// - one IRuntime; three ICudaEngine from the plans dfosd's tensorrt_build wrote; one
-//   IExecutionContext each, created with ExecutionContextAllocationStrategy::kUSER_MANAGED;
-// - one activation buffer of the largest getDeviceMemorySizeV2() shared by the three contexts
+// - one IRuntime; one ICudaEngine per part of the export's chain (export_dir.h: the plans named by
+//   each part's <stem>.plan.json); one IExecutionContext each, created with
+//   ExecutionContextAllocationStrategy::kUSER_MANAGED;
+// - one activation buffer of the largest getDeviceMemorySizeV2() shared by the contexts
 //   (they run one after another on one stream, so their scratch memory never overlaps in time);
-// - boundary tensors (lr_image, latent, denoised_latent, sr_image) in device buffers bound by
-//   name with setTensorAddress, checked against the dfosd contract (names, dtypes, static shapes);
-// - pinned host staging buffers, and the whole step -- copy in, three enqueueV3, copy out --
+// - boundary tensors (lr_image, latent, denoised_latent, sr_image: the names in the manifest's
+//   contracts) in device buffers bound by name with setTensorAddress; every engine's I/O tensors
+//   are checked against its part's contract (names, modes, dtypes, static shapes);
+// - pinned host staging buffers, and the whole step -- copy in, one enqueueV3 per part, copy out --
 //   captured once in a single CUDA graph after a warm-up run, replayed per tile batch. If capture
 //   fails the error is cleared and the step runs as plain enqueues.
 
@@ -17,7 +19,6 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
-#include <array>
 #include <cstring>
 #include <fstream>
 #include <iostream>
@@ -66,65 +67,68 @@ size_t element_size(nvinfer1::DataType t) {
   }
 }
 
-struct Boundary {  // one tensor between parts: its contract and device buffer
-  nvinfer1::DataType dtype;
-  nvinfer1::Dims dims;
+// Contract dtype names (core/contracts.py DTYPES) -> TensorRT's.
+nvinfer1::DataType trt_dtype(const std::string& dtype) {
+  if (dtype == "uint8") return nvinfer1::DataType::kUINT8;
+  if (dtype == "float16") return nvinfer1::DataType::kHALF;
+  return nvinfer1::DataType::kFLOAT;  // the reader admits uint8, float16 and float32 only
+}
+
+std::string dtype_str(nvinfer1::DataType t) {
+  switch (t) {
+    case nvinfer1::DataType::kFLOAT: return "float32";
+    case nvinfer1::DataType::kHALF: return "float16";
+    case nvinfer1::DataType::kUINT8: return "uint8";
+    default: return "TensorRT DataType " + std::to_string(static_cast<int>(t));
+  }
+}
+
+std::string dims_str(const nvinfer1::Dims& dims) {
+  std::string s = "[";
+  for (int i = 0; i < dims.nbDims; ++i) s += (i ? ", " : "") + std::to_string(dims.d[i]);
+  return s + "]";
+}
+
+struct Boundary {  // one tensor between parts: its size and device buffer
   size_t bytes = 0;
   void* device = nullptr;
 };
 
-bool same_dims(const nvinfer1::Dims& a, const nvinfer1::Dims& b) {
-  if (a.nbDims != b.nbDims) return false;
-  for (int i = 0; i < a.nbDims; ++i)
-    if (a.d[i] != b.d[i]) return false;
-  return true;
-}
-
-// The contract (core/contracts.py): tensor name -> (is input, dtype) per part.
-struct PartIo {
-  const char* input;
-  const char* output;
-};
-constexpr std::array<PartIo, 3> kChain{{{"lr_image", "latent"}, {"latent", "denoised_latent"},
-                                        {"denoised_latent", "sr_image"}}};
-
 class TensorRtEngine : public TileEngine {
  public:
-  explicit TensorRtEngine(const PartFiles& files) {
+  explicit TensorRtEngine(const ExportChain& chain) : chain_(chain) {
     runtime_.reset(nvinfer1::createInferRuntime(logger_));
     if (!runtime_) throw std::runtime_error("TensorRT: createInferRuntime failed");
-    const std::array<std::string, 3> paths{files.encoder, files.unet, files.decoder};
+    const size_t n = chain_.parts.size();
+    engines_.resize(n);
+    contexts_.resize(n);
     int64_t activation_bytes = 0;
-    for (size_t i = 0; i < paths.size(); ++i) {
-      const std::vector<char> blob = read_file(paths[i]);
+    for (size_t i = 0; i < n; ++i) {
+      const Part& part = chain_.parts[i];
+      const std::vector<char> blob = read_file(part.file);
       engines_[i].reset(runtime_->deserializeCudaEngine(blob.data(), blob.size()));
       if (!engines_[i])
-        throw std::runtime_error(paths[i] + ": TensorRT could not deserialize it (built for another TensorRT "
-                                 "version or GPU? rebuild: python -m dfosd.engines.tensorrt_build DIR)");
-      check_io(*engines_[i], kChain[i], paths[i]);
+        throw std::runtime_error(part.file + ": TensorRT could not deserialize it (built for another TensorRT "
+                                 "version or GPU? rebuild: python -m dfosd.engines.tensorrt_build " + chain_.dir + ")");
+      check_io(*engines_[i], part);
       activation_bytes = std::max<int64_t>(activation_bytes, engines_[i]->getDeviceMemorySizeV2());
     }
     cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     if (activation_bytes > 0) cuda_check(cudaMalloc(&activations_, activation_bytes), "cudaMalloc(activations)");
     for (auto& [name, b] : boundaries_) cuda_check(cudaMalloc(&b.device, b.bytes), "cudaMalloc(boundary)");
-    for (size_t i = 0; i < engines_.size(); ++i) {
+    for (size_t i = 0; i < n; ++i) {
+      const Part& part = chain_.parts[i];
       contexts_[i].reset(
           engines_[i]->createExecutionContext(nvinfer1::ExecutionContextAllocationStrategy::kUSER_MANAGED));
-      if (!contexts_[i]) throw std::runtime_error(paths[i] + ": createExecutionContext failed");
+      if (!contexts_[i]) throw std::runtime_error(part.file + ": createExecutionContext failed");
       contexts_[i]->setDeviceMemoryV2(activations_, activation_bytes);
-      for (const char* name : {kChain[i].input, kChain[i].output})
-        if (!contexts_[i]->setTensorAddress(name, boundaries_.at(name).device))
-          throw std::runtime_error(paths[i] + ": setTensorAddress(" + std::string(name) + ") failed");
+      for (const std::string& name : {part.input.name, part.output.name})
+        if (!contexts_[i]->setTensorAddress(name.c_str(), boundaries_.at(name).device))
+          throw std::runtime_error(part.file + ": setTensorAddress(" + name + ") failed");
     }
-    const Boundary& lr = boundaries_.at("lr_image");
-    const Boundary& sr = boundaries_.at("sr_image");
-    batch_ = static_cast<int>(lr.dims.d[0]);
-    tile_ = static_cast<int>(lr.dims.d[2]);
-    scale_ = static_cast<int>(sr.dims.d[2] / lr.dims.d[2]);
-    if (lr.dtype != nvinfer1::DataType::kUINT8 || sr.dtype != nvinfer1::DataType::kUINT8 || lr.dims.nbDims != 4 ||
-        lr.dims.d[1] != 3 || lr.dims.d[2] != lr.dims.d[3] || sr.dims.d[0] != lr.dims.d[0] ||
-        sr.dims.d[2] != int64_t{tile_} * scale_)
-      throw std::runtime_error("TensorRT plans: lr_image/sr_image are not uint8 [B,3,t,t] -> [B,3,st,st]");
+    // The chain's ends are uint8 [batch, 3, tile, tile] -> [batch, 3, tile*scale, ...] (checked by the reader).
+    const Boundary& lr = boundaries_.at(chain_.input().name);
+    const Boundary& sr = boundaries_.at(chain_.output().name);
     cuda_check(cudaMallocHost(&host_in_, lr.bytes), "cudaMallocHost");
     cuda_check(cudaMallocHost(&host_out_, sr.bytes), "cudaMallocHost");
     std::memset(host_in_, 0, lr.bytes);
@@ -143,16 +147,18 @@ class TensorRtEngine : public TileEngine {
     if (stream_) cudaStreamDestroy(stream_);
   }
 
-  int tile() const override { return tile_; }
-  int batch() const override { return batch_; }
-  int scale() const override { return scale_; }
+  int tile() const override { return chain_.tile; }
+  int batch() const override { return chain_.batch; }
+  int scale() const override { return chain_.scale; }
 
   void run(const uint8_t* lr, int n, uint8_t* sr) override {
-    const Boundary& in = boundaries_.at("lr_image");
-    const Boundary& out = boundaries_.at("sr_image");
-    const size_t lr_tile = in.bytes / batch_, sr_tile = out.bytes / batch_;
+    const int batch = chain_.batch;
+    if (n < 1 || n > batch) throw std::invalid_argument("tensorrt: tile count out of range");
+    const Boundary& in = boundaries_.at(chain_.input().name);
+    const Boundary& out = boundaries_.at(chain_.output().name);
+    const size_t lr_tile = in.bytes / batch, sr_tile = out.bytes / batch;
     std::memcpy(host_in_, lr, lr_tile * n);
-    if (n < batch_) std::memset(static_cast<uint8_t*>(host_in_) + lr_tile * n, 0, lr_tile * (batch_ - n));
+    if (n < batch) std::memset(static_cast<uint8_t*>(host_in_) + lr_tile * n, 0, lr_tile * (batch - n));
     if (!graph_exec_ && use_graph_) capture();
     if (graph_exec_) {
       cuda_check(cudaGraphLaunch(graph_exec_, stream_), "cudaGraphLaunch");
@@ -165,37 +171,42 @@ class TensorRtEngine : public TileEngine {
 
   std::string describe() const override {
     return std::string("TensorRT ") + std::to_string(NV_TENSORRT_MAJOR) + "." + std::to_string(NV_TENSORRT_MINOR) +
-           " plans (tile " + std::to_string(tile_) + ", batch " + std::to_string(batch_) + ", shared activations " +
+           " plans (tile " + std::to_string(chain_.tile) + ", batch " + std::to_string(chain_.batch) + ", shared activations " +
            std::to_string(activation_bytes_ >> 20) + " MiB, " + (graph_exec_ ? "one CUDA graph" : "no CUDA graph") +
            ")";
   }
 
  private:
-  void check_io(const nvinfer1::ICudaEngine& engine, const PartIo& io, const std::string& path) {
+  // The engine's I/O tensors must be exactly the part's contract: one input, one output, same
+  // names, dtypes and static shapes. The reader already checked that the contracts chain, so
+  // boundaries shared by two parts get one buffer.
+  void check_io(const nvinfer1::ICudaEngine& engine, const Part& part) {
+    const std::string contract = part.input.str() + " -> " + part.output.str();
     if (engine.getNbIOTensors() != 2)
-      throw std::runtime_error(path + ": expected 2 I/O tensors (" + io.input + " -> " + io.output + ")");
+      throw std::runtime_error(part.file + ": has " + std::to_string(engine.getNbIOTensors()) +
+                               " I/O tensors, its contract in " + kManifestName + " has 2 (" + contract + ")");
     for (int i = 0; i < engine.getNbIOTensors(); ++i) {
       const char* name = engine.getIOTensorName(i);
       const bool is_input = engine.getTensorIOMode(name) == nvinfer1::TensorIOMode::kINPUT;
-      const char* want = is_input ? io.input : io.output;
-      if (std::string(name) != want)
-        throw std::runtime_error(path + ": tensor '" + name + "' is not the contract's " + want);
+      const TensorSpec& want = is_input ? part.input : part.output;
       const nvinfer1::Dims dims = engine.getTensorShape(name);
+      const nvinfer1::DataType dtype = engine.getTensorDataType(name);
+      bool same = want.name == name && dtype == trt_dtype(want.dtype) &&
+                  dims.nbDims == static_cast<int>(want.shape.size());
+      for (int d = 0; same && d < dims.nbDims; ++d) same = dims.d[d] == want.shape[d];
+      if (!same)
+        throw std::runtime_error(part.file + ": its " + (is_input ? "input" : "output") + " '" + name + "' " +
+                                 dtype_str(dtype) + " " + dims_str(dims) + " is not the contract's " + want.str() + " (a plan of another export? rebuild: "
+                                 "python -m dfosd.engines.tensorrt_build " + chain_.dir + " --force)");
       size_t count = 1;
-      for (int d = 0; d < dims.nbDims; ++d) {
-        if (dims.d[d] < 0) throw std::runtime_error(path + ": '" + name + "' has a dynamic shape (dfosd plans are static)");
-        count *= static_cast<size_t>(dims.d[d]);
-      }
-      Boundary b{engine.getTensorDataType(name), dims, count * element_size(engine.getTensorDataType(name)), nullptr};
-      auto [it, added] = boundaries_.emplace(name, b);
-      if (!added && (it->second.dtype != b.dtype || !same_dims(it->second.dims, b.dims)))
-        throw std::runtime_error(path + ": '" + name + "' differs from the same tensor of the previous part");
+      for (int64_t d : want.shape) count *= static_cast<size_t>(d);
+      boundaries_.emplace(want.name, Boundary{count * element_size(dtype), nullptr});
     }
   }
 
   void enqueue_step() {
-    const Boundary& in = boundaries_.at("lr_image");
-    const Boundary& out = boundaries_.at("sr_image");
+    const Boundary& in = boundaries_.at(chain_.input().name);
+    const Boundary& out = boundaries_.at(chain_.output().name);
     cuda_check(cudaMemcpyAsync(in.device, host_in_, in.bytes, cudaMemcpyHostToDevice, stream_), "copy in");
     for (size_t i = 0; i < contexts_.size(); ++i)
       if (!contexts_[i]->enqueueV3(stream_)) throw std::runtime_error("enqueueV3 failed for part " + std::to_string(i));
@@ -230,8 +241,9 @@ class TensorRtEngine : public TileEngine {
 
   Logger logger_;
   std::unique_ptr<nvinfer1::IRuntime> runtime_;
-  std::array<std::unique_ptr<nvinfer1::ICudaEngine>, 3> engines_;
-  std::array<std::unique_ptr<nvinfer1::IExecutionContext>, 3> contexts_;
+  ExportChain chain_;
+  std::vector<std::unique_ptr<nvinfer1::ICudaEngine>> engines_;
+  std::vector<std::unique_ptr<nvinfer1::IExecutionContext>> contexts_;
   std::map<std::string, Boundary> boundaries_;
   void* activations_ = nullptr;
   int64_t activation_bytes_ = 0;
@@ -240,13 +252,12 @@ class TensorRtEngine : public TileEngine {
   cudaStream_t stream_ = nullptr;
   cudaGraphExec_t graph_exec_ = nullptr;
   bool use_graph_ = true;
-  int tile_ = 0, batch_ = 0, scale_ = 0;
 };
 
 }  // namespace
 
-std::unique_ptr<TileEngine> make_tensorrt_engine(const PartFiles& files) {
-  return std::make_unique<TensorRtEngine>(files);
+std::unique_ptr<TileEngine> make_tensorrt_engine(const ExportChain& chain) {
+  return std::make_unique<TensorRtEngine>(chain);
 }
 
 }  // namespace dfosd
