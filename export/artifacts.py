@@ -198,6 +198,7 @@ def export_checkpoint(ckpt_path: str | Path, base_spec: str, out_dir: str | Path
         inputs["base_fingerprint"] = base.fingerprint
         key = build_key(inputs)
     from dfosd.core.onestep import build_onestep
+    from dfosd.export.onnx_export import export_part
     from dfosd.export.ownership import claim, release
 
     # NOTE (lead): the eager model is always built and traced in fp32; fp16 is made on the ONNX
@@ -215,7 +216,7 @@ def export_checkpoint(ckpt_path: str | Path, base_spec: str, out_dir: str | Path
     claim(out_dir, owned, planned)
     try:
         manifest = _export_parts(model, base, ckpt, ckpt_path, cfg, out_dir, quantized, calibration, inputs, key,
-                                 owned, progress)
+                                 owned, part_exporter, progress)
     except BaseException:
         release(out_dir, planned, finished=False)
         raise
@@ -224,9 +225,9 @@ def export_checkpoint(ckpt_path: str | Path, base_spec: str, out_dir: str | Path
 
 
 def _export_parts(model, base, ckpt, ckpt_path, cfg: ExportConfig, out_dir: Path, quantized: dict, calibration,
-                  inputs: dict, key: str, owned: set[str], progress: Callable[[str], None]) -> dict:
+                  inputs: dict, key: str, owned: set[str], part_exporter: Callable[..., dict],
+                  progress: Callable[[str], None]) -> dict:
     """Every part for every tile batch, then the stale files of an earlier export, then the manifest."""
-    from dfosd.export.onnx_export import export_part
     from dfosd.export.ownership import clear_stale
 
     components, files = {}, {}
