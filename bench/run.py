@@ -120,9 +120,10 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
     from dfosd.bench.measure import time_runs
     from dfosd.bench.results import machine_description
     from dfosd.core.bases import load_base
-    from dfosd.core.checkpoint import read_checkpoint, write_random_checkpoint
+    from dfosd.core.checkpoint import write_random_checkpoint
     from dfosd.core.metrics import max_abs_diff, psnr_uint8
-    from dfosd.core.onestep import build_onestep
+    from dfosd.core.onestep import build_from_model
+    from dfosd.core.readers import read_model
     from dfosd.export.artifacts import export_checkpoint
     from dfosd.runtime.step import OneStepRunner
 
@@ -134,7 +135,7 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
     if not cfg.ckpt and not ckpt_path.exists():
         write_random_checkpoint(ckpt_path, base, rank=16, alpha=16)
         say(f"wrote a synthetic checkpoint {ckpt_path} (random LoRA: it does not super-resolve)")
-    ckpt = read_checkpoint(ckpt_path)
+    ckpt = read_model(ckpt_path, base_spec=cfg.base, progress=say)  # any family; a prompt is encoded once
     x = bench_inputs(cfg.tile, cfg.batch)
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
@@ -155,7 +156,7 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
     for prec in eager_precisions:
         dtype = torch.float32 if prec == "fp32" else torch.float16
         say(f"eager PyTorch {prec} on {dev}")
-        model = build_onestep(base, ckpt, dtype=dtype).to(dev)
+        model = build_from_model(base, ckpt, dtype=dtype).to(dev)
         xin = x.to(dev)
 
         def eager():

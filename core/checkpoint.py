@@ -151,7 +151,7 @@ def read_checkpoint(path: str | Path) -> DfosdCheckpoint:
     nonfinite = non_finite_names({**{UNET_PREFIX + k: t for k, t in lora.items()},
                                   **({EMBEDDING_KEY: emb} if emb is not None else {})})
     if nonfinite:
-        problems.append(f"{len(nonfinite)} tensor(s) hold NaN or Inf values: {_some(nonfinite)} "
+        problems.append(f"{len(nonfinite)} tensor(s) hold NaN or Inf values: {some_names(nonfinite)} "
                         "(a diverged training run; every output pixel would be 0)")
     if problems:
         raise problems_error(f"checkpoint {path}", problems, hint=fix)
@@ -165,7 +165,7 @@ def non_finite_names(tensors: Mapping[str, "torch.Tensor"]) -> list[str]:
     return sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
 
 
-def _some(names: list[str], limit: int = 5) -> str:
+def some_names(names: list[str], limit: int = 5) -> str:
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
 
@@ -243,7 +243,7 @@ def merge_lora(unet, ckpt: DfosdCheckpoint) -> None:
             w.copy_(merged)
     if overflow:
         raise DfosdError(f"{ckpt.path or 'checkpoint'}: merging the LoRA (scale alpha/rank = {scale:g}) gives "
-                         f"NaN or Inf in {len(overflow)} UNet weight(s): {_some(overflow)}",
+                         f"NaN or Inf in {len(overflow)} UNet weight(s): {some_names(overflow)}",
                          hint="the LoRA factors are too large for the base's precision; check the training run")
 
 

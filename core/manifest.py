@@ -195,6 +195,11 @@ class ExportDir:
     def precision(self) -> str:
         return str(self.manifest["precision"])
 
+    @property
+    def family(self) -> dict[str, Any]:
+        """The model family's record (exports from before families: DFOSD, no colour fix)."""
+        return self.manifest.get("family") or {"name": "dfosd", "color_fix": "none", "deviations": []}
+
     def file(self, name: str) -> Path:
         return self.path / name
 

@@ -16,6 +16,7 @@ else is touched.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -86,6 +87,18 @@ def release(out_dir: Path, planned: set[str], *, finished: bool) -> None:
     out_dir = Path(out_dir)
     if finished or not any((out_dir / n).exists() for n in planned):
         (out_dir / IN_PROGRESS_NAME).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def writing(out_dir: Path, owned: set[str], planned: set[str]):
+    """Around an export's writes: ``claim`` first, ``release`` after (also after a failure)."""
+    claim(out_dir, owned, planned)
+    try:
+        yield
+    except BaseException:
+        release(out_dir, planned, finished=False)
+        raise
+    release(out_dir, planned, finished=True)
 
 
 def clear_stale(out_dir: Path, owned: set[str], keep: set[str]) -> list[str]:

@@ -13,10 +13,10 @@ from pathlib import Path
 import click
 
 from dfosd.core.cli_support import say, setup_logging, user_errors
+from dfosd.core.vocab import COLOR_FIXES
 from dfosd.engines.base import BACKEND_CHOICES
 
 FORMATS = ("png", "jpg", "webp")
-COLOR_FIXES = ("none", "adain", "wavelet")
 REPORT_NAME = "dfosd-report.json"  # also runtime.batch.REPORT_NAME (kept here: no heavy import for --help)
 TILE_BAR_MIN_CALLS = 4  # a per-tile progress bar for images that take more engine calls than this
 
@@ -32,8 +32,10 @@ TILE_BAR_MIN_CALLS = 4  # a per-tile progress bar for images that take more engi
 @click.option("--tile", type=int, default=None,
               help="LR tile size; must equal the export's (default: the export's).")
 @click.option("--overlap", type=int, default=None, help="Tile overlap in LR pixels (default: tile/4).")
-@click.option("--color-fix", type=click.Choice(COLOR_FIXES), default="none", show_default=True,
-              help="Match the output's colours to the bicubic-upsampled input.")
+@click.option("--color-fix", type=click.Choice(COLOR_FIXES), default=None,
+              help="Match the output's colours to the bicubic-upsampled input. [default: the model family's "
+                   "upstream default from the export's manifest (none for DFOSD, adain for OSEDiff/PiSA-SR, "
+                   "wavelet for HYPIR)]")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="png", show_default=True)
 @click.option("--quality", type=click.IntRange(1, 100), default=95, show_default=True, help="jpg/webp quality.")
 @click.option("--skip-existing", is_flag=True, help="Leave images whose output already exists.")
@@ -94,6 +96,8 @@ def main(inputs, export_dir, out_dir, backend, batch, tile, overlap, color_fix, 
         code = 0
         try:
             runner, tcfg, upscale = _make_upscaler(export_dir, backend, batch, tile, overlap, server)
+            if color_fix is None:
+                opts["color_fix"] = rep.header["color_fix"] = _family_color_fix(export_dir if server is None else None)
             rep.header.update(backend=runner.backend.describe(), precision=runner.precision,
                               tiling={"tile": tcfg.tile, "overlap": tcfg.overlap, "batch": tcfg.batch})
             _run_all(found.pairs, upscale, tcfg, opts, out, rep, progress)
@@ -189,6 +193,19 @@ def _run_all(pairs, upscale, tcfg, opts, out, rep, progress) -> None:
         if rec["status"] == "failed":
             tqdm.write(f"error: {rec['error']}", file=sys.stderr)
         rep.add(rec)
+
+
+def _family_color_fix(export_dir) -> str:
+    """The colour fix upstream applies by default for the export's model family."""
+    if export_dir is None:
+        return "none"
+    from dfosd.core.manifest import ExportDir
+
+    family = ExportDir(export_dir, check="none").family
+    fix = family.get("color_fix", "none")
+    if fix != "none":
+        say(f"colour fix: {fix} ({family.get('name')}'s upstream default; --color-fix none turns it off)")
+    return fix
 
 
 if __name__ == "__main__":  # pragma: no cover

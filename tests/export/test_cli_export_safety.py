@@ -128,7 +128,7 @@ def test_export_refuses_merged_weights_that_overflow(tiny_ckpt, tmp_path):
     r = _export(ckpt, tmp_path / "e")
     assert r.exit_code == 1 and "Traceback" not in r.output, r.output
     module = a[len("unet."):-len(".lora_A.weight")]
-    assert f"NaN or Inf in 1 UNet weight(s): {module}.weight" in r.output
+    assert f"merging the LoRA gives NaN or Inf in 1 weight(s): unet.{module}.weight" in r.output
     assert not (tmp_path / "e").exists()
 
 
@@ -140,3 +140,24 @@ def test_read_checkpoint_names_the_bad_tensor(tiny_ckpt, tmp_path, value):
     ckpt, _ = _poisoned(tiny_ckpt, tmp_path, tensors={"text_embedding": _set(value)})
     with pytest.raises(DfosdError, match="1 tensor\\(s\\) hold NaN or Inf values: text_embedding"):
         read_checkpoint(ckpt)
+
+
+def test_every_family_s_model_is_checked_for_non_finite_values(tiny_base, tiny_ckpt):
+    """The check on the export path of every family (format 2, upstream files), not only format 1's reader."""
+    import dataclasses
+
+    from dfosd.core.checkpoint import read_checkpoint
+    from dfosd.core.errors import DfosdError
+    from dfosd.core.srmodel import from_format1, validate_model
+
+    model = from_format1(read_checkpoint(tiny_ckpt))
+    lora = model.lora_sets[0]
+    name, (a, b) = sorted(lora.factors.items())[0]
+    bad_a = a.clone()
+    bad_a.view(-1)[0] = float("nan")
+    factors = {**lora.factors, name: (bad_a, b)}
+    bad = dataclasses.replace(model, lora_sets=(dataclasses.replace(lora, factors=factors),) + model.lora_sets[1:])
+    with pytest.raises(DfosdError, match=rf"1 tensor\(s\) hold NaN or Inf values: unet\.\w+: {name}\.lora_A"):
+        validate_model(bad, tiny_base)
+    with pytest.raises(DfosdError, match="alpha nan must be positive"):
+        dataclasses.replace(lora, alpha=float("nan"))
