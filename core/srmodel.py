@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Mapping
 
 from dfosd.core.errors import DfosdError, problems_error
 from dfosd.core.families import COLOR_FIXES, LORA_PARTS, PREPROCESSINGS, X0_RULES, Family, get_family
+from dfosd.core.manifest import umask_file_mode
 
 if TYPE_CHECKING:
     import torch
@@ -170,6 +171,7 @@ def write_model(path: str | Path, model: SRModel) -> Path:
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=meta)
+        os.chmod(tmp, umask_file_mode())  # mkstemp makes 0600: a model file is the user's, like any other
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
