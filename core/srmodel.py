@@ -20,6 +20,7 @@ A format-1 checkpoint (DFOSD's ``lora.safetensors``) is read as family ``dfosd``
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Mapping
 
 from dfosd.core.errors import DfosdError, problems_error
 from dfosd.core.families import COLOR_FIXES, LORA_PARTS, PREPROCESSINGS, X0_RULES, Family, get_family
+from dfosd.core.manifest import umask_file_mode
 
 if TYPE_CHECKING:
     import torch
@@ -57,8 +59,8 @@ class LoraSet:
             problems.append(f"part {self.part!r} is not one of {', '.join(LORA_PARTS)}")
         if "." in self.name or not self.name:
             problems.append(f"set name {self.name!r} must be non-empty without dots")
-        if self.rank < 1 or self.alpha <= 0:
-            problems.append(f"rank {self.rank} / alpha {self.alpha} must be positive")
+        if self.rank < 1 or not math.isfinite(self.alpha) or self.alpha <= 0:  # nan passes "<= 0"
+            problems.append(f"rank {self.rank} / alpha {self.alpha} must be positive (alpha a finite number)")
         if problems:
             raise problems_error(f"LoRA set {self.part}.{self.name}", problems)
 
@@ -169,6 +171,7 @@ def write_model(path: str | Path, model: SRModel) -> Path:
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=meta)
+        os.chmod(tmp, umask_file_mode())  # mkstemp makes 0600: a model file is the user's, like any other
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -260,6 +263,16 @@ def validate_model(model: SRModel, base: "Base") -> None:
             problems.append(f"replacement {key}: no such parameter in the base")
         elif tuple(params[pname].shape) != tuple(t.shape):
             problems.append(f"replacement {key}: shape {tuple(t.shape)}, the base has {tuple(params[pname].shape)}")
+    tensors = {f"{s.part}.{s.name}: {name}.lora_{ab}": t for s in model.lora_sets
+               for name, pair in s.factors.items() for ab, t in zip("AB", pair)}
+    tensors.update({f"replacement {k}": t for k, t in model.replacements.items()})
+    if model.text_embedding is not None:
+        tensors["text_embedding"] = model.text_embedding
+    from dfosd.core.checkpoint import non_finite_names, some_names
+
+    nonfinite = non_finite_names(tensors)
+    if nonfinite:  # a diverged training run: export and run would succeed with every output pixel 0
+        problems.append(f"{len(nonfinite)} tensor(s) hold NaN or Inf values: {some_names(nonfinite)}")
     emb, width = model.text_embedding, base.cross_attention_dim
     if emb is None or emb.ndim != 3 or emb.shape[0] != 1 or emb.shape[2] != width or not 1 <= emb.shape[1] <= MAX_TOKENS:
         problems.append(f"text_embedding has shape {None if emb is None else tuple(emb.shape)}; expected "
@@ -279,6 +292,7 @@ def merge_into(model: SRModel, unet, vae, *, groups: Mapping[str, float] | None 
     import torch
 
     roots = {"unet": unet, "vae": vae}
+    overflow = []
     with torch.no_grad():
         for key, t in model.replacements.items():
             if roots[key.partition(".")[0]] is None:
@@ -294,4 +308,14 @@ def merge_into(model: SRModel, unet, vae, *, groups: Mapping[str, float] | None 
             for name, (a, b) in s.factors.items():
                 w = modules[name].weight
                 delta = b.float().flatten(1) @ a.float().flatten(1)  # [out, in*kh*kw]
-                w.copy_((w.float() + weight * s.scale * delta.view_as(w)).to(w.dtype))
+                merged = (w.float() + weight * s.scale * delta.view_as(w)).to(w.dtype)
+                if not bool(torch.isfinite(merged).all()):  # finite factors can still overflow
+                    overflow.append(f"{s.part}.{name}.weight")
+                    continue
+                w.copy_(merged)
+    if overflow:
+        from dfosd.core.checkpoint import some_names
+
+        raise DfosdError(f"{model.path or model.source.get('file') or 'model'}: merging the LoRA gives NaN or Inf in "
+                         f"{len(overflow)} weight(s): {some_names(overflow)} (every output pixel would be 0)",
+                         hint="the LoRA factors are too large for the base's precision; check the training run")

@@ -26,6 +26,7 @@ import warnings
 from pathlib import Path
 
 from dfosd.core.contracts import ComponentContract
+from dfosd.export.ownership import STAGING_MARK
 
 log = logging.getLogger(__name__)
 
@@ -320,12 +321,12 @@ def export_part(module, contract: ComponentContract, onnx_path: Path, *, opset: 
 
     onnx_path = Path(onnx_path)
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in onnx_path.parent.glob(f".{onnx_path.stem}.*"):  # left by a killed export
+    for stale in onnx_path.parent.glob(f".{onnx_path.stem}.{STAGING_MARK}.*"):  # left by a killed export
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
     sample = contract.sample_inputs()
     args = tuple(sample[s.name] for s in contract.inputs)
-    with tempfile.TemporaryDirectory(prefix=f".{onnx_path.stem}.", dir=onnx_path.parent) as tmp:
+    with staging_dir(onnx_path) as tmp:
         raw = Path(tmp) / "raw.onnx"
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -359,10 +360,6 @@ def export_part(module, contract: ComponentContract, onnx_path: Path, *, opset: 
             "opset": opset, "precision": precision, "initializer_bytes": _initializer_bytes(model)}
 
 
-def clear_stale(folder: Path, keep: set[str]) -> None:
-    """Remove ONNX files of an earlier export that this export does not produce."""
-    for p in Path(folder).glob("*.onnx*"):
-        if p.name not in keep:
-            p.unlink()
-    for p in Path(folder).glob(".*.tmp"):
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+def staging_dir(onnx_path: Path):
+    """A temporary folder beside ``onnx_path`` whose name marks it as dfosd's (see export.ownership)."""
+    return tempfile.TemporaryDirectory(prefix=f".{onnx_path.stem}.{STAGING_MARK}.", dir=onnx_path.parent)
