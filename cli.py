@@ -9,9 +9,13 @@ class LazyGroup(click.Group):
     """Subcommands import their stage only when run, so ``dfosd --help`` loads no torch."""
 
     _commands = {
+        "checkpoint": ("dfosd.core.checkpoint_cli", "main", "Make a test checkpoint: dfosd checkpoint random --out F."),
         "export": ("dfosd.export.cli", "main", "Export a checkpoint to ONNX (and engines)."),
         "run": ("dfosd.runtime.cli", "main", "Upscale images with exported engines."),
         "bench": ("dfosd.bench.cli", "main", "Compare eager PyTorch with the engines."),
+        "convert": ("dfosd.export.convert_cli", "convert_main",
+                    "Convert osediff.pkl / pisa_sr.pkl / HYPIR_sd2.pth / a LoRA into one dfosd model file."),
+        "inspect": ("dfosd.export.convert_cli", "inspect_main", "Show a checkpoint's family, LoRA and what export bakes."),
         "aoti-export": ("dfosd.engines.aoti_cli", "main", "Compile an export to AOTInductor packages (.pt2)."),
         "parity": ("dfosd.bench.parity_cli", "main", "PSNR/max error of exports vs eager fp32 on held-out photos."),
         "train": ("dfosd.training.cli", "main", "Train a DFOSD checkpoint (LoRA + embedding) on HR photos."),

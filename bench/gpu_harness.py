@@ -160,8 +160,8 @@ class GpuBench:
         if precision not in self._eager:
             import torch
 
-            from dfosd.core.checkpoint import read_checkpoint
-            from dfosd.core.onestep import build_onestep
+            from dfosd.core.onestep import build_from_model
+            from dfosd.core.readers import read_model
 
             dtype = torch.float16 if precision == "fp16" else torch.float32
             base = self.base
@@ -170,7 +170,8 @@ class GpuBench:
                 import dataclasses
 
                 base = dataclasses.replace(base, vae=copy.deepcopy(base.vae))
-            self._eager[precision] = build_onestep(base, read_checkpoint(self.ckpt_path), dtype=dtype).to(self.dev)
+            model = read_model(self.ckpt_path, base_spec=self.base.spec)  # any family
+            self._eager[precision] = build_from_model(base, model, dtype=dtype).to(self.dev)
         return self._eager[precision]
 
     def drop_eager(self, precision: str) -> None:

@@ -90,24 +90,38 @@ class Memory:
                 "device_mib": round((self.device_used() - self.baseline_used) / 2**20, 1)}
 
 
-def time_interleaved(fns: dict[str, Callable[[], Any]], *, warmup: int, repeats: int,
+# Runs that disagree by more than this (max - min over the median) are called out: on a shared or
+# throttling machine, a ratio of two medians can swing from 3.9x to 1.06x between runs (issue 12.16).
+NOISY_SPREAD = 0.20
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int, repeats: int,
                      sync: Callable[[], None] = device_sync) -> dict[str, Timing]:
-    """Round-robin: every round times each function once, so a change in the machine's load
-    (other jobs on a shared machine) hits every engine alike; ratios are then taken per round."""
+    """Time several candidates in rounds, one run of each per round, the order rotated every round.
+
+    A slow spell of the machine (another job, thermal throttling) then hits every candidate alike
+    instead of whichever happened to run during it, so ratios of their medians mean something."""
+    names = list(fns)
     for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-            sync()
-    runs: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+        for name in names:
+            fns[name]()
+    sync()
+    runs: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
             t0 = time.perf_counter()
-            fn()
+            fns[name]()
             sync()
             runs[name].append((time.perf_counter() - t0) * 1000.0)
-    return {name: Timing(tuple(r)) for name, r in runs.items()}
+    return {name: Timing(tuple(runs[name])) for name in names}
 
 
-def paired_ratio(reference: Timing, other: Timing) -> float:
-    """Median over rounds of reference/other: the speed-up with each round's load cancelled."""
-    return statistics.median(a / b for a, b in zip(reference.runs_ms, other.runs_ms))
+def spread(timing: Timing) -> float:
+    """(max - min) / median of the runs: 0.2 means the runs disagree by 20 %."""
+    return (max(timing.runs_ms) - min(timing.runs_ms)) / timing.median_ms
+
+
+def ratio_range(reference: Timing, other: Timing) -> tuple[float, float, float]:
+    """Per-round speed-ups reference/other (the runs of one round were taken back to back): min, median, max."""
+    ratios = sorted(a / b for a, b in zip(reference.runs_ms, other.runs_ms))
+    return ratios[0], statistics.median(ratios), ratios[-1]

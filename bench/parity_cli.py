@@ -52,17 +52,16 @@ def main(export_dirs, photos, base, ckpt, max_tiles, json_path, verbose):
     setup_logging(verbose)
     from dfosd.bench.parity import format_report, parity_report
     from dfosd.core.bases import load_base
-    from dfosd.core.checkpoint import read_checkpoint, validate_checkpoint
-    from dfosd.core.manifest import write_json_atomic
-    from dfosd.core.onestep import build_onestep
+    from dfosd.core.manifest import read_manifest, write_json_atomic
+    from dfosd.core.onestep import build_from_model
+    from dfosd.core.readers import read_model_as_exported
 
     dirs = [Path(d) for d in export_dirs]
     base_spec, ckpt_path = _reference_inputs(dirs, base, ckpt)
     say(f"reference: eager PyTorch fp32 of {ckpt_path} on {base_spec}")
     base_model = load_base(base_spec)
-    checkpoint = read_checkpoint(ckpt_path)
-    validate_checkpoint(checkpoint, base_model)
-    reference = build_onestep(base_model, checkpoint).eval()
+    checkpoint = read_model_as_exported(ckpt_path, read_manifest(dirs[0]))  # any family, as exported
+    reference = build_from_model(base_model, checkpoint).eval()
     labels = {}
     for d in dirs:  # the folder name, made unique
         label = d.resolve().name

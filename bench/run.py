@@ -14,8 +14,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from dfosd.core.checkpoint import check_checkpoint_exists
 from dfosd.core.errors import DfosdError
 from dfosd.core.vocab import FLOAT_PRECISIONS, PRECISIONS, QUANT_PRECISIONS
+from dfosd.engines.base import BACKENDS
 
 if TYPE_CHECKING:
     from dfosd.export.artifacts import ExportConfig
@@ -32,7 +34,7 @@ class BenchConfig:
     backends: tuple[str, ...] = ("onnxruntime",)
     warmup: int = 1
     repeats: int = 5
-    part_repeats: int = 3  # per-part timing of the "auto" row's choice (after one warm-up run)
+    part_repeats: int = 3  # per-part timing behind the "auto" row (after one warm-up run)
     # int8/fp8 rows: calibration photos (default: scikit-image photos held out from the timed
     # inputs, written into the work dir), tile count, and the precision of what stays float.
     calib_data: str | None = None
@@ -46,10 +48,21 @@ class BenchConfig:
         bad = [p for p in self.precisions if p not in PRECISIONS]
         if bad:
             problems.append(f"--precisions {','.join(bad)}: choose from {', '.join(PRECISIONS)}")
+        unknown = [b for b in self.backends if b not in BACKENDS]
+        if unknown or not self.backends:
+            problems.append(f"--backends {','.join(unknown) or '(none)'}: choose from {', '.join(BACKENDS)}")
+        if not self.precisions:
+            problems.append(f"--precisions: give at least one of {', '.join(PRECISIONS)}")
+        if self.tile < 1 or self.batch < 1:
+            problems.append("--tile and --batch must be >= 1")
+        if self.calib_data is not None and not Path(self.calib_data).is_dir():
+            problems.append(f"--calib-data {self.calib_data}: no such folder")
         if self.float_precision not in FLOAT_PRECISIONS:
             problems.append(f"--float-precision {self.float_precision!r}: choose one of {', '.join(FLOAT_PRECISIONS)}")
         if problems:
             raise DfosdError("; ".join(problems))
+        if self.ckpt is not None:
+            check_checkpoint_exists(self.ckpt)
 
     def export_config(self, precision: str, calib_dir: Path | None) -> "ExportConfig":
         from dfosd.export.artifacts import ExportConfig
@@ -73,10 +86,9 @@ class Row:
     psnr_db: float | None
     max_abs_diff: float | None
     runs_ms: list[float] = field(default_factory=list)
-    min_ms: float | None = None
-    max_ms: float | None = None
-    vs_eager: float | None = None  # median of per-round eager/this ratios
-    vs_openvino: float | None = None  # the same against OpenVINO alone, same precision
+    spread_pct: float = 0.0  # (max - min) / median of the runs
+    speedup_range: list[float] = field(default_factory=list)  # per-round eager fp32 / this: min, median, max
+    vs_openvino: list[float] = field(default_factory=list)  # per-round OpenVINO alone / this, same precision
 
 
 BENCH_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
@@ -120,86 +132,36 @@ def bench_inputs(tile: int, batch: int):
 
 
 def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
-    """All engines are loaded first, then timed round-robin (see measure.time_interleaved)."""
+    """Exports first, then every candidate (eager and each engine) loaded together and timed in
+    interleaved rounds (``time_interleaved``): their medians and per-round ratios are comparable."""
+    from dfosd.engines.base import select_backend
+
+    for backend in cfg.backends:  # an unusable backend (tensorrt not installed) fails before any export
+        select_backend("openvino" if backend == BF16_ROW else backend)
+
     import torch
 
-    from dfosd.bench.measure import device_sync, paired_ratio, time_interleaved
+    from dfosd.bench.measure import NOISY_SPREAD, ratio_range, spread, time_interleaved
     from dfosd.bench.results import machine_description
     from dfosd.core.bases import load_base
-    from dfosd.core.checkpoint import read_checkpoint, write_random_checkpoint
+    from dfosd.core.checkpoint import write_random_checkpoint
     from dfosd.core.metrics import max_abs_diff, psnr_uint8
-    from dfosd.core.onestep import build_onestep
+    from dfosd.core.onestep import build_from_model
+    from dfosd.core.readers import read_model
+    from dfosd.export.artifacts import export_checkpoint
 
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    say(f"loading base {cfg.base}")
-    base = load_base(cfg.base)
     ckpt_path = Path(cfg.ckpt) if cfg.ckpt else work / "lora.safetensors"
     if not cfg.ckpt and not ckpt_path.exists():
-        write_random_checkpoint(ckpt_path, base, rank=16, alpha=16)
+        say(f"loading base {cfg.base}")
+        write_random_checkpoint(ckpt_path, load_base(cfg.base), rank=16, alpha=16)
         say(f"wrote a synthetic checkpoint {ckpt_path} (random LoRA: it does not super-resolve)")
-    ckpt = read_checkpoint(ckpt_path)
-    x = bench_inputs(cfg.tile, cfg.batch)
-    cuda = torch.cuda.is_available()
-    dev = "cuda" if cuda else "cpu"
-    engines: dict[str, dict] = {}  # name -> {fn, out(), backend, precision, device}
+        gc.collect()
+    ckpt = read_model(ckpt_path, base_spec=cfg.base, progress=say)  # any family; a prompt is encoded once
 
-    for prec in ["fp32"] + (["fp16"] if cuda else []):
-        dtype = torch.float32 if prec == "fp32" else torch.float16
-        say(f"eager PyTorch {prec} on {dev}")
-        model = build_onestep(base, ckpt, dtype=dtype).to(dev)
-        engines[f"eager PyTorch {prec}"] = _eager_entry(model, x.to(dev), prec, dev)
-    del base  # each export loads its own: two full-size bases at once pushed the fp16 export out of memory
-    gc.collect()
-    exports = export_all(cfg, ckpt_path, work, say)
-    plans = {}
-    for prec, folder in exports.items():
-        plans.update(_engine_entries(cfg, prec, folder, x, engines, say))
-
-    say(f"timing {len(engines)} engines round-robin: warm-up {cfg.warmup}, {cfg.repeats} rounds")
-    timings = time_interleaved({n: e["fn"] for n, e in engines.items()}, warmup=cfg.warmup, repeats=cfg.repeats,
-                               sync=device_sync)
-    ref = engines["eager PyTorch fp32"]["out"]()
-    rows: list[Row] = []
-    for name, e in engines.items():
-        t, out = timings[name], e["out"]()
-        rows.append(Row(name, e["backend"], e["precision"], e["device"], round(t.median_ms, 3), round(t.p90_ms, 3),
-                        round(cfg.batch * 1000.0 / t.median_ms, 4), round(psnr_uint8(out, ref), 3),
-                        max_abs_diff(out, ref), [round(v, 3) for v in t.runs_ms],
-                        round(min(t.runs_ms), 3), round(max(t.runs_ms), 3),
-                        round(paired_ratio(timings["eager PyTorch fp32"], t), 4)))
-        ov = f"openvino {e['precision']}"
-        if ov in timings:
-            rows[-1].vs_openvino = round(paired_ratio(timings[ov], t), 4)
-        r = rows[-1]
-        say(f"  {name:<28} median {r.median_ms:10.1f} ms  [{r.min_ms:.0f}-{r.max_ms:.0f}]  "
-            f"x{r.vs_eager:.2f} vs eager  psnr {r.psnr_db}")
-    return {
-        "machine": machine_description(),
-        "config": asdict(cfg),
-        "output_shape": list(ref.shape),
-        "reference": "eager PyTorch fp32",
-        "timing": "round-robin: each round runs every engine once; vs_* are medians of per-round ratios",
-        "per_part": plans,
-        "rows": [asdict(r) for r in rows],
-    }
-
-
-def _eager_entry(model, xin, prec: str, dev: str) -> dict:
-    import torch
-
-    box = {}
-
-    def fn():
-        with torch.inference_mode():
-            box["out"] = model(xin)
-
-    return {"fn": fn, "out": lambda: box["out"].cpu().numpy(), "backend": "torch", "precision": prec, "device": dev}
-
-
-def export_all(cfg: BenchConfig, ckpt_path: Path, work: Path, say) -> dict[str, Path]:
-    from dfosd.export.artifacts import export_checkpoint
-
+    # Exports before the eager model exists: each loads its own base (two full-size bases at once
+    # pushed the fp16 export out of memory).
     exports = {}
     calib_dir = Path(cfg.calib_data) if cfg.calib_data else None
     for prec in cfg.precisions:
@@ -211,17 +173,66 @@ def export_all(cfg: BenchConfig, ckpt_path: Path, work: Path, say) -> dict[str, 
                                 progress=say)
         exports[prec] = res.out_dir
         gc.collect()
-    return exports
 
+    say(f"loading base {cfg.base}")
+    base = load_base(cfg.base)
+    x = bench_inputs(cfg.tile, cfg.batch)
+    cuda = torch.cuda.is_available()
+    dev = "cuda" if cuda else "cpu"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    candidates = {}  # name -> (backend, precision, device, fn returning the uint8 output as numpy)
+    for prec in ["fp32"] + (["fp16"] if cuda else []):
+        model = build_from_model(base, ckpt, dtype=torch.float32 if prec == "fp32" else torch.float16).to(dev)
+        xin = x.to(dev)
 
-def _runner_entry(runner, x, prec: str, name: str) -> dict:
-    box = {}
+        def eager(model=model, xin=xin):
+            with torch.inference_mode():
+                return model(xin)
 
-    def fn():
-        box["out"] = runner(x)
-
-    return {"fn": fn, "out": lambda: box["out"].numpy(), "backend": name, "precision": prec,
-            "device": runner.backend.device, "runner": runner}
+        candidates[f"eager PyTorch {prec}"] = ("torch", prec, dev, eager)
+    del base
+    gc.collect()
+    plans = {}
+    for prec, folder in exports.items():
+        plans.update(_engine_candidates(cfg, prec, folder, x, candidates, say))
+    outputs = {name: c[3]().cpu().numpy() for name, c in candidates.items()}  # parity, and a first warm-up
+    say(f"timing {len(candidates)} candidates in {cfg.repeats} interleaved rounds (warm-up {cfg.warmup})")
+    timings = time_interleaved({name: c[3] for name, c in candidates.items()}, warmup=cfg.warmup,
+                               repeats=cfg.repeats, sync=sync)
+    ref_name = "eager PyTorch fp32"
+    ref = outputs[ref_name]
+    rows: list[Row] = []
+    warnings: list[str] = []
+    for name, (backend, prec, device, _) in candidates.items():
+        t = timings[name]
+        lo, mid, hi = ratio_range(timings[ref_name], t)
+        r = Row(name, backend, prec, device, round(t.median_ms, 3), round(t.p90_ms, 3),
+                round(cfg.batch * 1000.0 / t.median_ms, 4),
+                None if name == ref_name else round(psnr_uint8(outputs[name], ref), 3),
+                None if name == ref_name else max_abs_diff(outputs[name], ref), [round(v, 3) for v in t.runs_ms],
+                round(100 * spread(t), 1), [round(lo, 3), round(mid, 3), round(hi, 3)])
+        if f"openvino {prec}" in timings:
+            r.vs_openvino = [round(v, 3) for v in ratio_range(timings[f"openvino {prec}"], t)]
+        rows.append(r)
+        say(f"  {name:<28} median {r.median_ms:10.1f} ms  runs {min(t.runs_ms):.1f}-{max(t.runs_ms):.1f} ms "
+            f"(spread {r.spread_pct:.0f} %)  {r.images_per_s:8.3f} img/s  psnr {r.psnr_db}")
+        if spread(t) > NOISY_SPREAD:
+            warnings.append(f"{name}: its {len(t.runs_ms)} runs disagree by {100 * spread(t):.0f} % "
+                            f"({min(t.runs_ms):.1f} to {max(t.runs_ms):.1f} ms): the machine was busy or throttling, "
+                            "so the speed-ups below are not a property of the engines; rerun with more --repeats "
+                            "on an idle machine")
+    for w in warnings:
+        say(f"warning: {w}")
+    return {
+        "machine": machine_description(),
+        "config": asdict(cfg),
+        "output_shape": list(ref.shape),
+        "reference": "eager PyTorch fp32",
+        "timing": f"interleaved: {cfg.repeats} rounds, one run of each candidate per round, order rotated",
+        "rows": [asdict(r) for r in rows],
+        "per_part": plans,
+        "warnings": warnings,
+    }
 
 
 # Bench-only row: OpenVINO told to compute in bf16 (INFERENCE_PRECISION_HINT=bf16) on the same
@@ -244,8 +255,8 @@ def _openvino_bf16_runner(folder: Path, batch: int):
                                                                         "bench: OpenVINO with bf16 compute"))
 
 
-def _engine_entries(cfg: BenchConfig, prec: str, folder: Path, x, engines: dict, say) -> dict:
-    """One runner per single backend; the per-part row ("auto") reuses their engines."""
+def _engine_candidates(cfg: BenchConfig, prec: str, folder: Path, x, candidates: dict, say) -> dict:
+    """One runner per backend; the per-part row ("auto") reuses their engines, part by part."""
     from dfosd.runtime.backend_choice import measured_choice
     from dfosd.runtime.step import OneStepRunner
 
@@ -253,9 +264,11 @@ def _engine_entries(cfg: BenchConfig, prec: str, folder: Path, x, engines: dict,
     for backend in (b for b in cfg.backends if b not in ("auto", BF16_ROW)):
         runner = OneStepRunner(folder, backend=backend, batch=cfg.batch, say=say)
         singles[runner.backend.name] = runner
-        engines[f"{runner.backend.name} {prec}"] = _runner_entry(runner, x, prec, runner.backend.name)
+        candidates[f"{runner.backend.name} {prec}"] = (runner.backend.name, prec, runner.backend.device,
+                                                       lambda runner=runner: runner(x))
     if BF16_ROW in cfg.backends:
-        engines[f"{BF16_ROW} {prec}"] = _runner_entry(_openvino_bf16_runner(folder, cfg.batch), x, prec, BF16_ROW)
+        bf16 = _openvino_bf16_runner(folder, cfg.batch)
+        candidates[f"{BF16_ROW} {prec}"] = (BF16_ROW, prec, "cpu", lambda runner=bf16: runner(x))
     if "auto" not in cfg.backends or len(singles) < 2:
         return {}
     first = next(iter(singles.values()))
@@ -268,25 +281,29 @@ def _engine_entries(cfg: BenchConfig, prec: str, folder: Path, x, engines: dict,
         say(line)
     best = OneStepRunner.from_engines(folder, first.batch, {
         p: (singles[plan.names[p]].backend, singles[plan.names[p]].engines[p]) for p in plan.names}, plan)
-    engines[f"per-part best {prec}"] = _runner_entry(best, x, prec, "per-part")
+    candidates[f"per-part best {prec}"] = ("per-part", prec, best.backend.device, lambda runner=best: runner(x))
     return {prec: plan.to_dict()}
 
 
 def markdown_table(result: dict) -> str:
     eager = next(r for r in result["rows"] if r["name"] == "eager PyTorch fp32")
     has_ov = any(r.get("vs_openvino") for r in result["rows"])
-    lines = ["| engine | device | median ms | min-max ms | images/s | speed-up vs eager fp32 |"
-             + (" vs OpenVINO alone |" if has_ov else "") + " PSNR vs eager fp32 (dB) | max abs diff |",
+    lines = ["| engine | device | median ms | runs min-max ms (spread) | images/s | speed-up vs eager fp32 "
+             "(per-round range) |" + (" vs OpenVINO alone (per-round median) |" if has_ov else "")
+             + " PSNR vs eager fp32 (dB) | max abs diff |",
              "|---|---|---:|---:|---:|---:|" + ("---:|" if has_ov else "") + "---:|---:|"]
     for r in result["rows"]:
         psnr = "reference" if r is eager else ("inf" if r["psnr_db"] == float("inf") else f"{r['psnr_db']:.1f}")
         mad = "" if r is eager else f"{r['max_abs_diff']:.0f}"
-        # older results (before round-robin timing) have no per-round ratio: fall back to medians
-        vs_eager = r.get("vs_eager") or eager["median_ms"] / r["median_ms"]
-        spread = f"{r['min_ms']:.0f}-{r['max_ms']:.0f}" if r.get("min_ms") is not None else f"p90 {r['p90_ms']:.0f}"
-        ov = (f" {r['vs_openvino']:.2f}x |" if r.get("vs_openvino") else " |") if has_ov else ""
-        lines.append(f"| {r['name']} | {r['device']} | {r['median_ms']:.1f} | {spread} | "
-                     f"{r['images_per_s']:.3f} | {vs_eager:.2f}x |{ov} {psnr} | {mad} |")
+        runs = r.get("runs_ms") or [r["median_ms"]]
+        speedup = f"{eager['median_ms'] / r['median_ms']:.2f}x"
+        if r is not eager and r.get("speedup_range"):
+            speedup += f" ({r['speedup_range'][0]:.2f}-{r['speedup_range'][2]:.2f})"
+        ov = (f" {r['vs_openvino'][1]:.2f}x |" if r.get("vs_openvino") else " |") if has_ov else ""
+        lines.append(f"| {r['name']} | {r['device']} | {r['median_ms']:.1f} | {min(runs):.1f}-{max(runs):.1f} "
+                     f"({r.get('spread_pct', 0):.0f} %) | {r['images_per_s']:.3f} | {speedup} |{ov} {psnr} | {mad} |")
+    for w in result.get("warnings", []):
+        lines.append(f"\n**Warning:** {w}")
     return "\n".join(lines)
 
 
@@ -325,8 +342,8 @@ def write_outputs(result: dict, out_dir: Path) -> dict[str, Path]:
     m = result["machine"]
     header = (f"Machine: {m.get('gpu') or m['cpu']} ({m['cpu_count']} cores, torch {m['torch']}, "
               f"{m['torch_threads']} threads). Output {result['output_shape']}, warm-up "
-              f"{result['config']['warmup']}, {result['config']['repeats']} timed rounds (round-robin over the "
-              "engines).\n\n")
+              f"{result['config']['warmup']}, {result['config']['repeats']} timed runs "
+              f"({result.get('timing', 'one candidate after the other')}).\n\n")
     text = header + markdown_table(result) + "\n\n" + per_part_table(result)
     return write_result_files(result, out_dir, "bench", text.rstrip("\n"), plot)
 

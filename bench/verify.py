@@ -146,21 +146,21 @@ def choose_reference(reference: str) -> str:
 def eager_model(export: "ExportDir", say: Callable[[str], None]):
     """The fp32 eager model of the base and checkpoint this export was made from."""
     from dfosd.core.bases import load_base
-    from dfosd.core.checkpoint import read_checkpoint
-    from dfosd.core.onestep import build_onestep
+    from dfosd.core.onestep import build_from_model
+    from dfosd.core.readers import read_model_as_exported
 
     inputs = export.manifest["inputs"]
     ckpt_path = Path(inputs["checkpoint"])
     if not ckpt_path.is_file():
         raise DfosdError(f"{export.path}: its checkpoint {ckpt_path} is gone, so there is no eager reference",
                          hint="put the checkpoint back, or verify on a machine with TensorRT (--against tensorrt)")
-    ckpt = read_checkpoint(ckpt_path)
+    ckpt = read_model_as_exported(ckpt_path, export.manifest)  # any family, as the export read it
     if ckpt.sha256 != inputs["checkpoint_sha256"]:
         raise DfosdError(f"{ckpt_path} changed since {export.path} was exported from it",
                          hint=f"re-export: dfosd export --ckpt {ckpt_path} --out {export.path}")
     say(f"eager reference: {inputs['base']} + {ckpt_path} (fp32)")
     base = load_base(inputs["base"])
-    return build_onestep(base, ckpt, copy_unet=False)  # the base is ours alone
+    return build_from_model(base, ckpt, copy=False)  # the base is ours alone
 
 
 def first_inputs(contract, tile: int) -> OrderedDict:

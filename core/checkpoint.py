@@ -11,6 +11,7 @@ lora_rank, lora_alpha (scale = alpha / rank), upscale, vae_latent "mean".
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
 from dfosd.core.errors import DfosdError, problems_error
-from dfosd.core.manifest import sha256_file
+from dfosd.core.manifest import sha256_file, umask_file_mode
 
 if TYPE_CHECKING:
     import torch
@@ -50,8 +51,8 @@ class CheckpointMetadata:
             problems.append(f"timestep {self.timestep} is outside [0, 999]")
         if self.lora_rank < 1:
             problems.append(f"lora_rank {self.lora_rank} must be >= 1")
-        if self.lora_alpha <= 0:
-            problems.append(f"lora_alpha {self.lora_alpha} must be > 0")
+        if not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:  # nan passes "<= 0"
+            problems.append(f"lora_alpha {self.lora_alpha} must be a finite number > 0")
         if self.upscale < 1:
             problems.append(f"upscale {self.upscale} must be >= 1")
         if self.vae_latent != "mean":
@@ -117,16 +118,34 @@ def _parse_metadata(meta: Mapping[str, str] | None, problems: list[str]) -> Chec
         return None
 
 
+CHECKPOINT_FIX = "pass the lora.safetensors written by dfosd-train (or dfosd.core.checkpoint.write_checkpoint)"
+
+
+def check_checkpoint_exists(path: str | Path) -> Path:
+    """The cheap check before anything is imported or loaded: the file is there (any family's format)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DfosdError(f"checkpoint {path} does not exist",
+                         hint=f"{CHECKPOINT_FIX}; to try the pipeline, make a test one: "
+                              "dfosd checkpoint random --base synthetic:tiny --out lora.safetensors")
+    return path
+
+
+def check_checkpoint_file(path: str | Path) -> Path:
+    """The cheap checks for a DFOSD checkpoint (the file is there, it is .safetensors)."""
+    path = check_checkpoint_exists(path)
+    if path.suffix != ".safetensors":
+        raise DfosdError(f"checkpoint {path} is not a .safetensors file (pickled checkpoints are not loaded)",
+                         hint=CHECKPOINT_FIX)
+    return path
+
+
 def read_checkpoint(path: str | Path) -> DfosdCheckpoint:
     """Read and check a checkpoint's own consistency (the base is checked by validate_checkpoint)."""
     from safetensors import SafetensorError, safe_open
 
-    path = Path(path)
-    fix = "pass the lora.safetensors written by dfosd-train (or dfosd.core.checkpoint.write_checkpoint)"
-    if not path.is_file():
-        raise DfosdError(f"checkpoint {path} does not exist", hint=fix)
-    if path.suffix != ".safetensors":
-        raise DfosdError(f"checkpoint {path} is not a .safetensors file (pickled checkpoints are not loaded)", hint=fix)
+    path = check_checkpoint_file(path)
+    fix = CHECKPOINT_FIX
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
@@ -147,9 +166,26 @@ def read_checkpoint(path: str | Path) -> DfosdCheckpoint:
     if unknown:
         problems.append(f"{len(unknown)} unexpected tensor(s), e.g. {', '.join(sorted(unknown)[:3])} "
                         "(expected unet.<module>.lora_A/B.weight and text_embedding)")
+    nonfinite = non_finite_names({**{UNET_PREFIX + k: t for k, t in lora.items()},
+                                  **({EMBEDDING_KEY: emb} if emb is not None else {})})
+    if nonfinite:
+        problems.append(f"{len(nonfinite)} tensor(s) hold NaN or Inf values: {some_names(nonfinite)} "
+                        "(a diverged training run; every output pixel would be 0)")
     if problems:
         raise problems_error(f"checkpoint {path}", problems, hint=fix)
     return DfosdCheckpoint(lora=lora, text_embedding=emb, metadata=metadata, path=path, sha256=sha256_file(path))
+
+
+def non_finite_names(tensors: Mapping[str, "torch.Tensor"]) -> list[str]:
+    """Sorted names of the floating-point tensors holding a NaN or an Inf."""
+    import torch
+
+    return sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+
+
+def some_names(names: list[str], limit: int = 5) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 def lora_target_modules(unet, targets=DEFAULT_LORA_TARGETS) -> list[str]:
@@ -172,7 +208,8 @@ def validate_checkpoint(ckpt: DfosdCheckpoint, base: "Base") -> None:
     meta = ckpt.metadata
     for name, (a, b) in sorted(ckpt.lora_modules().items()):
         if a is None or b is None:
-            problems.append(f"{name}: has lora_{'B' if a is not None else 'A'} but no lora_{'A' if a is None else 'B'}")
+            have, missing = ("A", "B") if a is not None else ("B", "A")
+            problems.append(f"{name}: has lora_{have} but no lora_{missing}")
             continue
         mod = modules.get(name)
         if mod is None:
@@ -203,16 +240,29 @@ def validate_checkpoint(ckpt: DfosdCheckpoint, base: "Base") -> None:
 
 
 def merge_lora(unet, ckpt: DfosdCheckpoint) -> None:
-    """W += (alpha / rank) * B @ A, in place, in fp32 (then cast back)."""
+    """W += (alpha / rank) * B @ A, in place, in fp32 (then cast back).
+
+    Finite factors can still overflow (huge values, or a cast back to a half-precision
+    base): a merged weight that is not finite is refused by name, since it would make
+    every output pixel 0 while export and run report success."""
     import torch
 
     modules = dict(unet.named_modules())
     scale = ckpt.metadata.lora_scale
+    overflow = []
     with torch.no_grad():
         for name, (a, b) in ckpt.lora_modules().items():
             w = modules[name].weight
             delta = b.float().flatten(1) @ a.float().flatten(1)  # [out, in*kh*kw]
-            w.copy_((w.float() + scale * delta.view_as(w)).to(w.dtype))
+            merged = (w.float() + scale * delta.view_as(w)).to(w.dtype)
+            if not bool(torch.isfinite(merged).all()):
+                overflow.append(f"{name}.weight")
+                continue
+            w.copy_(merged)
+    if overflow:
+        raise DfosdError(f"{ckpt.path or 'checkpoint'}: merging the LoRA (scale alpha/rank = {scale:g}) gives "
+                         f"NaN or Inf in {len(overflow)} UNet weight(s): {some_names(overflow)}",
+                         hint="the LoRA factors are too large for the base's precision; check the training run")
 
 
 def write_checkpoint(path: str | Path, *, lora: Mapping[str, "torch.Tensor"], text_embedding: "torch.Tensor",
@@ -231,6 +281,7 @@ def write_checkpoint(path: str | Path, *, lora: Mapping[str, "torch.Tensor"], te
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata.to_strings())
+        os.chmod(tmp, umask_file_mode())  # mkstemp makes 0600; a checkpoint is shared like any file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 
 import click
@@ -27,14 +28,15 @@ def user_errors(fn):
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    # diffusers warns on every .to(float16) of a model built from a config; not actionable here.
-    logging.getLogger("diffusers").setLevel(logging.ERROR)
-    try:
-        from diffusers.utils import logging as dlogging
+    # diffusers warns on every .to(float16) of a model built from a config; not actionable here, shown
+    # with -v. Through its environment variable, read when diffusers is first imported: importing it
+    # here would cost seconds of torch import before the cheap checks of a command (issue 12.13).
+    if not verbose:
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+        if "diffusers" in sys.modules:  # already imported (in-process callers): set it directly
+            from diffusers.utils import logging as dlogging
 
-        dlogging.set_verbosity_error()
-    except ImportError:
-        pass
+            dlogging.set_verbosity_error()
 
 
 def parse_int_list(value: str, option: str) -> tuple[int, ...]:

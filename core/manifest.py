@@ -77,19 +77,40 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename: readers never see half a file."""
+def umask_file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give a new file: 0o666 less the umask.
+
+    ``tempfile.mkstemp`` always makes 0600; a file renamed into place from it must get
+    this mode, or checkpoints, manifests and reports end up private to their writer."""
+    try:  # Linux >= 4.7 shows the umask without changing it (no race with other threads)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def write_bytes_atomic(path: Path, data: bytes | str) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename: readers never see half a file.
+    The file gets the user's umask, like any file the user's programs write."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; reports and manifests are meant to be read by others
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, umask_file_mode())  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -105,9 +126,12 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise DfosdError(f"{path} is not valid JSON ({exc})", hint="re-run dfosd-export to rewrite it") from exc
-    if data.get("format") != MANIFEST_FORMAT:
-        raise DfosdError(f"{path} has manifest format {data.get('format')!r}; this dfosd reads {MANIFEST_FORMAT}",
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        raise DfosdError(f"{path} has manifest format {data.get('format') if isinstance(data, dict) else None!r}; this dfosd reads {MANIFEST_FORMAT}",
                          hint="re-run dfosd-export with this dfosd version")
+    from dfosd.core.manifest_check import check_export_manifest
+
+    check_export_manifest(data, path)  # an edited manifest is a clear error, not a traceback later
     return data
 
 
@@ -175,6 +199,11 @@ class ExportDir:
     @property
     def precision(self) -> str:
         return str(self.manifest["precision"])
+
+    @property
+    def family(self) -> dict[str, Any]:
+        """The model family's record (exports from before families: DFOSD, no colour fix)."""
+        return self.manifest.get("family") or {"name": "dfosd", "color_fix": "none", "deviations": []}
 
     def file(self, name: str) -> Path:
         return self.path / name

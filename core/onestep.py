@@ -7,6 +7,11 @@ uint8 LR [B,3,h,w]
                     x0 = (z - sqrt(1-abar_T) * eps) / sqrt(abar_T) in fp32 -> denoised fp32
   -> DecoderPart:   VAE decoder(z / scaling_factor) -> clamp -> uint8    -> SR [B,3,4h,4w]
 
+Other families (core/families.py: OSEDiff, PiSA-SR, HYPIR) change only declared pieces:
+the pre-processing (PIL's bicubic on the uint8 image, or torch's without the clamp), the
+x0 rule (x0 = z - eps for PiSA-SR), the timestep, LoRA merged into the VAE encoder too,
+and PiSA-SR's optional two-pass UNet; ``build_from_model`` builds any of them.
+
 Export traces exactly these modules, the benchmarks run them as "eager PyTorch", and
 training calls their float paths (``encode_float``, ``denoise``, ``decode_float``), so
 there is no second copy of the model to drift. Part boundaries are fp32 in every
@@ -29,6 +34,7 @@ from dfosd.core.vocab import COMPONENTS
 if TYPE_CHECKING:
     from dfosd.core.bases import Base
     from dfosd.core.checkpoint import DfosdCheckpoint
+    from dfosd.core.srmodel import SRModel
 
 
 def alphas_cumprod(scheduler_config: dict[str, Any]) -> torch.Tensor:
@@ -71,8 +77,10 @@ class EncoderPart(nn.Module):
     #: submodules that are "the network" (fp16 in an fp16 export); everything else is fp32 glue
     NETWORK_SCOPES = ("encoder", "quant_conv")
 
-    def __init__(self, vae, *, scale: int, scaling_factor: float, dtype: torch.dtype = torch.float32):
+    def __init__(self, vae, *, scale: int, scaling_factor: float, dtype: torch.dtype = torch.float32,
+                 preprocess: str = "torch-bicubic"):
         super().__init__()
+        self.preprocess = preprocess  # one of families.PREPROCESSINGS
         self.encoder = vae.encoder
         self.quant_conv = getattr(vae, "quant_conv", None)  # None when the config disables it
         self.scale = int(scale)
@@ -91,8 +99,20 @@ class EncoderPart(nn.Module):
         """[0,1] LR float -> [-1,1] bicubic-upsampled image (fp32, clamped like a saved image)."""
         return (bicubic_upscale(lr01.float(), self.scale) * 2.0 - 1.0).clamp(-1.0, 1.0)
 
+    def preprocess_uint8(self, lr_image: torch.Tensor) -> torch.Tensor:
+        """uint8 LR -> the [-1,1] encoder input, the way the model's family does it upstream."""
+        if self.preprocess == "torch-bicubic":
+            return self.upsample_lr(lr_image.float() / 255.0)
+        if self.preprocess == "torch-bicubic-unclamped":  # HYPIR: F.interpolate on [0,1], no clamp
+            return bicubic_upscale(lr_image.float() / 255.0, self.scale) * 2.0 - 1.0
+        if self.preprocess == "pil-bicubic":  # OSEDiff/PiSA-SR: PIL resize x4 of the uint8 image
+            from dfosd.core.resample import pil_bicubic_upscale
+
+            return pil_bicubic_upscale(lr_image.float(), self.scale) / 127.5 - 1.0
+        raise DfosdError(f"unknown pre-processing {self.preprocess!r}")
+
     def forward(self, lr_image: torch.Tensor) -> torch.Tensor:
-        return self.encode_float(self.upsample_lr(lr_image.float() / 255.0))
+        return self.encode_float(self.preprocess_uint8(lr_image))
 
 
 class DenoiserPart(nn.Module):
@@ -101,13 +121,16 @@ class DenoiserPart(nn.Module):
     NETWORK_SCOPES = ("unet",)
 
     def __init__(self, unet, text_embedding: torch.Tensor, *, timestep: int, alpha_bar: float,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, x0_rule: str = "ddpm"):
         super().__init__()
         self.unet = unet
         self.register_buffer("text_embedding", text_embedding.detach().to(dtype), persistent=False)
         self.timestep = int(timestep)
-        self.sqrt_ab = math.sqrt(alpha_bar)
-        self.sqrt_1mab = math.sqrt(1.0 - alpha_bar)
+        # x0 = (z - c_eps * eps) / c_z: DDPM's rule at T, or PiSA-SR's x0 = z - eps
+        ddpm = x0_rule == "ddpm"
+        self.sqrt_ab = math.sqrt(alpha_bar) if ddpm else 1.0
+        self.sqrt_1mab = math.sqrt(1.0 - alpha_bar) if ddpm else 1.0
+        self.x0_rule = x0_rule
         self.dtype = dtype
 
     def predict_noise(self, latent: torch.Tensor, embedding: torch.Tensor | None = None) -> torch.Tensor:
@@ -122,6 +145,25 @@ class DenoiserPart(nn.Module):
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         return self.denoise(latent)
+
+
+class TwoPassDenoiserPart(DenoiserPart):
+    """PiSA-SR's adjustable mode: two weight sets in one part, two UNet calls,
+    eps = l_pix * eps_pix + l_sem * (eps_pix+sem - eps_pix), then the x0 step (fp32)."""
+
+    NETWORK_SCOPES = ("unet", "unet_pix")
+
+    def __init__(self, unet_full, unet_pix, text_embedding: torch.Tensor, *, scales: tuple[float, float], **kw):
+        super().__init__(unet_full, text_embedding, **kw)
+        self.unet_pix = unet_pix
+        self.lambda_pix, self.lambda_sem = (float(v) for v in scales)
+
+    def predict_noise(self, latent: torch.Tensor, embedding: torch.Tensor | None = None) -> torch.Tensor:
+        eps_full = super().predict_noise(latent, embedding)
+        emb = (self.text_embedding if embedding is None else embedding.to(self.dtype)).expand(latent.shape[0], -1, -1)
+        t = torch.full((latent.shape[0],), self.timestep, dtype=torch.int64, device=latent.device)
+        eps_pix = self.unet_pix(latent.to(self.dtype), t, encoder_hidden_states=emb, return_dict=False)[0].float()
+        return self.lambda_pix * eps_pix + self.lambda_sem * (eps_full - eps_pix)
 
 
 class DecoderPart(nn.Module):
@@ -194,5 +236,43 @@ def build_onestep(base: "Base", checkpoint: "DfosdCheckpoint", *, dtype: torch.d
     return OneStepSR(
         EncoderPart(vae, scale=meta.upscale, scaling_factor=sf, dtype=dtype),
         DenoiserPart(unet, checkpoint.text_embedding, timestep=meta.timestep, alpha_bar=abar, dtype=dtype),
+        DecoderPart(vae, scaling_factor=sf, dtype=dtype),
+    ).eval()
+
+
+def build_from_model(base: "Base", model: "SRModel", *, dtype: torch.dtype = torch.float32, copy: bool = True,
+                     groups: dict[str, float] | None = None,
+                     pisa_scales: tuple[float, float] | None = None) -> OneStepSR:
+    """Eager one-step model of any family: layers replaced and LoRA merged into the UNet and
+    the VAE (copies unless ``copy=False``, for callers that own the base and need the memory).
+
+    ``pisa_scales`` (lambda_pix, lambda_sem): PiSA-SR's two-pass UNet (a second UNet copy
+    holding only the pix set)."""
+    import copy as copy_
+
+    from dfosd.core.srmodel import merge_into, validate_model
+
+    validate_model(model, base)
+    unet_pix = None
+    if pisa_scales is not None:
+        groups_present = {s.group for s in model.lora_sets}
+        if model.family.name != "pisa-sr" or groups_present != {"pix", "sem"}:
+            raise DfosdError(f"--pisa-scales applies to PiSA-SR checkpoints (pix and sem LoRA sets); this is "
+                             f"{model.family.name} with groups {sorted(groups_present)}")
+        unet_pix = copy_.deepcopy(base.unet)  # before the base's own UNet is merged in place
+        merge_into(model, unet_pix, None, groups={"pix": 1.0, "sem": 0.0})
+        unet_pix = unet_pix.to(dtype).eval()
+    unet = copy_.deepcopy(base.unet) if copy else base.unet
+    vae = copy_.deepcopy(base.vae) if copy else base.vae
+    merge_into(model, unet, vae, groups=groups)
+    unet, vae = unet.to(dtype).eval(), vae.to(dtype).eval()
+    abar = float(alphas_cumprod(base.scheduler_config)[model.timestep])
+    sf = base.scaling_factor
+    step = dict(timestep=model.timestep, alpha_bar=abar, dtype=dtype, x0_rule=model.x0_rule)
+    denoiser = DenoiserPart(unet, model.text_embedding, **step) if unet_pix is None else \
+        TwoPassDenoiserPart(unet, unet_pix, model.text_embedding, scales=pisa_scales, **step)
+    return OneStepSR(
+        EncoderPart(vae, scale=model.upscale, scaling_factor=sf, dtype=dtype, preprocess=model.preprocess),
+        denoiser,
         DecoderPart(vae, scaling_factor=sf, dtype=dtype),
     ).eval()

@@ -51,3 +51,9 @@ def plan_manifest_name(stem_: str) -> str:
 def package_name(stem_: str, device: str) -> str:
     """``unet_b1`` + ``cuda`` -> ``unet_b1.cuda.pt2`` (packages for several devices live side by side)."""
     return f"{stem_}.{device}{PACKAGE_SUFFIX}"
+
+# Model families dfosd compiles (their facts live in core/families.py), and the colour fixes
+# a family may default to (the runtime implements them).
+FAMILY_NAMES = ("dfosd", "osediff", "pisa-sr", "hypir")
+REFUSED_FAMILY_NAMES = ("s3diff", "invsr", "osdface", "tsd-sr", "adcsr")  # named so the refusal can say why
+COLOR_FIXES = ("none", "adain", "wavelet")

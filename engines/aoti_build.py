@@ -259,14 +259,15 @@ def _load_inputs(manifest: dict, export_dir: Path, base_spec: str | None, ckpt_p
                  base_model=None):
     """Base and checkpoint the export was made from, checked against what its manifest recorded."""
     from dfosd.core.bases import load_base
-    from dfosd.core.checkpoint import read_checkpoint, validate_checkpoint
+    from dfosd.core.readers import read_model_as_exported
+    from dfosd.core.srmodel import validate_model
 
     inputs = manifest.get("inputs", {})
     ckpt_path = Path(ckpt_path if ckpt_path is not None else inputs.get("checkpoint", ""))
     if not ckpt_path.is_file():
         raise DfosdError(f"the checkpoint this export was made from ({ckpt_path}) is not here",
                          hint="pass it with --ckpt PATH (the same lora.safetensors)")
-    ckpt = read_checkpoint(ckpt_path)
+    ckpt = read_model_as_exported(ckpt_path, manifest)  # any family the export read
     if ckpt.sha256 != inputs.get("checkpoint_sha256"):
         raise DfosdError(f"{ckpt_path} is not the checkpoint {export_dir} was exported from (sha256 differs)",
                          hint="pass the export's checkpoint with --ckpt, or re-export this checkpoint first")
@@ -279,7 +280,7 @@ def _load_inputs(manifest: dict, export_dir: Path, base_spec: str | None, ckpt_p
         raise DfosdError(f"base {base_spec} is not the base {export_dir} was exported from (fingerprint differs"
                          + (", e.g. synthetic weights from another torch version)" if base.is_synthetic else ")"),
                          hint="re-export with this base first, so ONNX and AOTInductor parts share weights")
-    validate_checkpoint(ckpt, base)
+    validate_model(ckpt, base)
     return base, ckpt
 
 
@@ -289,10 +290,11 @@ def _write_build(export_dir: Path, device: str, build: dict) -> None:
     write_json_atomic(export_dir / AOTI_MANIFEST_NAME, old)
 
 
-def _clear_stale(export_dir: Path, device: str, keep: set[str]) -> None:
-    for p in export_dir.glob(f"*.{device}{PACKAGE_SUFFIX}"):
-        if p.name not in keep:
-            p.unlink()
+def _clear_stale(export_dir: Path, keep: set[str], previous: set[str]) -> None:
+    """Remove the packages the previous build of this device wrote and this one did not;
+    a package dfosd did not record (a user's file) is never touched."""
+    for name in sorted(previous - keep):
+        (export_dir / name).unlink(missing_ok=True)
     for p in export_dir.glob(f".*{PACKAGE_SUFFIX}.*.tmp"):  # left by a killed build
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
@@ -338,7 +340,7 @@ def export_aoti(export_dir: str | Path, *, device: str, precision: str | None = 
     if own_base:
         progress(f"loading base {manifest.get('inputs', {}).get('base') if base is None else base}")
     base_model, checkpoint = _load_inputs(manifest, export_dir, base, ckpt, base_model)
-    from dfosd.core.onestep import build_onestep
+    from dfosd.core.onestep import build_from_model
 
     dtype = torch.float16 if precision == "fp16" else torch.float32
     if not own_base and dtype == torch.float32:
@@ -348,7 +350,7 @@ def export_aoti(export_dir: str | Path, *, device: str, precision: str | None = 
 
         base_model = dataclasses.replace(base_model, vae=copy.deepcopy(base_model.vae))
     # A base loaded here is ours alone: merge the LoRA in place (a full-size UNet copy is 3.5 GB).
-    model = build_onestep(base_model, checkpoint, dtype=dtype, copy_unet=not own_base).to(device)
+    model = build_from_model(base_model, checkpoint, dtype=dtype, copy=not own_base).to(device)
     del base_model
     if channels_last:
         model = model.to(memory_format=torch.channels_last)  # 4-D weights only; boundaries stay NCHW
@@ -369,7 +371,7 @@ def export_aoti(export_dir: str | Path, *, device: str, precision: str | None = 
     del model
     if device == "cuda":
         torch.cuda.empty_cache()
-    _clear_stale(export_dir, device, set(files))
+    _clear_stale(export_dir, set(files), set((old or {}).get("files", {})))
     build = {
         "build_key": key,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

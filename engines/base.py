@@ -134,3 +134,14 @@ def select_backend(name: str = "auto") -> tuple[type[Backend], str]:
     if not ok:
         raise DfosdError(f"backend {name} is not usable here: {why}", hint=cls.install_hint)
     return cls, f"{name} as requested: {why}"
+
+
+def auto_precision(backend_cls: type[Backend]) -> tuple[str, str]:
+    """``--precision auto``: the export precision the chosen backend runs fast, and a sentence saying why."""
+    if backend_cls.name == "tensorrt":
+        return "fp16", "TensorRT runs on a CUDA GPU, where fp16 is the fast path"
+    device = backend_cls().device  # onnxruntime / aoti: CUDA where they can use it, else the CPU
+    if device == "cuda":
+        return "fp16", f"{backend_cls.name} runs on a CUDA GPU, where fp16 is the fast path"
+    return "fp32", (f"{backend_cls.name} runs on the CPU, which has no fast fp16 kernels (fp16 was slower than fp32 "
+                    "on a 2-core AMD EPYC, BENCHMARKS.md); pass --precision fp16 to export for a GPU elsewhere")

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from dfosd.core.contracts import ComponentContract
 from dfosd.core.errors import DfosdError, problems_error
-from dfosd.core.manifest import ExportDir, build_key, changed_files, file_record, write_json_atomic
+from dfosd.core.manifest import ExportDir, build_key, changed_files, file_record, write_bytes_atomic, write_json_atomic
 from dfosd.core.vocab import plan_manifest_name, plan_name
 from dfosd.engines.tensorrt_common import (
     INSTALL_HINT,
@@ -200,21 +200,6 @@ def _build_plan(trt, logger, job: PlanJob, workspace_bytes: int, cache_blob: byt
     return bytes(serialized), bytes(config.get_timing_cache().serialize())
 
 
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    import os
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _current_plan(job: PlanJob, key: str) -> dict | None:
     import json
 
@@ -259,8 +244,8 @@ def build_engines(export_dir: str | Path, *, progress: Callable[[str], None] = l
                  f"optimization level {job.optimization_level})")
         t0 = time.perf_counter()
         plan, cache_blob = _build_plan(trt, logger, job, workspace_bytes, cache_blob, progress)
-        _write_bytes_atomic(job.plan, plan)
-        _write_bytes_atomic(cache_path, cache_blob)  # after every plan: a later failure keeps the timings
+        write_bytes_atomic(job.plan, plan)
+        write_bytes_atomic(cache_path, cache_blob)  # after every plan: a later failure keeps the timings
         record = {
             "format": PLAN_FORMAT,
             "kind": "dfosd-tensorrt-plan",

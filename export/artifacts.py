@@ -8,7 +8,9 @@ Layout of ``--out DIR``::
     decoder_b1.onnx
 
 Re-running with identical inputs (base, checkpoint, options, software) reuses the
-directory; any change rebuilds it.
+directory; any change rebuilds it. Only a new or empty folder or an earlier export is
+written to, and only files an earlier export wrote are replaced or removed
+(``export.ownership``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from dfosd.core.manifest import (
     software_versions,
     write_json_atomic,
 )
-from dfosd.core.vocab import MANIFEST_NAME, PRECISIONS, QUANT_PRECISIONS, onnx_name
+from dfosd.core.vocab import COMPONENTS, MANIFEST_NAME, PRECISIONS, QUANT_PRECISIONS, onnx_name, stem
 
 if TYPE_CHECKING:
     from dfosd.core.bases import Base
@@ -130,14 +132,20 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
 
 
-def export_inputs(base_spec: str, base_fp: str | None, ckpt, cfg: ExportConfig) -> dict:
+def export_inputs(base_spec: str, base_fp: str | None, model, cfg: ExportConfig) -> dict:
+    """What goes into the build key. ``model``: an SRModel (or a format-1 DfosdCheckpoint, whose
+    key is what it always was)."""
     inputs = {
         "base": base_spec,
         "base_fingerprint": base_fp,
-        "checkpoint_sha256": ckpt.sha256,
+        "checkpoint_sha256": model.sha256,
         "config": asdict(cfg),
         "software": software_versions(),
     }
+    family = getattr(model, "family", None)
+    if family is not None and family.name != "dfosd":  # what an upstream checkpoint bakes besides its tensors
+        inputs["family"] = family.name
+        inputs["prompt"] = model.prompt
     if cfg.quant is not None:
         from dfosd.calibration.data import file_list_sha256
 
@@ -157,23 +165,38 @@ def reusable(out_dir: Path, key: str) -> dict | None:
     return existing.manifest
 
 
-def export_checkpoint(ckpt_path: str | Path, base_spec: str, out_dir: str | Path, cfg: ExportConfig, *,
+def export_checkpoint(ckpt_path: str | Path, base_spec: str | None, out_dir: str | Path, cfg: ExportConfig, *,
                       force: bool = False, progress: Callable[[str], None] = log.info, base: "Base | None" = None,
-                      part_exporter: Callable[..., dict] | None = None) -> ExportResult:
-    """Merge the LoRA, trace every part for every tile batch, write the manifest.
+                      part_exporter: Callable[..., dict] | None = None, family: str | None = None,
+                      prompt: str | None = None, pisa_scales: tuple[float, float] | None = None) -> ExportResult:
+    """Replace layers and merge the LoRA, trace every part for every tile batch, write the manifest.
 
+    ``ckpt_path``: any checkpoint ``dfosd.core.readers`` reads (dfosd format 1/2, osediff.pkl,
+    pisa_sr.pkl, HYPIR_sd2.pth, diffusers/kohya LoRA); ``base_spec`` None: the file's own base.
     ``base``: the base of ``base_spec`` already in memory (a caller that holds it saves the
     load; the LoRA is then merged into a copy of its UNet, so the caller's stays clean).
     ``part_exporter``: writes one float part, with ``onnx_export.export_part``'s signature
     and return value (the default); quantized parts always go through the Q/DQ writer.
+    ``family``/``prompt``: override the detected family, the prompt encoded once (prompt families).
+    ``pisa_scales``: PiSA-SR's adjustable two-pass UNet (lambda_pix, lambda_sem) instead of both sets merged.
     """
     from dfosd.core.bases import base_fingerprint, load_base
-    from dfosd.core.checkpoint import read_checkpoint, validate_checkpoint
+    from dfosd.core.readers import read_model
+    from dfosd.core.srmodel import validate_model
+    from dfosd.export.ownership import check_planned, owned_files, part_files
 
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
-    ckpt = read_checkpoint(ckpt_path)  # format problems surface before the base is loaded
-    inputs = export_inputs(base_spec, base_fingerprint(base_spec), ckpt, cfg)
+    owned = owned_files(out_dir)  # a foreign non-empty folder is refused before any work
+    planned = part_files([stem(name, batch) for batch in cfg.batches for name in COMPONENTS])
+    check_planned(out_dir, owned, planned)
+    # format problems surface before the base is loaded (a prompt family loads its text encoder here)
+    model_file = read_model(ckpt_path, family=family, base_spec=base_spec, prompt=prompt, progress=progress,
+                            base=base)
+    base_spec = base_spec or model_file.base_model
+    inputs = export_inputs(base_spec, base_fingerprint(base_spec), model_file, cfg)
+    if pisa_scales is not None:
+        inputs["pisa_scales"] = [float(v) for v in pisa_scales]
     key = build_key(inputs)
     if not force and inputs["base_fingerprint"] is not None:
         old = reusable(out_dir, key)
@@ -187,12 +210,13 @@ def export_checkpoint(ckpt_path: str | Path, base_spec: str, out_dir: str | Path
         base = load_base(base_spec)
     elif base.spec != base_spec:
         raise DfosdError(f"export of {base_spec} was handed the base {base.spec}")
-    validate_checkpoint(ckpt, base)
+    validate_model(model_file, base)
     if inputs["base_fingerprint"] is None:  # e.g. a hub id fetched just now
         inputs["base_fingerprint"] = base.fingerprint
         key = build_key(inputs)
-    from dfosd.core.onestep import build_onestep
-    from dfosd.export.onnx_export import clear_stale, export_part
+    from dfosd.core.onestep import build_from_model
+    from dfosd.export.onnx_export import export_part
+    from dfosd.export.ownership import clear_stale, writing
 
     # NOTE (lead): the eager model is always built and traced in fp32; fp16 is made on the ONNX
     # graph by export_part(precision="fp16") with fp32 islands (see export/onnx_export.py). Tracing
@@ -200,55 +224,64 @@ def export_checkpoint(ckpt_path: str | Path, base_spec: str, out_dir: str | Path
     # may still build their own half copy if ModelOpt needs it.
     if part_exporter is None:
         part_exporter = export_part
-    model = build_onestep(base, ckpt, copy_unet=not own_base)  # a base of ours alone: merge in place
+    # a base of ours alone: merge in place
+    model = build_from_model(base, model_file, copy=not own_base, pisa_scales=pisa_scales)
     quantized, calibration = {}, None
     if cfg.quant is not None:
         from dfosd.calibration.export import quantize_for_export
 
         quantized, calibration = quantize_for_export(model, cfg.quant, cfg.tile, progress=progress)
-    components, files = {}, {}
-    for batch in cfg.batches:
-        geo = Geometry(tile=cfg.tile, batch=batch, upscale=ckpt.metadata.upscale,
-                       vae_scale_factor=base.vae_scale_factor, latent_channels=base.latent_channels)
-        for name, contract in component_contracts(geo).items():
-            t = time.perf_counter()
-            precision = cfg.component_precision(name)
-            progress(f"exporting {contract.stem} ({precision})")
-            if name in quantized:
-                from dfosd.export.onnx_qdq import export_quantized_part
+    with writing(out_dir, owned, planned):  # records what it may write first; cleans that up after a failure
+        components, files = {}, {}
+        for batch in cfg.batches:
+            geo = Geometry(tile=cfg.tile, batch=batch, upscale=model_file.upscale,
+                           vae_scale_factor=base.vae_scale_factor, latent_channels=base.latent_channels)
+            for name, contract in component_contracts(geo).items():
+                t = time.perf_counter()
+                precision = cfg.component_precision(name)
+                progress(f"exporting {contract.stem} ({precision})")
+                if name in quantized:
+                    from dfosd.export.onnx_qdq import export_quantized_part
 
-                info = export_quantized_part(quantized[name], contract, out_dir / onnx_name(contract.stem),
-                                             opset=cfg.opset, precision=cfg.precision)
-            else:
-                info = part_exporter(model.part(name), contract, out_dir / onnx_name(contract.stem), opset=cfg.opset,
-                                     precision=precision)
-            for f in info["files"]:
-                files[f] = file_record(out_dir / f)
-            components[contract.stem] = {"component": name, "batch": batch, "onnx": onnx_name(contract.stem),
-                                         "precision": precision, "contract": contract.to_dict(), "export_seconds":
-                                         round(time.perf_counter() - t, 2), **info}
-    clear_stale(out_dir, set(files))
-    meta = ckpt.metadata
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "kind": "dfosd-export",
-        "build_key": key,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "inputs": {**inputs, "checkpoint": str(Path(ckpt_path).resolve())},
-        "precision": cfg.precision,
-        "float_precision": cfg.float_precision,
-        "tile": cfg.tile,
-        "batches": list(cfg.batches),
-        "upscale": meta.upscale,
-        "timestep": meta.timestep,
-        "model": {"cross_attention_dim": base.cross_attention_dim, "vae_scale_factor": base.vae_scale_factor,
-                  "latent_channels": base.latent_channels, "scaling_factor": base.scaling_factor,
-                  "embedding_tokens": int(ckpt.text_embedding.shape[1])},
-        "components": components,
-        "files": files,
-    }
-    if calibration is not None:
-        manifest["calibration"] = calibration
-    write_json_atomic(out_dir / MANIFEST_NAME, manifest)
+                    info = export_quantized_part(quantized[name], contract, out_dir / onnx_name(contract.stem),
+                                                 opset=cfg.opset, precision=cfg.precision)
+                else:
+                    info = part_exporter(model.part(name), contract, out_dir / onnx_name(contract.stem), opset=cfg.opset,
+                                         precision=precision)
+                for f in info["files"]:
+                    files[f] = file_record(out_dir / f)
+                components[contract.stem] = {"component": name, "batch": batch, "onnx": onnx_name(contract.stem),
+                                             "precision": precision, "contract": contract.to_dict(), "export_seconds":
+                                             round(time.perf_counter() - t, 2), **info}
+        removed = clear_stale(out_dir, owned, set(files))
+        if removed:
+            progress(f"removed {len(removed)} file(s) of the earlier export that this one does not make: "
+                     f"{', '.join(removed)}")
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "kind": "dfosd-export",
+            "build_key": key,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "inputs": {**inputs, "checkpoint": str(Path(ckpt_path).resolve())},
+            "precision": cfg.precision,
+            "float_precision": cfg.float_precision,
+            "tile": cfg.tile,
+            "batches": list(cfg.batches),
+            "upscale": model_file.upscale,
+            "timestep": model_file.timestep,
+            "family": {"name": model_file.family.name, "x0_rule": model_file.x0_rule,
+                       "preprocess": model_file.preprocess, "color_fix": model_file.color_fix,
+                       "prompt": model_file.prompt, "source": dict(model_file.source),
+                       "pisa_scales": None if pisa_scales is None else [float(v) for v in pisa_scales],
+                       "deviations": model_file.deviations()},
+            "model": {"cross_attention_dim": base.cross_attention_dim, "vae_scale_factor": base.vae_scale_factor,
+                      "latent_channels": base.latent_channels, "scaling_factor": base.scaling_factor,
+                      "embedding_tokens": int(model_file.text_embedding.shape[1])},
+            "components": components,
+            "files": files,
+        }
+        if calibration is not None:
+            manifest["calibration"] = calibration
+        write_json_atomic(out_dir / MANIFEST_NAME, manifest)
     return ExportResult(out_dir, manifest, reused=False, seconds=time.perf_counter() - t0)
 

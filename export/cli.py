@@ -5,22 +5,31 @@ from __future__ import annotations
 import click
 
 from dfosd.core.cli_support import parse_int_list, say, setup_logging, user_errors
-from dfosd.core.vocab import FLOAT_PRECISIONS, PRECISIONS
+from dfosd.core.vocab import FAMILY_NAMES, FLOAT_PRECISIONS, PRECISIONS, REFUSED_FAMILY_NAMES
 from dfosd.engines.base import BACKEND_CHOICES
 
 
 @click.command(name="export", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--ckpt", "ckpt", required=True, type=click.Path(dir_okay=False),
-              help="DFOSD checkpoint (lora.safetensors).")
+              help="Checkpoint: DFOSD lora.safetensors, a `dfosd convert` model, osediff.pkl, pisa_sr.pkl, "
+                   "HYPIR_sd2.pth, or a diffusers/kohya UNet LoRA (family detected from the keys).")
+@click.option("--family", default=None, type=click.Choice(FAMILY_NAMES + REFUSED_FAMILY_NAMES),
+              help="Override the family detected from the checkpoint's keys.")
+@click.option("--prompt", default=None,
+              help="Prompt families: the prompt encoded once into the engine [default: the family's, empty].")
+@click.option("--pisa-scales", default=None,
+              help="PiSA-SR: LAMBDA_PIX,LAMBDA_SEM builds its adjustable two-pass UNet (two weight sets, two UNet "
+                   "calls per tile) instead of merging both LoRA sets.")
 @click.option("--base", default=None,
               help="Base model: diffusers dir, hub id, single file, synthetic:tiny or synthetic:sd21-base. "
-                   "Default: the checkpoint's base_model.")
-@click.option("--precision", type=click.Choice(PRECISIONS), default="fp16", show_default=True,
-              help="fp16: fp16 graph with fp32 pre/post-processing and x0 step. int8/fp8: ModelOpt Q/DQ graphs "
-                   "calibrated on --calib-data (needs dfosd[quant]).")
+                   "Default: the checkpoint's base_model (SD-2.1-base for upstream checkpoints).")
+@click.option("--precision", type=click.Choice(("auto",) + PRECISIONS), default="auto", show_default=True,
+              help="auto: fp16 where the chosen backend runs it fast (TensorRT, CUDA), fp32 for a CPU (printed "
+                   "with the reason). fp16: fp16 graph with fp32 pre/post-processing and x0 step. int8/fp8: "
+                   "ModelOpt Q/DQ graphs calibrated on --calib-data (needs dfosd[quant]).")
 @click.option("--float-precision", type=click.Choice(FLOAT_PRECISIONS), default=None,
               help="int8/fp8: precision of the parts not quantized and of the ops left in float. [default: fp16]")
-@click.option("--calib-data", type=click.Path(file_okay=False), default=None,
+@click.option("--calib-data", type=click.Path(exists=True, file_okay=False), default=None,
               help="int8/fp8: folder of LR photos; cut into --tile tiles and run through the pipeline to calibrate.")
 @click.option("--calib-count", default=64, show_default=True, type=int, help="int8/fp8: calibration tiles.")
 @click.option("--quantize", "quantize", default="unet,vae-enc,vae-dec", show_default=True,
@@ -40,23 +49,40 @@ from dfosd.engines.base import BACKEND_CHOICES
 @click.option("--force", is_flag=True, help="Rebuild even when the manifest says the artifacts are current.")
 @click.option("-v", "--verbose", is_flag=True)
 @user_errors
-def main(ckpt, base, precision, float_precision, calib_data, calib_count, quantize, conv_calibration, out_dir, tile,
+def main(ckpt, family, prompt, pisa_scales, base, precision, float_precision, calib_data, calib_count, quantize, conv_calibration, out_dir, tile,
          batches, opset, backend, force, verbose):
-    """Export a DFOSD checkpoint to static-shape ONNX (and engines) for dfosd-trt-run."""
+    """Export a one-step SR checkpoint (DFOSD, OSEDiff, PiSA-SR, HYPIR) to static-shape ONNX (and engines)."""
     setup_logging(verbose)
-    from dfosd.core.checkpoint import read_checkpoint
-    from dfosd.engines.base import select_backend
+    from dfosd.core.checkpoint import check_checkpoint_exists
+    from dfosd.engines.base import auto_precision, select_backend
     from dfosd.export.artifacts import ExportConfig, export_checkpoint
 
-    cfg = ExportConfig.from_options(precision=precision, tile=tile, batches=parse_int_list(batches, "--batch"),
-                                    opset=opset, float_precision=float_precision, calib_data=calib_data,
-                                    calib_count=calib_count, quantize=quantize, conv_calibration=conv_calibration)
+    # Cheap checks first (issue 12.13): options and files, before any heavy import or work.
+    def config(precision):
+        return ExportConfig.from_options(precision=precision, tile=tile, batches=parse_int_list(batches, "--batch"),
+                                         opset=opset, float_precision=float_precision, calib_data=calib_data,
+                                         calib_count=calib_count, quantize=quantize, conv_calibration=conv_calibration)
+
+    cfg = config("fp32" if precision == "auto" else precision)  # the options are checked either way
+    check_checkpoint_exists(ckpt)
+    scales = None
+    if pisa_scales is not None:
+        try:
+            scales = tuple(float(v) for v in pisa_scales.split(","))
+        except ValueError:
+            scales = ()
+        if len(scales) != 2:
+            raise click.BadParameter(f"{pisa_scales!r}: give two numbers, e.g. 1.0,0.5", param_hint="--pisa-scales")
     backend_cls, why = select_backend(backend)
     say(why)
+    if precision == "auto":
+        precision, reason = auto_precision(backend_cls)
+        say(f"precision auto: {precision}, because {reason}")
+        cfg = config(precision)
+    result = export_checkpoint(ckpt, base, out_dir, cfg, force=force, progress=say, family=family, prompt=prompt,
+                               pisa_scales=scales)
     if base is None:
-        base = read_checkpoint(ckpt).metadata.base_model
-        say(f"base: {base} (from the checkpoint's metadata)")
-    result = export_checkpoint(ckpt, base, out_dir, cfg, force=force, progress=say)
+        say(f"base: {result.manifest['inputs']['base']} (from the checkpoint's metadata)")
     if backend_cls.name == "tensorrt":
         from dfosd.engines.tensorrt_build import build_engines  # pragma: no cover - needs TensorRT
 

@@ -26,6 +26,7 @@ import warnings
 from pathlib import Path
 
 from dfosd.core.contracts import ComponentContract
+from dfosd.export.ownership import STAGING_MARK
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,34 @@ def _fold_inputs(model) -> set[str]:
     return needed
 
 
+def verbose_logging() -> bool:
+    """-v (setup_logging(True)) shows the third-party warnings hidden by default (issue 12.14)."""
+    return logging.getLogger("dfosd").isEnabledFor(logging.DEBUG)
+
+
+class quiet_onnxruntime:
+    """ONNX Runtime's optimizer warnings ("UnsqueezeElimination cannot remove node ...", ten per
+    attention block) off while graphsurgeon folds constants with it, unless -v: they are about
+    ORT's own graph rewrites of a throwaway session, and not actionable. Errors still show."""
+
+    def __enter__(self):
+        self.ort = None
+        if not verbose_logging():
+            try:
+                import onnxruntime
+
+                self.ort = onnxruntime
+                onnxruntime.set_default_logger_severity(3)  # ERROR
+            except ImportError:
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        if self.ort is not None:
+            self.ort.set_default_logger_severity(2)  # ORT's default: WARNING
+        return False
+
+
 def fold_static(model, max_passes: int = 4):
     """Shape inference + constant folding, repeated while it still removes nodes; in place.
 
@@ -101,7 +130,8 @@ def fold_static(model, max_passes: int = 4):
     count = len(skeleton.graph.node)
     for _ in range(max_passes):
         graph = gs.import_onnx(infer_shapes(skeleton))
-        graph.cleanup().toposort().fold_constants(size_threshold=FOLD_SIZE_THRESHOLD).cleanup().toposort()
+        with quiet_onnxruntime():
+            graph.cleanup().toposort().fold_constants(size_threshold=FOLD_SIZE_THRESHOLD).cleanup().toposort()
         skeleton = gs.export_onnx(graph)
         del graph
         if len(skeleton.graph.node) == count or not any(n.op_type == "Shape" for n in skeleton.graph.node):
@@ -172,17 +202,34 @@ def to_fp16(model, scopes: tuple[str, ...]):
 
     model = infer_shapes(model)  # the converter decides casts from inferred types
     light, stripped = _weightless(model)
-    light = _convert_graph_fp16(light, scopes)
-    new_types = {i.name: i.data_type for i in light.graph.initializer if i.name in stripped}
-    for init in model.graph.initializer:
-        if init.name in stripped and init.data_type == TensorProto.FLOAT and new_types[init.name] == TensorProto.FLOAT16:
-            # the converter's own clamping (tiny values -> 1e-7, huge -> 1e4), tensor by tensor
-            half = float16.convert_np_to_float16(numpy_helper.to_array(init), 1e-7, 1e4)
-            init.ClearField("float_data")
-            init.raw_data = half.tobytes()
-            init.data_type = TensorProto.FLOAT16
+    # The converter warns once per tensor it clamps (a real checkpoint: dozens of lines); they are
+    # collected into one summary line, and listed with -v (issue 12.14).
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        light = _convert_graph_fp16(light, scopes)
+        new_types = {i.name: i.data_type for i in light.graph.initializer if i.name in stripped}
+        for init in model.graph.initializer:
+            if (init.name in stripped and init.data_type == TensorProto.FLOAT
+                    and new_types[init.name] == TensorProto.FLOAT16):
+                # the converter's own clamping (tiny values -> 1e-7, huge -> 1e4), tensor by tensor
+                half = float16.convert_np_to_float16(numpy_helper.to_array(init), 1e-7, 1e4)
+                init.ClearField("float_data")
+                init.raw_data = half.tobytes()
+                init.data_type = TensorProto.FLOAT16
+    report_fp16_warnings(caught)
     # the small initializers come from the converted copy, which may have retyped them
     return _put_back(model, light, stripped)
+
+
+def report_fp16_warnings(caught) -> None:
+    """One summary line for the fp16 converter's warnings (values clamped to fp16's range); each with -v."""
+    if not caught:
+        return
+    for w in caught:
+        log.debug("fp16 conversion: %s", w.message)
+    clamped = sum("truncated" in str(w.message) for w in caught)
+    log.warning("fp16 conversion: %d warning(s)%s; -v lists them", len(caught),
+                f", {clamped} about values outside fp16's range clamped to [1e-7, 1e4]" if clamped else "")
 
 
 def _convert_graph_fp16(model, scopes: tuple[str, ...]):
@@ -274,12 +321,12 @@ def export_part(module, contract: ComponentContract, onnx_path: Path, *, opset: 
 
     onnx_path = Path(onnx_path)
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in onnx_path.parent.glob(f".{onnx_path.stem}.*"):  # left by a killed export
+    for stale in onnx_path.parent.glob(f".{onnx_path.stem}.{STAGING_MARK}.*"):  # left by a killed export
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
     sample = contract.sample_inputs()
     args = tuple(sample[s.name] for s in contract.inputs)
-    with tempfile.TemporaryDirectory(prefix=f".{onnx_path.stem}.", dir=onnx_path.parent) as tmp:
+    with staging_dir(onnx_path) as tmp:
         raw = Path(tmp) / "raw.onnx"
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -313,10 +360,6 @@ def export_part(module, contract: ComponentContract, onnx_path: Path, *, opset: 
             "opset": opset, "precision": precision, "initializer_bytes": _initializer_bytes(model)}
 
 
-def clear_stale(folder: Path, keep: set[str]) -> None:
-    """Remove ONNX files of an earlier export that this export does not produce."""
-    for p in Path(folder).glob("*.onnx*"):
-        if p.name not in keep:
-            p.unlink()
-    for p in Path(folder).glob(".*.tmp"):
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+def staging_dir(onnx_path: Path):
+    """A temporary folder beside ``onnx_path`` whose name marks it as dfosd's (see export.ownership)."""
+    return tempfile.TemporaryDirectory(prefix=f".{onnx_path.stem}.{STAGING_MARK}.", dir=onnx_path.parent)

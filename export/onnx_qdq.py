@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from dfosd.core.contracts import ComponentContract
 from dfosd.core.errors import DfosdError
-from dfosd.export.onnx_export import FOLD_SIZE_THRESHOLD, export_part
+from dfosd.export.onnx_export import FOLD_SIZE_THRESHOLD, export_part, staging_dir
 
 FP8_MIN_OPSET = 19
 FP8_ZERO_POINT = "dfosd_fp8_zero_point"
@@ -87,7 +86,7 @@ def _rewrite_fp8(onnx_path: Path, external_data: str | None) -> int:
         folded = gs.export_onnx(graph)
     folded.producer_name, folded.doc_string = model.producer_name, model.doc_string
     model = folded
-    with tempfile.TemporaryDirectory(prefix=f".{onnx_path.stem}.", dir=onnx_path.parent) as tmp:
+    with staging_dir(onnx_path) as tmp:
         staged = Path(tmp) / onnx_path.name
         if external_data:
             onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,

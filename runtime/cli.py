@@ -8,43 +8,17 @@ the exit code is non-zero when anything failed, and a JSON report records each i
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import click
 
 from dfosd.core.cli_support import say, setup_logging, user_errors
+from dfosd.core.vocab import COLOR_FIXES
 from dfosd.engines.base import BACKEND_CHOICES
 
 FORMATS = ("png", "jpg", "webp")
-COLOR_FIXES = ("none", "adain", "wavelet")
-REPORT_NAME = "dfosd-report.json"
-
-
-def _process_one(src, rel, upscale, tcfg, opts, out_dir):
-    """Upscale one file with ``upscale`` (uint8 [3,H,W] -> x scale); returns the report record
-    (raises nothing for bad input)."""
-    from dfosd.runtime.color_fix import apply_color_fix
-    from dfosd.runtime.images import ImageInputError, compose_output, load_image, output_path_for, save_image_atomic
-
-    dst = output_path_for(Path(rel), out_dir, opts["fmt"])
-    rec = {"input": str(src), "output": str(dst)}
-    if opts["skip_existing"] and dst.exists():
-        return {**rec, "status": "skipped", "reason": "output exists (--skip-existing)"}
-    t0 = time.perf_counter()
-    try:
-        img = load_image(src)
-        sr = upscale(img.rgb)
-        sr = apply_color_fix(sr, img.rgb, opts["color_fix"], tcfg.scale)
-        notes = list(img.notes) + list(save_image_atomic(compose_output(sr, img, tcfg.scale), dst, opts["fmt"],
-                                                          quality=opts["quality"]) or [])
-    except ImageInputError as exc:
-        return {**rec, "status": "failed", "error": exc.message}
-    except OSError as exc:
-        return {**rec, "status": "failed", "error": f"could not write {dst}: {exc}"}
-    h, w = img.rgb.shape[1:]
-    return {**rec, "status": "ok", "seconds": round(time.perf_counter() - t0, 4), "input_size": [w, h],
-            "output_size": [w * tcfg.scale, h * tcfg.scale], "notes": notes}
+REPORT_NAME = "dfosd-report.json"  # also runtime.batch.REPORT_NAME (kept here: no heavy import for --help)
+TILE_BAR_MIN_CALLS = 4  # a per-tile progress bar for images that take more engine calls than this
 
 
 @click.command(name="run", context_settings={"help_option_names": ["-h", "--help"]})
@@ -61,8 +35,10 @@ def _process_one(src, rel, upscale, tcfg, opts, out_dir):
 @click.option("--tile", type=int, default=None,
               help="LR tile size; must equal the export's (default: the export's).")
 @click.option("--overlap", type=int, default=None, help="Tile overlap in LR pixels (default: tile/4).")
-@click.option("--color-fix", type=click.Choice(COLOR_FIXES), default="none", show_default=True,
-              help="Match the output's colours to the bicubic-upsampled input.")
+@click.option("--color-fix", type=click.Choice(COLOR_FIXES), default=None,
+              help="Match the output's colours to the bicubic-upsampled input. [default: the model family's "
+                   "upstream default from the export's manifest (none for DFOSD, adain for OSEDiff/PiSA-SR, "
+                   "wavelet for HYPIR)]")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="png", show_default=True)
 @click.option("--quality", type=click.IntRange(1, 100), default=95, show_default=True, help="jpg/webp quality.")
 @click.option("--skip-existing", is_flag=True, help="Leave images whose output already exists.")
@@ -71,36 +47,111 @@ def _process_one(src, rel, upscale, tcfg, opts, out_dir):
 @click.option("--server", default=None, metavar="URL",
               help="Upscale on a dfosd-serve / Triton server (http://HOST:PORT or grpc://HOST:PORT) instead of "
                    "loading engines here; --engines/--backend/--batch do not apply.")
+@click.option("--max-pixels", type=click.IntRange(1), default=None,
+              help="Refuse inputs with more pixels than this, read from the header before decoding "
+                   "[default: 25000000, about 2 GiB at the run's ~88 bytes per input pixel].")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.option("-v", "--verbose", is_flag=True)
 @user_errors
 def main(inputs, export_dir, out_dir, backend, batch, tile, overlap, color_fix, fmt, quality, skip_existing,
-         report, server, progress, verbose):
+         report, server, max_pixels, progress, verbose):
     """Upscale INPUT... (files, folders searched recursively, or glob patterns) x4.
 
     Grayscale inputs give grayscale outputs; alpha is carried over bicubic-resized (not
-    super-resolved); 16-bit inputs are written as 8-bit; EXIF orientation is applied.
+    super-resolved); 16-bit inputs are written as 8-bit; EXIF orientation is applied;
+    GIFs are read by their first frame. --out must not be, or be inside, an input folder.
     """
     setup_logging(verbose)
-    from tqdm import tqdm
+    if server is None:  # no export there: a clear error now, not after seconds of imports (issue 12.13)
+        from dfosd.core.manifest import ExportDir
 
+        ExportDir(export_dir, check="none")
     from dfosd.core.errors import DfosdError
-    from dfosd.core.manifest import write_json_atomic
-    from dfosd.runtime.images import collect_inputs
-    from dfosd.runtime.step import OneStepRunner
+    from dfosd.runtime.batch import (
+        Interrupted,
+        RunReport,
+        check_writable_folder,
+        exit_code_for,
+        report_lock,
+        stop_on_signals,
+    )
+    from dfosd.runtime.images import DEFAULT_MAX_PIXELS
+    from dfosd.runtime.inputs import check_output_folder, collect_inputs
+
+    out = Path(out_dir)
+    found = collect_inputs(inputs, out_dir=out)
+    if not found.pairs:  # nothing to do: say why before any model is loaded
+        what = [f"skipped {len(found.skipped)} file(s): {_names(found.skipped)}"] if found.skipped else []
+        raise DfosdError("no input images found" + "".join(f"\n  - {p}" for p in found.problems + what),
+                         hint="pass image files, folders or glob patterns")
+    for p in found.problems:
+        say(f"error: {p}")
+    # Cheap checks before any model is loaded: where outputs go, that they can be written.
+    check_output_folder(inputs, found.pairs, out, fmt)
+    report_path = Path(report) if report else out / REPORT_NAME
+    check_writable_folder(out, "--out")
+    check_writable_folder(report_path.parent, "--report folder")
+    opts = {"fmt": fmt, "quality": quality, "skip_existing": skip_existing, "color_fix": color_fix,
+            "max_pixels": DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels}
+    with report_lock(report_path), stop_on_signals():
+        rep = RunReport(report_path, {"engines": server or str(Path(export_dir).resolve()), "color_fix": color_fix,
+                                      "max_pixels": opts["max_pixels"], "out": str(out.resolve())})
+        rep.records += [{"input": p, "status": "failed", "error": p} for p in found.problems]
+        rep.records += [{"input": str(p), "status": "skipped", "reason": why} for p, why in found.skipped]
+        rep.pending = [str(src) for src, _ in found.pairs]
+        rep.write("running")  # from here on, the report on disk is this run's
+        code = 0
+        try:
+            runner, tcfg, upscale = _make_upscaler(export_dir, backend, batch, tile, overlap, server)
+            if color_fix is None:
+                opts["color_fix"] = rep.header["color_fix"] = _family_color_fix(export_dir if server is None else None)
+            rep.header.update(backend=runner.backend.describe(), precision=runner.precision,
+                              backend_plan=getattr(runner, "plan", None) and runner.plan.to_dict(),
+                              tiling={"tile": tcfg.tile, "overlap": tcfg.overlap, "batch": tcfg.batch})
+            _run_all(found.pairs, upscale, tcfg, opts, out, rep, progress)
+            if server is not None:
+                runner.client.close()  # an idle keep-alive connection would hold up the server's shutdown
+            state = "complete"
+        except (KeyboardInterrupt, Interrupted) as exc:  # say what was done, in the report too
+            state, code = "interrupted", exit_code_for(exc)
+            rep.interrupt()
+            say(f"interrupted ({exc if isinstance(exc, Interrupted) else 'SIGINT'})")
+        except BaseException as exc:
+            rep.write("failed", error=getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}")
+            raise
+        rep.write(state)
+    counts = rep.counts()
+    skipped_files = [r for r in rep.records if r["status"] == "skipped" and "output exists" not in r["reason"]]
+    say(f"{counts['ok']} upscaled, {counts['skipped']} skipped, {counts['failed']} failed"
+        + (f", {counts['interrupted']} interrupted, {counts['not_started']} not started" if state == "interrupted"
+           else "")
+        + f" -> {out} (report: {report_path})")
+    if skipped_files:
+        say(f"skipped {len(skipped_files)} file(s) that are not inputs: {_names(skipped_files)} (reasons in the report)")
+    if code:
+        raise SystemExit(code)
+    if counts["failed"]:
+        raise SystemExit(1)
+
+
+def _names(items, limit: int = 5) -> str:
+    names = [Path(i["input"] if isinstance(i, dict) else i[0]).name for i in items]
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _make_upscaler(export_dir, backend, batch, tile, overlap, server):
+    """(runner, tiling, upscale(rgb, sink, progress)) for local engines or a server."""
+    from dfosd.core.errors import DfosdError
     from dfosd.runtime.tiling import TilingConfig
 
-    pairs, problems = collect_inputs(inputs)
-    for p in problems:
-        say(f"error: {p}")
-    if not pairs and not problems:
-        raise DfosdError("no input images found", hint="pass image files, folders or glob patterns")
     if server is not None:
         from dfosd.serving.client import local_only_options, remote_runner
 
         local_only_options(click.get_current_context(), ("export_dir", "backend", "batch"))
         runner = remote_runner(server, say)  # same attributes as OneStepRunner: tile, batch, scale, ...
     else:
+        from dfosd.runtime.step import OneStepRunner
+
         runner = OneStepRunner(export_dir, backend=backend, batch=batch, say=say)
     if tile is not None and tile != runner.tile:
         raise DfosdError(f"--tile {tile} differs from the engines' tile {runner.tile} (engines have static shapes)",
@@ -108,37 +159,61 @@ def main(inputs, export_dir, out_dir, backend, batch, tile, overlap, color_fix, 
     tcfg = TilingConfig(tile=runner.tile, overlap=runner.tile // 4 if overlap is None else overlap,
                         batch=runner.batch, scale=runner.scale)
     if server is not None:
-        def upscale(rgb):
-            return runner.upscale(rgb, overlap=tcfg.overlap)  # the server tiles and blends
+        def upscale(rgb, sink, progress):
+            sr = runner.upscale(rgb, overlap=tcfg.overlap)  # the server tiles and blends
+            if sink is None:
+                return sr
+            sink(0, sr)
+            return None
     else:
         from dfosd.runtime.tiling import upscale_tiled
 
-        def upscale(rgb):
-            return upscale_tiled(rgb, runner, tcfg)
-    out = Path(out_dir)
-    opts = {"fmt": fmt, "quality": quality, "skip_existing": skip_existing, "color_fix": color_fix}
-    records = [{"input": p, "status": "failed", "error": p} for p in problems]
-    t_all = time.perf_counter()
+        def upscale(rgb, sink, progress):
+            return upscale_tiled(rgb, runner, tcfg, sink=sink, progress=progress)
+    return runner, tcfg, upscale
+
+
+def _run_all(pairs, upscale, tcfg, opts, out, rep, progress) -> None:
+    """Process every input into the report ``rep``: a failed image is a record, the batch goes on."""
+    from tqdm import tqdm
+
+    from dfosd.runtime.batch import process_image
+
+    def tile_bar(name):
+        if not progress:
+            return None
+        bar = None
+
+        def update(done, total):
+            nonlocal bar
+            if bar is None:
+                if total <= tcfg.batch * TILE_BAR_MIN_CALLS:
+                    return
+                bar = tqdm(total=total, desc=f"  {name}", unit="tile", leave=False, file=sys.stderr, position=1)
+            bar.update(done - bar.n)
+            if done == total:
+                bar.close()
+        return update
+
     for src, rel in tqdm(pairs, desc="dfosd", unit="img", disable=not progress, file=sys.stderr):
-        rec = _process_one(src, rel, upscale, tcfg, opts, out)
+        rep.start(str(src))
+        rec = process_image(src, rel, upscale, tcfg.scale, opts, out, tile_bar)
         if rec["status"] == "failed":
             tqdm.write(f"error: {rec['error']}", file=sys.stderr)
-        records.append(rec)
-    if server is not None:
-        runner.client.close()  # an idle keep-alive connection would hold up the server's shutdown
-    counts = {s: sum(r["status"] == s for r in records) for s in ("ok", "skipped", "failed")}
-    report_path = Path(report) if report else out / REPORT_NAME
-    write_json_atomic(report_path, {
-        "engines": server or str(Path(export_dir).resolve()), "backend": runner.backend.describe(),
-        "backend_plan": getattr(runner, "plan", None) and runner.plan.to_dict(),
-        "precision": runner.precision, "tiling": {"tile": tcfg.tile, "overlap": tcfg.overlap, "batch": tcfg.batch},
-        "color_fix": color_fix, "total_seconds": round(time.perf_counter() - t_all, 3), "summary": counts,
-        "images": records,
-    })
-    say(f"{counts['ok']} upscaled, {counts['skipped']} skipped, {counts['failed']} failed -> {out} "
-        f"(report: {report_path})")
-    if counts["failed"]:
-        raise SystemExit(1)
+        rep.add(rec)
+
+
+def _family_color_fix(export_dir) -> str:
+    """The colour fix upstream applies by default for the export's model family."""
+    if export_dir is None:
+        return "none"
+    from dfosd.core.manifest import ExportDir
+
+    family = ExportDir(export_dir, check="none").family
+    fix = family.get("color_fix", "none")
+    if fix != "none":
+        say(f"colour fix: {fix} ({family.get('name')}'s upstream default; --color-fix none turns it off)")
+    return fix
 
 
 if __name__ == "__main__":  # pragma: no cover

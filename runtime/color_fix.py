@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from dfosd.core.errors import DfosdError
+from dfosd.core.vocab import COLOR_FIXES
 
-COLOR_FIX_METHODS = ("none", "adain", "wavelet")
+COLOR_FIX_METHODS = COLOR_FIXES
 _EPS = 1e-5  # keeps a flat (zero-std) channel from dividing by zero
 
 

@@ -1,4 +1,4 @@
-"""Image files in and out: finding inputs, decoding any common file to uint8 RGB, writing safely.
+"""Image files in and out: decoding any common file to uint8 RGB, writing safely (inputs: ``runtime.inputs``).
 
 The engines only understand uint8 RGB [3,H,W]. Real folders hold more than that:
 grayscale scans, PNGs with transparency, palette images, 16-bit TIFFs, CMYK JPEGs from
@@ -18,12 +18,10 @@ half-written image that a later ``--skip-existing`` run would take for a finishe
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -31,7 +29,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dfosd.core.errors import DfosdError, ImageInputError
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
+# Decoding is refused above this many input pixels (checked from the header, before any
+# pixel is decoded). 25 MP (e.g. 5000x5000) -> a 400 MP x4 output: about 2 GiB at the
+# run's ~88 bytes per input pixel (README, "Limits"); --max-pixels changes it.
+DEFAULT_MAX_PIXELS = 25_000_000
 
 # format name -> (PIL format, file suffix)
 OUTPUT_FORMATS = {"png": ("PNG", ".png"), "jpg": ("JPEG", ".jpg"), "webp": ("WEBP", ".webp")}
@@ -45,80 +46,6 @@ NOTE_16BIT = "16-bit input written as 8-bit"
 class ImageOutputError(DfosdError, OSError):
     """An output that cannot be written as asked. Also an OSError, so callers that report
     write failures per file (and go on) catch it along with disk-full and permission errors."""
-
-
-# ----------------------------------------------------------------------------- finding inputs
-
-def is_image_name(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES
-
-
-def _is_hidden(rel: Path) -> bool:
-    # Skips our own temporary dot-files, macOS "._name.jpg" resource forks, .thumbnails/ ...
-    return any(part.startswith(".") for part in rel.parts)
-
-
-def _scan_folder(folder: Path) -> list[tuple[Path, Path]]:
-    """Image files under ``folder`` (recursive, hidden ones skipped), sorted, with paths relative to it."""
-    found = []
-    for path in folder.rglob("*"):
-        rel = path.relative_to(folder)
-        if is_image_name(path) and not _is_hidden(rel) and path.is_file():
-            found.append((path, rel))
-    return sorted(found, key=lambda pr: pr[1].parts)
-
-
-def _expand_glob(pattern: str) -> list[tuple[Path, Path]]:
-    """Image files matching a glob pattern (``**`` recurses), sorted; outputs use the bare file name."""
-    paths = sorted(Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True))
-    return [(p, Path(p.name)) for p in paths if p.is_file() and is_image_name(p)]
-
-
-def collect_inputs(inputs: Sequence[str]) -> tuple[list[tuple[Path, Path]], list[str]]:
-    """Expand INPUT arguments into (file, relative output path) pairs, plus problem messages.
-
-    * a file: used as given, whatever its suffix (a wrong file should be reported by
-      ``load_image``, not skipped silently); output named after the file;
-    * a folder: its image files, recursively, outputs mirroring its sub-folders;
-    * anything else with glob characters: a pattern; matching image files, by file name.
-
-    Inputs that yield nothing become problems ("no such file or folder: X"). The same
-    file reached twice is kept once. Two different files whose outputs would have the
-    same name (a/x.png and b/x.png given as files, or x.png next to x.jpg) would
-    overwrite each other: the later one is dropped with a problem message.
-    """
-    pairs: list[tuple[Path, Path]] = []
-    problems: list[str] = []
-    seen: set[Path] = set()
-    outputs: dict[Path, Path] = {}  # output name without suffix -> the file that claimed it
-    for raw in inputs:
-        path = Path(raw).expanduser()
-        if path.is_file():
-            found = [(path, Path(path.name))]
-        elif path.is_dir():
-            found = _scan_folder(path)
-            if not found:
-                problems.append(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder: {raw}")
-        elif glob.has_magic(raw):
-            found = _expand_glob(raw)
-            if not found:
-                problems.append(f"no image files match: {raw}")
-        else:
-            found = []
-            problems.append(f"no such file or folder: {raw}")
-        for src, rel in found:
-            key = src.resolve()
-            if key in seen:
-                continue
-            seen.add(key)
-            stem = rel.with_suffix("")
-            if stem in outputs:
-                problems.append(f"{src}: skipped, its output would overwrite that of {outputs[stem]} "
-                                f"(both are {stem}.*)")
-                continue
-            outputs[stem] = src
-            pairs.append((src, rel))
-    return pairs, problems
 
 
 def output_path_for(rel: Path, out_dir: Path, fmt: str) -> Path:
@@ -152,28 +79,67 @@ def _check_file(path: Path) -> None:
         raise ImageInputError(f"{path}: empty file (0 bytes)")
 
 
-def _decode(path: Path) -> tuple[Image.Image, bool, int]:
+@contextlib.contextmanager
+def _own_pixel_limit(active: bool):
+    """Lift PIL's decompression-bomb check while ours (``max_pixels``) applies, so the limit
+    the user set is the one that counts (PIL's refuses 179 MP whatever --max-pixels says).
+    PIL keeps it in a module global: this is not for concurrent threads."""
+    if not active:
+        yield
+        return
+    saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def too_many_pixels(path: Path, width: int, height: int, max_pixels: int) -> ImageInputError:
+    return ImageInputError(
+        f"{path}: {width}x{height} is {width * height / 1e6:.1f} MP, over --max-pixels {max_pixels} "
+        f"({max_pixels / 1e6:g} MP); not decoded",
+        hint=f"pass --max-pixels {width * height} if the machine has the memory (about "
+             f"{width * height * RUN_BYTES_PER_INPUT_PIXEL / 2**30:.1f} GiB), or downscale the image")
+
+
+# Peak bytes per input pixel of a x4 run without colour fix (measured in BENCHMARKS.md: 745 MiB
+# for 3000x3000, i.e. 1.81 x the uint8 output): the output image (4 bytes per output pixel in
+# PIL, 16 output pixels per input pixel), the float band, the decoded input and its tensor.
+RUN_BYTES_PER_INPUT_PIXEL = 88
+
+
+def _decode(path: Path, max_pixels: int | None = None) -> tuple[Image.Image, bool, int]:
     """Open and fully decode; returns the image, whether the data was 16-bit, and the frame count.
 
     ``Image.open`` only reads the header; ``load()`` decodes the pixels, which is where a
-    truncated or corrupt file fails. Doing it here turns that into one clear error.
+    truncated or corrupt file fails. Doing it here turns that into one clear error. The
+    header's size is checked against ``max_pixels`` first: a 166 KB PNG can declare
+    12000x12000 pixels and ask for gigabytes once decoded.
     """
     try:
-        with Image.open(path) as img:
+        with _own_pixel_limit(max_pixels is not None), Image.open(path) as img:
+            if max_pixels is not None and img.size[0] * img.size[1] > max_pixels:
+                raise too_many_pixels(path, *img.size, max_pixels)
             # PIL decodes 16-bit RGB PNGs straight to 8-bit "RGB"; only the raw mode tells.
             was_16bit = any(";16" in str(t.args) for t in img.tile)
-            img.load()
+            img.load()  # a GIF or multi-page TIFF: the first frame
             frames = getattr(img, "n_frames", 1)
             return img.copy(), was_16bit, frames  # a copy: the with-block closes the file
+    except ImageInputError:
+        raise
     except UnidentifiedImageError:
         raise ImageInputError(f"{path}: not an image PIL can read") from None
     except PermissionError as exc:
         raise ImageInputError(f"{path}: cannot read ({exc.strerror})") from None
     except Image.DecompressionBombError as exc:
         raise ImageInputError(f"{path}: too large to decode safely ({exc})") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        # PIL reports bad data as any of these: "image file is truncated", "broken PNG file", ...
-        raise ImageInputError(f"{path}: truncated or corrupt image ({exc})") from None
+    except MemoryError:
+        raise ImageInputError(f"{path}: not enough memory to decode it",
+                              hint="lower --max-pixels to refuse such images up front, or downscale it") from None
+    except Exception as exc:  # noqa: BLE001 - a decoder's error on a bad file is that file's problem
+        # PIL reports bad data as many types: "image file is truncated" (OSError), "broken PNG
+        # file" (SyntaxError), ValueError, EOFError, struct.error from a damaged header, ...
+        raise ImageInputError(f"{path}: truncated or corrupt image ({type(exc).__name__}: {exc})") from None
 
 
 def _apply_orientation(img: Image.Image, notes: list[str]) -> Image.Image:
@@ -181,6 +147,9 @@ def _apply_orientation(img: Image.Image, notes: list[str]) -> Image.Image:
     try:
         orientation = img.getexif().get(0x0112, 1)
         if orientation in (None, 1):
+            return img
+        if orientation not in range(2, 9):  # exif_transpose leaves such an image as it is
+            notes.append(f"EXIF orientation {orientation!r} is not valid (1-8); used as stored")
             return img
         out = ImageOps.exif_transpose(img)
         notes.append(f"EXIF orientation {orientation} applied")
@@ -244,23 +213,26 @@ def _split_channels(img: Image.Image, notes: list[str]) -> tuple[Image.Image, Im
 
 
 def _to_tensor(img: Image.Image) -> torch.Tensor:
-    arr = np.asarray(img, dtype=np.uint8)
-    if arr.ndim == 2:
-        return torch.from_numpy(arr.copy())
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+    arr = np.asarray(img, dtype=np.uint8)  # read-only view of PIL's buffer
+    if arr.ndim == 3:
+        arr = arr.transpose(2, 0, 1)
+    # Always a copy: ascontiguousarray returns the read-only view itself when it is already
+    # contiguous (a 1x1 image), and torch warns about non-writable arrays.
+    return torch.from_numpy(np.array(arr, dtype=np.uint8, order="C", copy=True))
 
 
-def load_image(path: str | Path) -> LoadedImage:
+def load_image(path: str | Path, max_pixels: int | None = None) -> LoadedImage:
     """Read any supported image file as uint8 RGB [3,H,W] (+ alpha, grayscale flag, notes).
 
     EXIF orientation is applied; grayscale (L/LA/1) is replicated to RGB and flagged;
     transparency (RGBA/LA/palette) is kept as a separate alpha plane; 16-bit and float
     data are scaled to 8-bit; CMYK is converted to RGB. Raises ``ImageInputError``
-    (one line naming the file) for missing, empty, unreadable or truncated files.
+    (one line naming the file) for missing, empty, unreadable or truncated files, and for
+    images over ``max_pixels`` (checked from the header, before decoding).
     """
     path = Path(path)
     _check_file(path)
-    img, was_16bit, frames = _decode(path)
+    img, was_16bit, frames = _decode(path, max_pixels)
     notes: list[str] = []
     if was_16bit and img.mode not in _SIXTEEN_BIT_MODES:
         notes.append(NOTE_16BIT)  # PIL already reduced it; say so
@@ -279,29 +251,61 @@ def load_image(path: str | Path) -> LoadedImage:
 
 # ----------------------------------------------------------------------------- writing
 
-def compose_output(sr: torch.Tensor, loaded: LoadedImage, scale: int) -> Image.Image:
-    """Give the uint8 SR output [3,H,W] the input's form: grayscale and/or alpha.
+class OutputCanvas:
+    """The output image in the input's form (grayscale and/or alpha), filled row band by row band.
+
+    ``write_rows(y, band)`` takes uint8 [3, rows, W*scale] output rows as the tiler
+    finishes them, so no output-sized tensor is ever needed: the canvas (PIL's own
+    image, 4 bytes per pixel for RGB/RGBA, 1-2 for grayscale) is the only output-sized
+    buffer of a run. ``finish()`` attaches alpha and the colour profile.
 
     Grayscale inputs come back as "L" (the rounded mean of the three channels: the model
     may add a faint tint, which should not make a grayscale scan colour). Alpha is NOT
     super-resolved -- the model only sees RGB -- it is resized with PIL bicubic to the
-    output size and re-attached (giving "LA" or "RGBA").
+    output size and put into the canvas (which is "LA"/"RGBA" from the start, so
+    attaching it needs no second copy).
     """
+
+    def __init__(self, loaded: LoadedImage, scale: int):
+        h, w = loaded.rgb.shape[1:]
+        self.loaded, self.width, self.height = loaded, w * scale, h * scale
+        mode = "L" if loaded.grayscale else "RGB"
+        if loaded.alpha is not None:
+            mode = "LA" if loaded.grayscale else "RGBA"
+        self.image = Image.new(mode, (self.width, self.height))
+
+    def write_rows(self, y: int, band: torch.Tensor) -> None:
+        if band.dtype != torch.uint8 or band.dim() != 3 or band.shape[0] != 3 or band.shape[2] != self.width \
+                or not 0 <= y <= self.height - band.shape[1]:
+            raise ValueError(f"expected uint8 [3,rows,{self.width}] rows within {self.height} for "
+                             f"{self.loaded.path}, got {band.dtype} {tuple(band.shape)} at row {y}")
+        band = band.contiguous()  # the same reduction kernel as for a whole image: identical bytes
+        if self.loaded.grayscale:
+            gray = torch.round(band.float().mean(0)).clamp(0, 255).to(torch.uint8)
+            part = Image.fromarray(gray.numpy(), "L")
+        else:
+            part = Image.fromarray(np.ascontiguousarray(band.permute(1, 2, 0).numpy()), "RGB")
+        self.image.paste(part, (0, y))  # into LA/RGBA: alpha 255 until finish() sets it
+
+    def finish(self) -> Image.Image:
+        out = self.image
+        if self.loaded.alpha is not None:
+            alpha = Image.fromarray(self.loaded.alpha.numpy(), "L").resize(out.size, Image.Resampling.BICUBIC)
+            out.putalpha(alpha)  # in place: the canvas already has an alpha band
+        if self.loaded.icc_profile:
+            out.info["icc_profile"] = self.loaded.icc_profile
+        return out
+
+
+def compose_output(sr: torch.Tensor, loaded: LoadedImage, scale: int) -> Image.Image:
+    """Give the whole uint8 SR output [3,H,W] the input's form (see ``OutputCanvas``)."""
     h, w = loaded.rgb.shape[1:]
     if sr.dtype != torch.uint8 or tuple(sr.shape) != (3, h * scale, w * scale):
         raise ValueError(f"expected uint8 [3,{h * scale},{w * scale}] for {loaded.path}, "
                          f"got {sr.dtype} {tuple(sr.shape)}")
-    if loaded.grayscale:
-        gray = torch.round(sr.float().mean(0)).clamp(0, 255).to(torch.uint8)
-        out = Image.fromarray(gray.numpy(), "L")
-    else:
-        out = Image.fromarray(np.ascontiguousarray(sr.permute(1, 2, 0).numpy()), "RGB")
-    if loaded.alpha is not None:
-        alpha = Image.fromarray(loaded.alpha.numpy(), "L").resize(out.size, Image.Resampling.BICUBIC)
-        out.putalpha(alpha)  # L -> LA, RGB -> RGBA
-    if loaded.icc_profile:
-        out.info["icc_profile"] = loaded.icc_profile
-    return out
+    canvas = OutputCanvas(loaded, scale)
+    canvas.write_rows(0, sr)
+    return canvas.finish()
 
 
 def _prepare_for_format(image: Image.Image, fmt: str) -> tuple[Image.Image, list[str]]:

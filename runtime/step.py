@@ -14,10 +14,16 @@ import logging
 from pathlib import Path
 from typing import Callable
 
+from dfosd.core.errors import DfosdError
 from dfosd.core.manifest import ExportDir
-from dfosd.core.vocab import COMPONENTS
+from dfosd.core.manifest_check import unrecorded_files
+from dfosd.core.vocab import COMPONENTS, MANIFEST_NAME
 
 log = logging.getLogger(__name__)
+
+
+class NonFiniteOutput(DfosdError):
+    """A part produced NaN or Inf: the image would come out black (or partly), so it fails instead."""
 
 
 class OneStepRunner:
@@ -33,12 +39,26 @@ class OneStepRunner:
         self.manifest = self.export.manifest
         self.batch = int(batch if batch is not None else max(self.export.batches))
         self.entries = self.export.entries(self.batch)
+        self._check_recorded(backend)
         self.contracts = self.export.contracts(self.batch)
         per_part, self.engines, self.plan = self._resolve(backend, say, remeasure)
         for name in COMPONENTS:
             if name not in self.engines:
                 self.engines[name] = per_part[name].load(self.export_dir, self.entries[name], self.contracts[name])
         self._setup(per_part)
+
+    def _check_recorded(self, backend) -> None:
+        """The ONNX files the chosen backends read must have a hash record (the AOTI backend
+        loads packages, recorded in their own manifest)."""
+        from dfosd.runtime.backend_choice import parse_backend_spec
+
+        spec = parse_backend_spec(backend) if isinstance(backend, str) else dict(backend)
+        parts = [p for p in COMPONENTS if (spec.get(p) if isinstance(spec, dict) else spec) != "aoti"]
+        unrecorded = unrecorded_files(self.manifest, [self.entries[p] for p in parts])
+        if unrecorded:
+            raise DfosdError(f"{self.export_dir / MANIFEST_NAME} has no hash record of {', '.join(unrecorded)}: "
+                             "they cannot be checked (was its 'files' list edited?)",
+                             hint="re-run dfosd-export into this directory")
 
     def _resolve(self, backend, say, remeasure):
         """(backend instance per part, engines loaded while choosing, the plan)."""
@@ -172,5 +192,24 @@ class OneStepRunner:
         if b < lr.shape[0]:
             lr[b:].zero_()  # a partial batch: pad, and ignore the padded outputs
         self._run()
+        self._check_finite(b)
         out = self.buffers[self.contracts["decoder"].outputs[0].name]
         return out[:b].to("cpu", copy=True)
+
+    def _check_finite(self, b: int) -> None:
+        """Fail on NaN/Inf at the float part boundaries (latent, denoised latent).
+
+        The decoder's uint8 cast turns NaN into 0, so a non-finite latent (an fp16 overflow
+        in the encoder or UNet of a real checkpoint) would otherwise be saved as a black
+        image with status ok. The boundaries are small (latent-sized), so the check is cheap.
+        NaN arising inside the decoder itself cannot be seen from its uint8 output."""
+        import torch
+
+        for name in ("encoder", "unet"):
+            for spec in self.contracts[name].outputs:
+                buf = self.buffers[spec.name]
+                if buf.is_floating_point() and not bool(torch.isfinite(buf[:b]).all()):
+                    fix = ("re-export with --precision fp32 (an fp16 overflow)" if self.precision != "fp32"
+                           else "check the checkpoint: the weights make this part overflow")
+                    raise NonFiniteOutput(f"the {name} produced NaN or Inf ({spec.name}); the output would be "
+                                          f"black, so it is not written", hint=fix)

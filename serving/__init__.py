@@ -5,6 +5,7 @@
   runtime on images of any size).
 - ``serve``: runs that Python-backend model in a real ``tritonserver`` (the binary PyPI's
   ``nvidia-pytriton`` ships) and stops it cleanly; ``cli`` is ``dfosd-serve``.
+- ``scheduler``: fair tile scheduling across the Python model's pending requests, with deadlines.
 - ``client``: the HTTP/gRPC client behind ``dfosd-trt-run --server``.
 - ``loadgen``: latency/throughput under concurrency.
 - ``cpp/``: a C++ runner (``dfosd_runner``) for AOTInductor packages and TensorRT plans.

@@ -30,11 +30,14 @@ def _ignore_signals(handlers: dict) -> None:
 @click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True)
-@click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on (127.0.0.1: this machine only).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. The server has no authentication: 0.0.0.0 exposes it on every interface.")
 @click.option("--max-batch", type=click.IntRange(1, 1024), default=8, show_default=True,
               help="Most requests the dynamic batcher hands to the model at once.")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(0), default=0.0, show_default=True,
               help="Seconds a request may wait in the queue before it is rejected (0: no limit).")
+@click.option("--request-timeout", "request_timeout_s", type=click.FloatRange(min=0, min_open=True), default=600.0,
+              show_default=True, help="Seconds after which a request that is not done fails (with the reason).")
 @click.option("--max-queue-delay-us", type=click.IntRange(0), default=2000, show_default=True,
               help="How long the batcher waits for more requests to batch.")
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto",
@@ -48,43 +51,53 @@ def _ignore_signals(handlers: dict) -> None:
 @click.option("--repo", type=click.Path(file_okay=False), default=None,
               help="Keep the generated model repository here (default: a temporary folder).")
 @click.option("--startup-timeout", type=click.FloatRange(1), default=300.0, show_default=True)
+@click.option("--exit-timeout", type=click.IntRange(0, 3600), default=15, show_default=True,
+              help="Seconds in-flight requests get to finish when the server stops or restarts.")
+@click.option("--max-restarts", type=click.IntRange(0), default=3, show_default=True,
+              help="Restarts of tritonserver after it or a model's backend process died; then exit 1.")
 @click.option("--log-file", type=click.Path(dir_okay=False), default=None, help="Server log (default: this terminal).")
 @click.option("-v", "--verbose", is_flag=True, help="Verbose server log.")
 @user_errors
-def main(export_dir, http_port, grpc_port, metrics_port, host, max_batch, timeout_s, max_queue_delay_us, backend,
-         tile_batch, overlap, max_pixels, instances, repo, startup_timeout, log_file, verbose):
+def main(export_dir, http_port, grpc_port, metrics_port, host, max_batch, timeout_s, request_timeout_s,
+         max_queue_delay_us, backend,
+         tile_batch, overlap, max_pixels, instances, repo, startup_timeout, exit_timeout, max_restarts, log_file,
+         verbose):
     """Serve the exported engines through Triton Inference Server (HTTP + gRPC).
 
     Clients send one uint8 image per batch entry, [n,H,W,3] (or [n,3,H,W] with request
     parameter layout=CHW), of any size, to model "dfosd" input "lr_image", and get
     "sr_image" x4 back. Health: /v2/health/ready; metrics: :METRICS-PORT/metrics.
-    Ctrl-C or SIGTERM stops the server (in-flight requests finish first).
+    Ctrl-C or SIGTERM stops the server (in-flight requests finish first). If tritonserver or
+    a model's backend process dies, the server is restarted (readiness is down meanwhile), at
+    most --max-restarts times; then dfosd-serve exits with code 1.
     """
     setup_logging(verbose)
     from dfosd.serving.serve import ServeOptions, TritonServer
 
     opts = ServeOptions(export_dir=Path(export_dir), http_port=http_port, grpc_port=grpc_port,
                         metrics_port=metrics_port, host=host, max_batch=max_batch, timeout_s=timeout_s,
+                        request_timeout_s=request_timeout_s,
                         max_queue_delay_us=max_queue_delay_us, backend=backend, tile_batch=tile_batch,
                         overlap=overlap, max_pixels=max_pixels, instances=instances,
                         repo=Path(repo) if repo else None, startup_timeout_s=startup_timeout,
+                        exit_timeout_s=exit_timeout,
                         log_verbose=1 if verbose else 0, log_file=Path(log_file) if log_file else None)
     server = TritonServer(opts)
 
     def stop_handler(signum, frame):
         raise _Stop(signal.Signals(signum).name)
 
-    previous = {s: signal.signal(s, stop_handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, stop_handler) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            say(f"dfosd-serve: listening on {host}: anyone who can reach this address can use the server "
+                "(no authentication)")
         server.start()
         say(f"dfosd-serve: starting tritonserver (pid {server.proc.pid}) on {export_dir} ...")
         server.wait_ready()
         say(f"dfosd-serve: ready  HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}  "
             f"model '{opts.model_name}' (Ctrl-C to stop)")
-        while server.proc is not None and server.proc.poll() is None:
-            time.sleep(0.5)
-        code = server.stop()
-        raise click.ClickException(f"tritonserver exited by itself (exit code {code})")
+        _watch(server, max_restarts)
     except _Stop as why:
         _ignore_signals(previous)
         say(f"dfosd-serve: {why}: stopping tritonserver ...")
@@ -95,6 +108,28 @@ def main(export_dir, http_port, grpc_port, metrics_port, host, max_batch, timeou
         server.stop()
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _watch(server, max_restarts: int) -> None:
+    """Until a signal: restart the server when it cannot serve, at most ``max_restarts`` times.
+
+    Stopping it first takes readiness down at once (its HTTP endpoint closes), so load
+    balancers stop sending requests during the restart."""
+    restarts = 0
+    while True:
+        problem = server.problem()
+        if problem is None:
+            time.sleep(0.5)
+            continue
+        say(f"dfosd-serve: {problem}; stopping tritonserver ...")
+        server.stop()
+        if restarts >= max_restarts:
+            raise click.ClickException(f"{problem}; not restarted (--max-restarts {max_restarts} used up)")
+        restarts += 1
+        say(f"dfosd-serve: restarting tritonserver (restart {restarts} of at most {max_restarts}) ...")
+        server.start()
+        server.wait_ready()
+        say(f"dfosd-serve: ready again  HTTP {server.http_url}")
 
 
 @click.command(name="triton-repo", context_settings={"help_option_names": ["-h", "--help"]})
@@ -117,10 +152,12 @@ def main(export_dir, http_port, grpc_port, metrics_port, host, max_batch, timeou
 @click.option("--max-pixels", type=click.IntRange(1), default=None)
 @click.option("--timeout", "timeout_s", type=click.FloatRange(0), default=0.0, show_default=True,
               help="Python model: queue timeout per request in seconds (0: none).")
+@click.option("--request-timeout", "request_timeout_s", type=click.FloatRange(min=0, min_open=True), default=600.0,
+              show_default=True, help="Python model: seconds after which a request that is not done fails.")
 @click.option("--force", is_flag=True, help="Write into a non-empty folder not made by this command.")
 @user_errors
 def triton_repo_main(export_dir, out_dir, kinds, name, device, python_device, link, backend, tile_batch, overlap,
-                     max_batch, max_pixels, timeout_s, force):
+                     max_batch, max_pixels, timeout_s, request_timeout_s, force):
     """Write a Triton model repository (config.pbtxt + model files) from an export directory."""
     setup_logging(False)
     from dfosd.serving.triton_repo import DEFAULT_MAX_PIXELS, KINDS, RepoOptions, write_repository
@@ -129,6 +166,7 @@ def triton_repo_main(export_dir, out_dir, kinds, name, device, python_device, li
     opts = RepoOptions(name=name, kinds=chosen, device=device, python_device=python_device, link=link,
                        backend=backend, tile_batch=tile_batch, overlap=overlap, max_batch=max_batch,
                        max_pixels=max_pixels or DEFAULT_MAX_PIXELS, queue_timeout_s=timeout_s,
+                       request_timeout_s=request_timeout_s,
                        tensorrt_required=kinds is not None and "tensorrt" in chosen)
     result = write_repository(export_dir, out_dir, opts, force=force)
     for model, what in result.models.items():

@@ -2,9 +2,11 @@
 
 Runs inside Triton's backend stub process (``triton_python_backend_utils`` exists only
 there, hence the imports inside methods). The model directory's ``config.pbtxt``
-parameters say where the engines are and how to tile (see ``triton_repo``); the requests of
-a dynamic batch are served together by ``UpscaleService.upscale_many``, which pools their
-tiles into the engine's tile batches.
+parameters say where the engines are and how to tile (see ``triton_repo``). ``execute``
+hands its requests to a ``FairTileScheduler`` (serving/scheduler.py) and returns at once;
+the scheduler's thread runs tile batches filled round-robin across all pending requests and
+answers each request through its response sender, so a small request is not starved behind
+a big one, and requests time out (``request_timeout_s``) instead of waiting without end.
 
 Tensors cross the stub boundary through DLPack (torch), never through
 ``pb_utils.Tensor(name, ndarray)`` / ``as_numpy()``: the stub that PyPI's
@@ -24,7 +26,9 @@ import traceback
 from pathlib import Path
 
 from dfosd.core.vocab import IMAGE_IN, IMAGE_OUT
-from dfosd.serving.upscale_service import RequestError, UpscaleRequest, UpscaleService, parse_overlap
+from dfosd.serving.scheduler import DEFAULT_TIMEOUT_S, FairTileScheduler, RequestTimeout
+from dfosd.serving.upscale_service import (RequestError, UpscaleRequest, UpscaleService, parse_overlap,
+                                            parse_parameters)
 
 
 def config_parameters(model_config: dict) -> dict[str, str]:
@@ -63,8 +67,11 @@ class TritonPythonModel:
             max_pixels=int(params.get("max_pixels", "1048576")),
             say=lambda m: self.log.log_info(f"dfosd: {m}"))
         runner = self.service.runner
+        timeout_s = float(params.get("request_timeout_s") or DEFAULT_TIMEOUT_S)
+        self.scheduler = FairTileScheduler(self.service, timeout_s=timeout_s).start()
         self.log.log_info(f"dfosd: serving {runner.export_dir} ({runner.backend.describe()}, {runner.precision}, "
-                          f"tile {runner.tile}, tile batch {runner.batch})")
+                          f"tile {runner.tile}, tile batch {runner.batch}; tiles scheduled fairly across requests, "
+                          f"request timeout {timeout_s:g} s)")
 
     def _inputs(self, request) -> UpscaleRequest:
         import torch
@@ -73,9 +80,10 @@ class TritonPythonModel:
         tensor = pb_utils.get_input_tensor_by_name(request, IMAGE_IN)
         if tensor is None:
             raise RequestError(f"the request has no input named {IMAGE_IN}")
-        images = torch.from_dlpack(tensor.to_dlpack())
+        # A copy: the request's memory is not ours once execute() has returned (the tiles run later).
+        images = torch.from_dlpack(tensor.to_dlpack()).clone()
         raw = request.parameters() if hasattr(request, "parameters") else "{}"
-        params = json.loads(raw or "{}")
+        params = parse_parameters(raw)
         return UpscaleRequest(images, params.get("layout"),
                               parse_overlap(params.get("overlap"), self.service.default_tiling.overlap))
 
@@ -83,6 +91,8 @@ class TritonPythonModel:
         import triton_python_backend_utils as pb_utils
         from torch.utils.dlpack import to_dlpack
 
+        if isinstance(result, RequestTimeout):  # not the client's fault: UNAVAILABLE
+            return pb_utils.InferenceResponse(error=_triton_error(pb_utils, str(result), "UNAVAILABLE"))
         if isinstance(result, RequestError):  # the client's fault: INVALID_ARG (HTTP 400), not INTERNAL (500)
             return pb_utils.InferenceResponse(error=_triton_error(pb_utils, str(result), "INVALID_ARG"))
         if isinstance(result, BaseException):  # a bug: answer this request, keep serving, log the traceback
@@ -92,28 +102,30 @@ class TritonPythonModel:
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor.from_dlpack(IMAGE_OUT, to_dlpack(result))])
 
     def execute(self, requests):
-        # All the requests of a dynamic batch at once: their tiles share the runner's tile batches
-        # (one instance runs one execute at a time: the runner's buffers are static).
-        results: list = [None] * len(requests)
-        todo = {}
-        for r, request in enumerate(requests):
+        # Hand the requests to the scheduler and return at once (None): each gets its one final
+        # response through its response sender when its last tile is blended, and Triton can hand
+        # this instance the next requests meanwhile, so their tiles share the runner fairly with
+        # the ones already running (serving/scheduler.py).
+        import triton_python_backend_utils as pb_utils
+
+        for request in requests:
+            sender = request.get_response_sender()
+
+            def done(result, sender=sender):
+                try:
+                    response = self._response(result)
+                except Exception as exc:  # noqa: BLE001 - e.g. the output could not be handed over
+                    response = self._response(exc)
+                sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
             try:
-                todo[r] = self._inputs(request)
+                upscale_request = self._inputs(request)
             except Exception as exc:  # noqa: BLE001 - a bad request fails alone
-                results[r] = exc
-        try:
-            for r, result in zip(todo, self.service.upscale_many(list(todo.values()))):
-                results[r] = result
-        except Exception as exc:  # noqa: BLE001 - a bug outside any one request: answer them all
-            for r in todo:
-                results[r] = exc
-        responses = []
-        for result in results:
-            try:
-                responses.append(self._response(result))
-            except Exception as exc:  # noqa: BLE001 - e.g. the output could not be handed over
-                responses.append(self._response(exc))
-        return responses
+                done(exc)
+                continue
+            self.scheduler.submit(upscale_request, done)
+        return None
 
     def finalize(self):
+        self.scheduler.close()
         self.service = None

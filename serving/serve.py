@@ -19,12 +19,22 @@ Process handling:
   that Ctrl-C in a terminal reaches us (not it) and we can shut it down in order: SIGTERM,
   wait for in-flight requests (``exit_timeout``), then SIGKILL whatever is left of the
   group (the backend stubs are its children). A killed ``dfosd-serve`` takes the server
-  with it.
+  and its stubs with it (``SUPERVISOR``);
+- the work folder (repository, backend links) is a fresh temp folder with an owner file
+  (pid + process start time). ``kill -9`` leaves it behind, so each start removes the
+  folders whose owner is gone: what dfosd-serve writes does not pile up, and a folder
+  without our owner file is never touched. ``--repo DIR`` writes the repository there
+  only when ``DIR`` is new, empty or an earlier dfosd repository, and never replaces a
+  model folder dfosd did not write;
+- a backend stub that dies (killed, out of memory) leaves tritonserver answering "ready"
+  while every request fails, so ``stub_problem`` watches the stubs' pids and the caller
+  restarts the server (``dfosd-serve --max-restarts``) or exits non-zero.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -119,6 +129,58 @@ def venv_site_dirs() -> tuple[str, ...]:
     return tuple(d for d in site.getsitepackages() if own in Path(d).resolve().parents)
 
 
+def pythonpath_dirs() -> tuple[str, ...]:
+    """This process's PYTHONPATH, absolute: the stub's embedded Python does not read the variable
+    (observed: a PYTHONPATH checkout of dfosd was ignored and the installed one served)."""
+    return tuple(str(Path(d).resolve()) for d in os.environ.get("PYTHONPATH", "").split(os.pathsep) if d)
+
+
+# tritonserver runs under this small supervisor (``python -c``, no imports beyond the standard
+# library), the leader of their process group. Why: a backend stub is tritonserver's child, and
+# when tritonserver exits during a model load (SIGTERM from a killed dfosd-serve), the stub was
+# left running for good (observed, with the model in its memory). The supervisor forwards
+# SIGTERM/SIGINT to tritonserver, kills it if it is not gone ``exit_timeout + 30`` s later, and
+# once it is gone, for whatever reason, kills what is left of the group; it exits with
+# tritonserver's exit code. Both get a parent-death signal, so a SIGKILL of dfosd-serve (or of the
+# supervisor) still ends the whole group.
+SUPERVISOR = r"""
+import ctypes, os, signal, subprocess, sys, time
+def pdeathsig():
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except Exception:
+        pass
+grace = float(sys.argv[1])
+server = subprocess.Popen(sys.argv[2:], preexec_fn=pdeathsig)
+deadline = []
+def forward(signum, frame):
+    if not deadline:
+        deadline.append(time.monotonic() + grace)
+    try:
+        server.send_signal(signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+signal.signal(signal.SIGTERM, forward)
+signal.signal(signal.SIGINT, forward)
+signal.signal(signal.SIGHUP, forward)
+while server.poll() is None:
+    if deadline and time.monotonic() > deadline[0]:
+        server.kill()
+    time.sleep(0.1)
+me, group = os.getpid(), os.getpgrp()
+for entry in os.listdir("/proc"):
+    if entry.isdigit() and int(entry) != me:
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[2]) == group:
+                os.kill(int(entry), signal.SIGKILL)
+        except (OSError, ValueError, IndexError):
+            pass
+sys.exit(server.returncode if server.returncode >= 0 else 128 - server.returncode)
+"""
+
+
 def _set_parent_death_signal() -> None:
     """In the child before exec: get SIGTERM when the parent dies (Linux prctl)."""
     try:
@@ -151,9 +213,10 @@ class ServeOptions:
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"          # no authentication: all interfaces only when asked (--host 0.0.0.0)
     max_batch: int = 8
     timeout_s: float = 0.0          # queue timeout per request (0: none)
+    request_timeout_s: float = 600.0  # the model fails a request not done this long after it arrived
     max_queue_delay_us: int = 2000
     backend: str = "auto"
     tile_batch: int | None = None
@@ -169,6 +232,46 @@ class ServeOptions:
     extra_args: list[str] = field(default_factory=list)
 
 
+WORK_PREFIX = "dfosd-serve-"
+OWNER_FILE = "dfosd-serve-owner.json"
+
+
+def process_start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (field 22 of /proc/pid/stat), None if it is gone or a zombie.
+    With the pid it names one process: a pid reused by another process has another start time."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == "Z" else fields[19]
+
+
+def make_work_dir(parent: Path | None = None) -> Path:
+    work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX, dir=parent))
+    owner = {"pid": os.getpid(), "start_time": process_start_time(os.getpid())}
+    (work / OWNER_FILE).write_text(json.dumps(owner) + "\n")
+    return work
+
+
+def sweep_stale_work_dirs(parent: Path | None = None) -> list[Path]:
+    """Remove the work folders of dfosd-serve processes that no longer run (killed with SIGKILL).
+
+    Only folders named ``dfosd-serve-*`` holding our owner file are candidates; a folder whose
+    owner file is unreadable, or whose owner still runs, stays."""
+    removed = []
+    for work in Path(parent or tempfile.gettempdir()).glob(WORK_PREFIX + "*"):
+        try:
+            owner = json.loads((work / OWNER_FILE).read_text())
+            pid, started = int(owner["pid"]), owner["start_time"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if started is not None and process_start_time(pid) == started:
+            continue  # its dfosd-serve still runs
+        shutil.rmtree(work, ignore_errors=True)
+        removed.append(work)
+    return removed
+
+
 class TritonServer:
     """One tritonserver process serving dfosd's Python model; use as a context manager."""
 
@@ -177,8 +280,9 @@ class TritonServer:
         self.dist = find_tritonserver()
         self.proc: subprocess.Popen | None = None
         self._work: Path | None = None
-        self._own_work = False
         self._log_handle = None
+        self._stubs: dict[int, str | None] = {}  # tritonserver and backend stub pids -> start time, once ready
+        self._names: dict[int, str] = {}
 
     # -- setup
 
@@ -192,8 +296,9 @@ class TritonServer:
         write_repository(o.export_dir, repo, RepoOptions(
             name=o.model_name, kinds=("python",), link="symlink", backend=o.backend, tile_batch=o.tile_batch,
             overlap=o.overlap, max_batch=o.max_batch, max_queue_delay_us=o.max_queue_delay_us,
-            queue_timeout_s=o.timeout_s, max_pixels=o.max_pixels or DEFAULT_MAX_PIXELS, instances=o.instances,
-            python_device=kind, site_dirs=venv_site_dirs()), force=o.repo is not None)
+            queue_timeout_s=o.timeout_s, request_timeout_s=o.request_timeout_s,
+            max_pixels=o.max_pixels or DEFAULT_MAX_PIXELS, instances=o.instances,
+            python_device=kind, site_dirs=venv_site_dirs(), path_dirs=pythonpath_dirs()))
         return repo
 
     def _backend_dir(self, work: Path) -> Path:
@@ -243,12 +348,10 @@ class TritonServer:
         return self.http_url.rsplit(":", 1)[0] + f":{self.opts.metrics_port}/metrics"
 
     def start(self) -> "TritonServer":
-        if self.opts.repo is None:
-            self._work = Path(tempfile.mkdtemp(prefix="dfosd-serve-"))
-            self._own_work = True
-        else:
-            self._work = Path(self.opts.repo).parent / f".{Path(self.opts.repo).name}.dfosd-serve"
-            self._work.mkdir(parents=True, exist_ok=True)
+        for stale in sweep_stale_work_dirs():
+            log.info("removed %s, left by a dfosd-serve that was killed", stale)
+        self._work = make_work_dir()
+        self._stubs = {}
         try:
             repo = self._write_repository(self._work)
             backends = self._backend_dir(self._work)
@@ -258,9 +361,10 @@ class TritonServer:
                 self._log_handle = open(self.opts.log_file, "ab")
                 out = self._log_handle
             log.info("starting %s", " ".join(cmd))
-            self.proc = subprocess.Popen(cmd, env=server_env(self.dist), stdout=out, stderr=subprocess.STDOUT if out
-                                         else None, stdin=subprocess.DEVNULL, start_new_session=True,
-                                         preexec_fn=_set_parent_death_signal)
+            supervised = [sys.executable, "-c", SUPERVISOR, str(self.opts.exit_timeout_s + 30), *cmd]
+            self.proc = subprocess.Popen(supervised, env=server_env(self.dist), stdout=out,
+                                         stderr=subprocess.STDOUT if out else None, stdin=subprocess.DEVNULL,
+                                         start_new_session=True, preexec_fn=_set_parent_death_signal)
         except BaseException:
             self.stop()
             raise
@@ -286,6 +390,10 @@ class TritonServer:
                 raise DfosdError(f"tritonserver exited during start-up (exit code {code}):\n{self._log_tail()}",
                                  hint="check the engines directory and the model's log lines above")
             if http_status(url) == 200:
+                # tritonserver and its backend stubs (the supervisor is self.proc, watched by poll())
+                self._stubs = {pid: process_start_time(pid) for pid in self.pids() if pid != self.proc.pid}
+                self._names = {pid: ("the model's backend stub" if _comm(pid).startswith("triton_python")
+                                     else "tritonserver") for pid in self._stubs}
                 return
             time.sleep(0.25)
         self.stop()
@@ -296,6 +404,21 @@ class TritonServer:
         """tritonserver and everything in its process group (the backend stubs)."""
         return [] if self.proc is None else group_pids(self.proc.pid)
 
+    def problem(self) -> str | None:
+        """Why the server cannot serve any more (None: it can, as far as we can see).
+
+        tritonserver exited, or a backend stub seen at start-up is gone: Triton keeps answering
+        ready after a stub dies (observed: 82 s of 500s, tritonserver 2.51), so its health
+        endpoints cannot tell."""
+        if self.proc is None:
+            return "tritonserver is not running"
+        if self.proc.poll() is not None:
+            return f"tritonserver exited by itself (exit code {self.proc.returncode})"
+        for pid, started in self._stubs.items():
+            if process_start_time(pid) != started:
+                return f"{self._names.get(pid, 'a server process')} (pid {pid}) died"
+        return None
+
     def stop(self) -> int | None:
         """SIGTERM, wait for the graceful exit, then SIGKILL the group's leftovers. Idempotent."""
         code = None
@@ -304,7 +427,7 @@ class TritonServer:
             if self.proc.poll() is None:
                 try:
                     self.proc.send_signal(signal.SIGTERM)
-                    self.proc.wait(timeout=self.opts.exit_timeout_s + 15)
+                    self.proc.wait(timeout=self.opts.exit_timeout_s + 45)  # the supervisor waits +30 s
                 except subprocess.TimeoutExpired:
                     self.proc.kill()
                     self.proc.wait(timeout=15)
@@ -322,7 +445,7 @@ class TritonServer:
         if self._log_handle is not None:
             self._log_handle.close()
             self._log_handle = None
-        if self._work is not None and self._own_work:
+        if self._work is not None:
             shutil.rmtree(self._work, ignore_errors=True)
             self._work = None
         return code
@@ -344,6 +467,14 @@ def http_status(url: str, timeout: float = 2.0) -> int | None:
         return exc.code
     except (OSError, ValueError):
         return None
+
+
+def _comm(pid: int) -> str:
+    """The executable name of ``pid`` (truncated to 15 characters by the kernel), '' if gone."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def _cuda_visible() -> bool:

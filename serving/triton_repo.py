@@ -33,8 +33,9 @@ from typing import Any
 
 from dfosd.core.contracts import ComponentContract
 from dfosd.core.errors import DfosdError, problems_error
-from dfosd.core.manifest import ExportDir, changed_files
+from dfosd.core.manifest import ExportDir, changed_files, write_text_atomic
 from dfosd.core.vocab import COMPONENTS, IMAGE_IN, IMAGE_OUT, MANIFEST_NAME, plan_manifest_name, plan_name
+from dfosd.core.vocab import stem as part_stem
 from dfosd.serving.pbtxt import Enum, Map, to_pbtxt
 
 DATA_TYPES = {"uint8": "TYPE_UINT8", "float16": "TYPE_FP16", "float32": "TYPE_FP32"}
@@ -58,12 +59,14 @@ class RepoOptions:
     overlap: int | None = None      # default: tile / 4
     max_batch: int = 8              # requests per execute() call (Triton's dynamic batcher)
     max_queue_delay_us: int = 2000
-    queue_timeout_s: float = 0.0    # 0: a request may wait in the queue indefinitely
+    queue_timeout_s: float = 0.0    # 0: a request may wait in Triton's queue indefinitely (it is short: see scheduler)
+    request_timeout_s: float = 600.0  # the Python model fails a request not done this long after it arrived
     max_pixels: int = DEFAULT_MAX_PIXELS
     instances: int = 1
     python_device: str = "cpu"      # instance kind of the Python model (GPU: one instance per GPU)
     tensorrt_required: bool = False  # set when --kinds names tensorrt explicitly
     site_dirs: tuple[str, ...] = ()  # extra site folders model.py adds (dfosd-serve from a venv)
+    path_dirs: tuple[str, ...] = ()  # folders model.py puts first on sys.path (dfosd-serve's PYTHONPATH)
 
     def __post_init__(self):
         problems = []
@@ -82,6 +85,8 @@ class RepoOptions:
             problems.append(f"--max-pixels {self.max_pixels}: must be >= 1")
         if self.instances < 1:
             problems.append(f"--instances {self.instances}: must be >= 1")
+        if self.request_timeout_s <= 0:
+            problems.append(f"--request-timeout {self.request_timeout_s}: must be > 0")
         if self.queue_timeout_s < 0:
             problems.append(f"--timeout {self.queue_timeout_s}: must be >= 0 (0: no limit)")
         if problems:
@@ -172,7 +177,8 @@ def python_model_parameters(manifest: dict, opts: RepoOptions, tile_batch: int) 
     return {"engines": "engines", "backend": opts.backend, "tile_batch": str(tile_batch),
             "overlap": str(overlap), "max_pixels": str(opts.max_pixels), "tile": str(tile),
             "scale": str(int(manifest["upscale"])), "precision": str(manifest.get("precision", "")),
-            "export_build_key": str(manifest.get("build_key", ""))}
+            "export_build_key": str(manifest.get("build_key", "")),
+            "request_timeout_s": f"{opts.request_timeout_s:g}"}
 
 
 def python_config(model: str, params: dict[str, str], opts: RepoOptions) -> dict:
@@ -208,11 +214,13 @@ from dfosd.serving.python_model import TritonPythonModel  # noqa: F401,E402
 '''
 
 
-def model_py(site_dirs: tuple[str, ...]) -> str:
+def model_py(site_dirs: tuple[str, ...], path_dirs: tuple[str, ...] = ()) -> str:
     site = ""
     if site_dirs:
         site = ("\nimport site\n\nfor _d in " + repr(list(site_dirs)) + ":  # the venv dfosd-serve ran from\n"
                 "    site.addsitedir(_d)\n")
+    if path_dirs:  # the backend stub's embedded Python ignores PYTHONPATH (observed): pass it on
+        site += "\nimport sys\n\nsys.path[:0] = " + repr(list(path_dirs)) + "  # dfosd-serve's PYTHONPATH\n"
     return MODEL_PY.format(site=site)
 
 
@@ -254,12 +262,39 @@ def write_model(repo: Path, model: str, config: dict, files: dict[str, Path], li
         (folder / VERSION / name).write_text(text)
 
 
-def prepare_repo_dir(repo: Path, force: bool) -> None:
+def models_written_before(repo: Path) -> set[str]:
+    """The model folders an earlier run of this writer put in ``repo`` (its marker), else none."""
+    try:
+        return set(json.loads((repo / MARKER).read_text()).get("models", {}))
+    except (OSError, ValueError, AttributeError):
+        return set()
+
+
+def planned_models(by_batch: dict[int, dict], opts: RepoOptions) -> set[str]:
+    """Every model folder this run may write (TensorRT ones included whether or not plans exist)."""
+    names = {opts.name} if "python" in opts.kinds else set()
+    for batch in by_batch:
+        for kind, suffix in (("onnx", ""), ("tensorrt", "_trt")):
+            if kind in opts.kinds:
+                names |= {f"{opts.name}_{part_stem(part, batch)}{suffix}" for part in COMPONENTS}
+                names.add(f"{opts.name}_tiles_b{batch}{suffix}")
+    return names
+
+
+def prepare_repo_dir(repo: Path, force: bool, planned: set[str] = frozenset()) -> None:
+    """Refuse before writing anything: a non-empty folder we did not write (unless ``force``: then we
+    only add to it), and, always, a model folder of the same name that an earlier run did not write
+    (a user's folder is never deleted, with or without ``force``)."""
     if repo.exists() and not repo.is_dir():
         raise DfosdError(f"{repo} exists and is not a directory")
     if repo.is_dir() and any(repo.iterdir()) and not (repo / MARKER).is_file() and not force:
-        raise DfosdError(f"{repo} is not empty and was not written by dfosd triton-repo",
+        raise DfosdError(f"{repo} is not empty and was not written by dfosd triton-repo or dfosd-serve",
                          hint="choose an empty or new folder, or pass --force to add our models to it")
+    ours = models_written_before(repo)
+    clash = sorted(m for m in planned if (repo / m).exists() and m not in ours)
+    if clash:
+        raise DfosdError(f"{repo} already holds {', '.join(clash)}, which dfosd did not write; "
+                         "it would be replaced", hint="move it away, choose another --name, or another folder")
     repo.mkdir(parents=True, exist_ok=True)
 
 
@@ -325,7 +360,12 @@ def write_repository(export_dir: str | Path, repo_dir: str | Path, opts: RepoOpt
         raise DfosdError(f"{export_dir}/{MANIFEST_NAME} lists no complete set of encoder/unet/decoder parts",
                          hint="re-run dfosd-export into this directory")
     repo = Path(repo_dir)
-    prepare_repo_dir(repo, force)
+    planned = planned_models(by_batch, opts)
+    prepare_repo_dir(repo, force, planned)
+    written_before = models_written_before(repo)
+    # Claim the folders first: a run cut short leaves folders the next run may still replace.
+    write_text_atomic(repo / MARKER, json.dumps({"engines": str(export_dir.resolve()), "models": {
+        m: "being written" for m in sorted(written_before | planned)}}, indent=2) + "\n")
     result = RepoResult(repo)
     n = opts.name
 
@@ -363,10 +403,14 @@ def write_repository(export_dir: str | Path, repo_dir: str | Path, opts: RepoOpt
                              hint=f"pass --tile-batch {max(by_batch)}, or re-export with --batch {tile_batch}")
         params = python_model_parameters(manifest, opts, tile_batch)
         files = {f"engines/{p.name}": p for p in export_files(export_dir)}
-        write_model(repo, n, python_config(n, params, opts), files, opts.link, {"model.py": model_py(opts.site_dirs)})
+        write_model(repo, n, python_config(n, params, opts), files, opts.link,
+                    {"model.py": model_py(opts.site_dirs, opts.path_dirs)})
         result.models[n] = (f"python backend: dfosd runtime ({opts.backend}), any image size, tile batch "
                             f"{tile_batch}, up to {opts.max_batch} requests per batch")
 
-    (repo / MARKER).write_text(json.dumps({"engines": str(export_dir.resolve()), "models": result.models},
-                                          indent=2) + "\n")
+    # Keep listing what earlier runs wrote (and is still there): a later run may replace those too.
+    models = {m: "written by an earlier run" for m in sorted(written_before) if (repo / m).is_dir()}
+    models.update(result.models)
+    write_text_atomic(repo / MARKER, json.dumps({"engines": str(export_dir.resolve()), "models": models},
+                                                indent=2) + "\n")
     return result

@@ -18,6 +18,10 @@ from dfosd.core.errors import DfosdError
 LAYOUTS = ("HWC", "CHW")
 
 
+def json_text(value) -> str:
+    return {True: "true", False: "false"}.get(value, repr(value)) if isinstance(value, bool) else repr(value)
+
+
 class RequestError(DfosdError):
     """A request this model cannot serve (its client gets the message; the server goes on)."""
 
@@ -28,15 +32,35 @@ class ServiceLimits:
 
 
 def parse_layout(value) -> str:
-    layout = "HWC" if value in (None, "") else str(value).upper()
+    if value is not None and not isinstance(value, str):
+        raise RequestError(f"parameter layout={json_text(value)}: use HWC or CHW (a string)")
+    layout = "HWC" if value in (None, "") else value.upper()
     if layout not in LAYOUTS:
         raise RequestError(f"parameter layout={value!r}: use HWC or CHW")
     return layout
 
 
+def parse_parameters(raw) -> dict:
+    """A request's parameters (Triton hands them over as a JSON object in text): anything that is not
+    a JSON object is the client's fault (400), never an internal error."""
+    import json
+
+    if raw in (None, ""):
+        return {}
+    try:
+        params = json.loads(raw)
+    except (TypeError, ValueError) as exc:
+        raise RequestError(f"the request parameters are not valid JSON ({exc})") from None
+    if not isinstance(params, dict):
+        raise RequestError(f"the request parameters must be a JSON object, got {type(params).__name__}")
+    return params
+
+
 def parse_overlap(value, default: int) -> int:
     if value in (None, ""):
         return default
+    if isinstance(value, bool):  # JSON true would pass int(); it is not a pixel count
+        raise RequestError(f"parameter overlap={json_text(value)} is not an integer")
     try:
         overlap = int(value)
     except (TypeError, ValueError):

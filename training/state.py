@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from dfosd.core.errors import DfosdError, problems_error
+from dfosd.core.manifest import umask_file_mode
 
 STATE_FORMAT = "dfosd-train-state/1"
 STATE_DIR = "states"
@@ -94,6 +95,7 @@ def save_state(path: Path, state: dict[str, Any], *, keep: int | None = None) ->
     os.close(fd)
     try:
         torch.save({"format": STATE_FORMAT, **state}, tmp)
+        os.chmod(tmp, umask_file_mode())  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -60,7 +60,7 @@ def test_every_problem_is_listed_at_once(tiny_base, tmp_path):
     with pytest.raises(DfosdError) as exc:
         validate_checkpoint(read_checkpoint(path), tiny_base)
     msg = str(exc.value)
-    assert "do not fit the base" in msg and "no such module" in msg and "but no lora_B" in msg
+    assert "do not fit the base" in msg and "no such module" in msg and "has lora_A but no lora_B" in msg
     assert "cross_attention_dim is 32" in msg and str(path) in msg
     assert "4 problem(s)" in msg
 
@@ -123,3 +123,70 @@ def test_merge_matches_peft_forward(tiny_base):
         base_out = tiny_base.unet(z, 999, encoder_hidden_states=emb).sample
     assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
     assert (a - base_out).abs().max() > 1e-3, "the LoRA must change the UNet"
+
+
+# ----------------------------------------------------------------------------- issue 12: non-finite, umask
+
+def test_nan_lora_alpha_in_metadata_is_refused(tiny_base, tmp_path):
+    lora, emb = random_lora(tiny_base, rank=4)
+    path = write_checkpoint(tmp_path / "a.safetensors", lora=lora, text_embedding=emb, metadata=_meta())
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    for bad in ("nan", "inf", "-inf"):  # "nan" passed "alpha <= 0"
+        save_file(tensors, str(path), metadata={**meta, "lora_alpha": bad})
+        with pytest.raises(DfosdError, match=r"lora_alpha .* must be a finite number > 0"):
+            read_checkpoint(path)
+    with pytest.raises(DfosdError, match="finite"):
+        _meta(lora_alpha=float("nan"))
+
+
+def test_non_finite_tensors_are_refused_by_name(tiny_base, tmp_path):
+    lora, emb = random_lora(tiny_base, rank=4)
+    names = sorted(k for k in lora if k.endswith("to_q.lora_B.weight"))[:2]
+    lora[names[0]][0, 0] = float("nan")
+    lora[names[1]][1, 1] = float("inf")
+    emb[0, 0, 0] = float("-inf")
+    path = write_checkpoint(tmp_path / "nan.safetensors", lora=lora, text_embedding=emb, metadata=_meta())
+    with pytest.raises(DfosdError) as exc:
+        read_checkpoint(path)
+    msg = str(exc.value)
+    assert "3 tensor(s) hold NaN or Inf values" in msg and "text_embedding" in msg
+    assert all(f"unet.{n}" in msg for n in names)
+
+
+def test_merge_refuses_a_weight_that_overflows(tiny_base):
+    import copy
+
+    from dfosd.core.checkpoint import DfosdCheckpoint
+
+    lora, emb = random_lora(tiny_base, rank=4)
+    name = sorted(k for k in lora if k.endswith("to_k.lora_A.weight"))[0]
+    lora[name] = torch.full_like(lora[name], 1e30)  # finite factors, B @ A beyond float32
+    lora[name.replace("lora_A", "lora_B")] = torch.full_like(lora[name.replace("lora_A", "lora_B")], 1e30)
+    ck = DfosdCheckpoint(lora=lora, text_embedding=emb, metadata=_meta())
+    with pytest.raises(DfosdError) as exc:
+        merge_lora(copy.deepcopy(tiny_base.unet), ck)
+    module = name[: -len(".lora_A.weight")]
+    assert f"NaN or Inf in 1 UNet weight(s): {module}.weight" in str(exc.value)
+
+
+def test_files_get_the_users_umask(tiny_base, tmp_path):
+    import os
+
+    from dfosd.core.manifest import write_json_atomic
+    from dfosd.training.state import save_state
+
+    lora, emb = random_lora(tiny_base, rank=4)
+    for mask, mode in ((0o022, 0o644), (0o002, 0o664), (0o077, 0o600)):
+        old = os.umask(mask)
+        try:
+            written = [write_checkpoint(tmp_path / f"l{mask}.safetensors", lora=lora, text_embedding=emb,
+                                        metadata=_meta()),
+                       save_state(tmp_path / f"s{mask}" / "state.pt", {"step": 1}),  # training resume state
+                       tmp_path / f"m{mask}.json"]
+            write_json_atomic(written[-1], {})
+        finally:
+            os.umask(old)
+        assert [p.stat().st_mode & 0o777 for p in written] == [mode] * 3, oct(mask)

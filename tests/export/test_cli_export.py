@@ -22,10 +22,28 @@ def test_export_then_reuse(tiny_ckpt, tmp_path):
     assert r2.exit_code == 0 and "reusing" in r2.output
 
 
-def test_group_runs_export(tiny_ckpt, tmp_path):
+def test_group_runs_export_with_precision_auto(tiny_ckpt, tmp_path):
+    """Issue 12.15: no --precision: auto picks what the chosen backend runs fast and says why
+    (fp32 for ONNX Runtime on a CPU, fp16 on CUDA)."""
+    from dfosd.engines.base import select_backend
+
+    backend_cls, _ = select_backend("auto")
+    device = backend_cls().device if backend_cls.name != "tensorrt" else "cuda"
+    want = "fp16" if device == "cuda" else "fp32"
     r = CliRunner().invoke(dfosd_main, ["export", "--ckpt", str(tiny_ckpt), "--tile", str(TILE), "--out",
-                                        str(tmp_path / "e"), "--precision", "fp32"])
+                                        str(tmp_path / "e")])
     assert r.exit_code == 0, r.output
+    assert f"precision auto: {want}, because {backend_cls.name} runs on" in r.output
+    assert json.loads((tmp_path / "e" / "manifest.json").read_text())["precision"] == want
+
+
+def test_auto_precision_per_backend():
+    from dfosd.engines.base import auto_precision, backend_class
+
+    assert auto_precision(backend_class("tensorrt"))[0] == "fp16"  # the class imports without TensorRT
+    ort = backend_class("onnxruntime")
+    precision, why = auto_precision(ort)
+    assert (precision, "CPU" in why) == (("fp32", True) if ort().device == "cpu" else ("fp16", False))
 
 
 def test_missing_checkpoint_is_one_clear_line(tmp_path):

@@ -30,7 +30,7 @@ def mixed_folder(tmp_path):
     _photo((32, 32), "RGBA").save(src / "alpha.png")
     (src / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(200)))
     (src / "empty.jpg").write_bytes(b"")
-    (src / "notes.txt").write_text("not an image")  # not an image name: ignored in a folder
+    (src / "notes.txt").write_text("not an image")  # not an image name: skipped and named
     return src
 
 
@@ -45,7 +45,8 @@ def test_mixed_folder_goes_on_past_bad_files_and_exits_1(tiny_export_fp32, mixed
     assert "Traceback" not in r.output
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 2 and any("corrupt.png" in e for e in errors) and any("empty.jpg" in e for e in errors)
-    assert "3 upscaled, 0 skipped, 2 failed" in r.stderr
+    assert "3 upscaled, 1 skipped, 2 failed" in r.stderr
+    assert "skipped 1 file(s) that are not inputs: notes.txt" in r.stderr
     assert Image.open(out / "wide.png").size == (160, 96)
     gray = Image.open(out / "sub" / "gray.png")  # sub-folders mirrored, grayscale stays grayscale
     assert gray.mode == "L" and gray.size == (80, 80)
@@ -54,10 +55,12 @@ def test_mixed_folder_goes_on_past_bad_files_and_exits_1(tiny_export_fp32, mixed
     assert sorted(p.name for p in out.rglob("*")) == ["alpha.png", "dfosd-report.json", "gray.png", "sub",
                                                        "wide.png"]  # no temp or partial files
     report = json.loads((out / "dfosd-report.json").read_text())
-    assert report["summary"] == {"ok": 3, "skipped": 0, "failed": 2}
+    assert report["state"] == "complete"
+    assert report["summary"] == {"ok": 3, "skipped": 1, "failed": 2, "interrupted": 0, "not_started": 0}
     by_name = {r["input"].rsplit("/", 1)[-1]: r for r in report["images"]}
     assert by_name["corrupt.png"]["status"] == "failed" and "corrupt.png" in by_name["corrupt.png"]["error"]
     assert all(by_name[n]["status"] == "ok" and by_name[n]["seconds"] >= 0 for n in ("wide.png", "gray.png"))
+    assert by_name["notes.txt"]["status"] == "skipped" and "not an image" in by_name["notes.txt"]["reason"]
     assert report["tiling"] == {"tile": 32, "overlap": 8, "batch": 2}
 
 

@@ -15,16 +15,15 @@ from PIL import Image
 
 from dfosd.core.errors import DfosdError
 from dfosd.runtime.images import (
-    IMAGE_SUFFIXES,
     ImageInputError,
     ImageOutputError,
     LoadedImage,
-    collect_inputs,
     compose_output,
     load_image,
     output_path_for,
     save_image_atomic,
 )
+from dfosd.runtime.inputs import IMAGE_SUFFIXES, collect_inputs
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +53,7 @@ def touch_png(path: Path, size=(4, 4)) -> Path:
 # ----------------------------------------------------------------------------- collect_inputs
 
 def test_suffixes():
-    assert {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"} == set(IMAGE_SUFFIXES)
+    assert {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"} == set(IMAGE_SUFFIXES)
 
 
 def test_collect_folder_is_recursive_sorted_and_mirrors_subfolders(tmp_path):
@@ -62,10 +61,15 @@ def test_collect_folder_is_recursive_sorted_and_mirrors_subfolders(tmp_path):
     for rel in ["b.png", "a.PNG", "sub/c.JPG", "sub/deeper/d.webp", "sub/e.tiff", ".hidden.png", ".cache/f.png"]:
         touch_png(root / rel)
     (root / "notes.txt").write_text("not an image")
-    pairs, problems = collect_inputs([str(root)])
-    assert problems == []
+    (root / "sub" / "clip.mov").write_bytes(b"\0")
+    found = collect_inputs([str(root)])
+    pairs = found.pairs
+    assert found.problems == []
     assert [rel.as_posix() for _, rel in pairs] == ["a.PNG", "b.png", "sub/c.JPG", "sub/deeper/d.webp", "sub/e.tiff"]
     assert all(src == root / rel for src, rel in pairs)
+    # the other files are named with the reason (hidden ones are left out)
+    assert [(p.name, why.split(" (")[0]) for p, why in found.skipped] == [
+        ("notes.txt", "not an image file name"), ("clip.mov", "not an image file name")]
 
 
 def test_collect_files_globs_missing_and_duplicates(tmp_path):
@@ -76,7 +80,8 @@ def test_collect_files_globs_missing_and_duplicates(tmp_path):
     (tmp_path / "empty").mkdir()
     inputs = [str(d), str(odd), str(other / "*.png"), str(tmp_path / "missing.png"),
               str(tmp_path / "nothing" / "*.png"), str(tmp_path / "empty"), str(d)]
-    pairs, problems = collect_inputs(inputs)
+    found = collect_inputs(inputs)
+    pairs, problems = found.pairs, found.problems
     assert pairs == [(d, Path("d.png")), (odd, Path("e.xyz")), (f, Path("f.png"))]  # d.png once
     assert problems[0] == f"no such file or folder: {tmp_path / 'missing.png'}"
     assert problems[1] == f"no image files match: {tmp_path / 'nothing' / '*.png'}"
@@ -86,7 +91,8 @@ def test_collect_files_globs_missing_and_duplicates(tmp_path):
 
 def test_collect_reports_output_name_clashes(tmp_path):
     a1, a2 = touch_png(tmp_path / "x" / "a.png"), touch_png(tmp_path / "y" / "a.jpg")
-    pairs, problems = collect_inputs([str(a1), str(a2)])
+    found = collect_inputs([str(a1), str(a2)])
+    pairs, problems = found.pairs, found.problems
     assert pairs == [(a1, Path("a.png"))]
     assert len(problems) == 1 and str(a2) in problems[0] and str(a1) in problems[0]
 
@@ -369,3 +375,91 @@ def test_save_too_large_for_format_is_a_clear_write_error(tmp_path):
     assert not (tmp_path / "wide.webp").exists()
     with pytest.raises(DfosdError, match="unknown output format"):
         save_image_atomic(Image.new("RGB", (4, 4)), tmp_path / "x.gif", "gif")
+
+
+# ----------------------------------------------------------------------------- issue 12: hostile inputs
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height RGB pixels and holds a few bytes of (zero) data:
+    decoding it would need width*height*4 bytes; its header costs nothing to read."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(64))) + \
+        chunk(b"IEND", b"")
+
+
+def test_max_pixels_is_checked_from_the_header_before_decoding(tmp_path):
+    from dfosd.runtime.images import DEFAULT_MAX_PIXELS
+
+    p = tmp_path / "bomb.png"
+    p.write_bytes(_png_header_only(12000, 12000))  # 144 MP: PIL's own limit would call it a bomb
+    with pytest.raises(ImageInputError) as exc:
+        load_image(p, max_pixels=DEFAULT_MAX_PIXELS)
+    msg = str(exc.value)
+    assert "bomb.png: 12000x12000 is 144.0 MP, over --max-pixels 25000000" in msg and "--max-pixels 144000000" in msg
+    # Ours replaces PIL's limit (an error past 179 MP, raised while opening): a 200 MP header
+    # gets our message, and PIL's global is left as it was.
+    p.write_bytes(_png_header_only(20000, 10000))
+    before = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(ImageInputError, match="20000x10000 is 200.0 MP, over --max-pixels 150000000"):
+        load_image(p, max_pixels=150_000_000)
+    assert Image.MAX_IMAGE_PIXELS == before
+    touch_png(tmp_path / "ok.png", (100, 50))
+    assert load_image(tmp_path / "ok.png", max_pixels=5000).rgb.shape == (3, 50, 100)  # exactly at the limit
+
+
+def test_gif_is_read_by_its_first_frame(tmp_path, astronaut):
+    frames = [Image.fromarray(astronaut[:64, :48]).quantize(64), Image.new("P", (48, 64), 3)]
+    p = tmp_path / "anim.gif"
+    frames[0].save(p, save_all=True, append_images=frames[1:])
+    img = load_image(p)
+    assert img.rgb.shape == (3, 64, 48) and any("2 frames" in n for n in img.notes)
+    assert torch.equal(img.rgb, chw(np.asarray(frames[0].convert("RGB"))))
+
+
+@pytest.mark.parametrize("orientation", [0, 9, 300])
+def test_invalid_exif_orientation_is_not_reported_as_applied(tmp_path, astronaut, orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    p = tmp_path / "odd.jpg"
+    Image.fromarray(astronaut[:40, :60]).save(p, quality=95, exif=exif)
+    img = load_image(p)
+    assert img.rgb.shape == (3, 40, 60)  # used as stored
+    assert not any("applied" in n for n in img.notes)
+    assert any(f"EXIF orientation {orientation} is not valid" in n for n in img.notes)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 9), (9, 1)])
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
+def test_one_pixel_inputs_load_without_warnings(tmp_path, size, mode):
+    import warnings
+
+    p = tmp_path / "dot.png"
+    Image.new(mode, size, 200).save(p)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "The given NumPy array is not writable" was one
+        img = load_image(p)
+        img.rgb[0, 0, 0] = 1  # a tensor of its own, writable
+        sr = torch.zeros(3, size[1] * 4, size[0] * 4, dtype=torch.uint8)
+        assert compose_output(sr, img, 4).size == (size[0] * 4, size[1] * 4)
+
+
+def test_output_canvas_rows_equal_compose_output(astronaut):
+    from dfosd.runtime.images import OutputCanvas
+
+    for gray, alpha in [(False, None), (True, None), (False, torch.full((30, 20), 77, dtype=torch.uint8)),
+                        (True, torch.arange(600, dtype=torch.int32).reshape(30, 20).remainder(256).to(torch.uint8))]:
+        lr = chw(astronaut[:30, :20])
+        loaded = LoadedImage(path=Path("x.png"), rgb=lr, alpha=alpha, grayscale=gray, icc_profile=b"icc")
+        sr = chw(np.ascontiguousarray(astronaut[:120, :80]))
+        whole = compose_output(sr, loaded, 4)
+        canvas = OutputCanvas(loaded, 4)
+        for y in range(0, 120, 50):  # bands of 50, 50, 20 rows
+            canvas.write_rows(y, sr[:, y:y + 50])
+        banded = canvas.finish()
+        assert banded.mode == whole.mode and banded.info["icc_profile"] == b"icc"
+        assert np.array_equal(np.asarray(banded), np.asarray(whole))
+    with pytest.raises(ValueError, match="rows within"):
+        canvas.write_rows(100, sr[:, :50])

@@ -208,3 +208,67 @@ def test_seam_score_single_tile_and_flat():
     assert seam_score(torch.full((3, 224, 224), 7, dtype=torch.uint8), CFG, 56, 56) == 1.0
     with pytest.raises(ValueError):
         seam_score(torch.zeros(3, 100, 100, dtype=torch.uint8), CFG, 32, 32)
+
+
+# ----------------------------------------------------------------------------- banded blending
+
+def whole_image_blend(image: torch.Tensor, step, cfg: TilingConfig) -> torch.Tensor:
+    """The blend as it was before banding (the spec the C++ runner mirrors): float32 sums of
+    window * output and of window over the whole padded output, in plan order, rounded once."""
+    from dfosd.runtime.tiling import TiledImage
+
+    job = TiledImage(image, cfg)  # for its padding and plan only
+    s, t = cfg.scale, cfg.tile
+    ph, pw = job.padded.shape[1:]
+    acc = torch.zeros(3, ph * s, pw * s)
+    weight = torch.zeros(ph * s, pw * s)
+    window = blend_window(cfg)
+    for i in range(0, len(job), cfg.batch):
+        outs = step(job.tiles(i, i + cfg.batch))
+        for (y, x), out in zip(job.origins[i:i + cfg.batch], outs):
+            acc[:, y * s:(y + t) * s, x * s:(x + t) * s] += out.to(torch.float32) * window
+            weight[y * s:(y + t) * s, x * s:(x + t) * s] += window
+    full = torch.round(acc / weight).clamp_(0, 255).to(torch.uint8)
+    return full[:, :image.shape[1] * s, :image.shape[2] * s]
+
+
+@pytest.mark.parametrize("h, w, cfg", [
+    (70, 50, TilingConfig(tile=16, overlap=4, batch=3)),   # rows 0,12,..,54 (last flush), batches cross rows
+    (45, 23, TilingConfig(tile=16, overlap=7, batch=1)),   # wide overlaps, odd sizes
+    (5, 40, TilingConfig(tile=16, overlap=4, batch=2)),    # padded: rows past the image are dropped
+    (16, 16, TilingConfig(tile=16, overlap=0, batch=1)),   # one tile, no ramps
+    (33, 17, TilingConfig(tile=16, overlap=4, batch=5, scale=2)),
+])
+def test_banded_blend_is_byte_identical_to_the_whole_image_blend(h, w, cfg):
+    step = make_conv_step() if cfg.scale == 4 else (lambda t: torch.repeat_interleave(
+        torch.repeat_interleave(t, 2, dim=2), 2, dim=3))
+    img = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(h * w))
+    want = whole_image_blend(img, step, cfg)
+    assert torch.equal(upscale_tiled(img, step, cfg), want)
+    rows = []  # the same bytes through a sink, in order, top to bottom, each row once
+    assert upscale_tiled(img, step, cfg, sink=lambda y, band: rows.append((y, band.clone()))) is None
+    assert [y for y, _ in rows] == sorted({y for y, _ in rows}) and rows[0][0] == 0
+    assert torch.equal(torch.cat([b for _, b in rows], dim=1), want)
+
+
+def test_progress_reports_every_batch():
+    cfg = TilingConfig(tile=16, overlap=4, batch=3)
+    img = torch.zeros(3, 40, 40, dtype=torch.uint8)
+    calls = []
+    upscale_tiled(img, bicubic_step, cfg, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(3, 9), (6, 9), (9, 9)]
+
+
+def test_float_state_is_one_band_not_the_whole_output():
+    """The float blend state never exceeds one band of tile*scale output rows (was: the whole output)."""
+    from dfosd.runtime.tiling import TiledImage
+
+    cfg = TilingConfig(tile=16, overlap=4, batch=4)
+    job = TiledImage(torch.zeros(3, 200, 30, dtype=torch.uint8), cfg, sink=lambda y, band: None)
+    biggest = 0
+    for i in range(0, len(job), cfg.batch):
+        job.add(i, bicubic_step(job.tiles(i, i + cfg.batch)))
+        if job._acc is not None:
+            biggest = max(biggest, job._acc.numel() + job._weight.numel())
+    assert biggest == 4 * (16 * 4) * (30 * 4)  # 3 channels + weights, 64 rows, full width
+    assert job._acc is None and job._out is None  # all freed / nothing output-sized with a sink

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -75,17 +76,19 @@ def status(url: str) -> int | None:
 class ServeProcess:
     """``python -m dfosd.serving.cli`` (= dfosd-serve) on free loopback ports."""
 
-    def __init__(self, engines: Path, log: Path, *extra: str):
+    def __init__(self, engines: Path, log: Path, *extra: str, tmpdir: Path | None = None):
         from dfosd.serving.serve import free_port
 
         self.http, self.grpc, self.metrics = free_port(), free_port(), free_port()
         self.log = log
-        cmd = [sys.executable, "-m", "dfosd.serving.cli", "--engines", str(engines), "--host", "127.0.0.1",
+        # No --host: the default (loopback only) is what test_listens_on_loopback_only checks.
+        cmd = [sys.executable, "-m", "dfosd.serving.cli", "--engines", str(engines),
                "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics),
                "--max-batch", str(MAX_BATCH), "--tile-batch", str(TILE_BATCH), "--max-pixels", str(MAX_PIXELS),
                "--backend", "onnxruntime", "--log-file", str(log), *extra]
         self.out = open(log.with_suffix(".cli.txt"), "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self.out, stderr=subprocess.STDOUT)
+        env = dict(os.environ, TMPDIR=str(tmpdir)) if tmpdir else None  # where its work folder goes
+        self.proc = subprocess.Popen(cmd, stdout=self.out, stderr=subprocess.STDOUT, env=env)
         self.seen: set[int] = set()  # every tritonserver / stub pid observed while it ran
 
     @property
@@ -282,6 +285,86 @@ def test_malformed_requests_get_errors_and_server_keeps_serving(server, local):
     server.watch()
 
 
+def _post(url: str, body: bytes) -> tuple[int, str]:
+    req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_bad_json_parameters_are_400_and_unparsable_bodies_do_not_hurt(server):
+    """Issue 12.11: what the model decides is a 400. A body that is not JSON at all never reaches the
+    model: tritonserver 2.51's HTTP frontend answers it with 500 "failed to parse the request JSON
+    buffer" (README says so); the server goes on serving either way."""
+    url = f"{server.http_url}/v2/models/dfosd/infer"
+    pixels = list(range(12))
+
+    def body(params):
+        return json.dumps({"inputs": [{"name": "lr_image", "shape": [1, 2, 2, 3], "datatype": "UINT8",
+                                       "data": pixels}], "parameters": params}).encode()
+
+    for params, expect in (({"overlap": True}, "overlap=true is not an integer"),
+                           ({"layout": 5}, "layout=5: use HWC or CHW"),
+                           ({"overlap": 1.5}, "not an integer")):
+        code, text = _post(url, body(params))
+        assert code == 400 and expect in text, (params, code, text)
+    for raw in (b"{", b"nul", b"[]"):
+        code, text = _post(url, raw)
+        assert code in (400, 500) and "parse" in text, (raw, code, text)
+    code, text = _post(url, body({}))
+    assert code == 200 and json.loads(text)["outputs"][0]["shape"] == [1, 8, 8, 3]
+    assert status(f"{server.http_url}/v2/health/ready") == 200
+
+
+def test_small_request_is_served_while_a_big_one_runs(server, local):
+    """Issue 12.10 through the real server: a 1-tile request sent while a maximal one (this server's
+    --max-pixels: 96x96, 16 tiles) runs comes back first, exact, and the big one is exact too."""
+    big, small = image(96, 96, 50), image(16, 16, 51)
+    done = {}
+
+    def send(name, img):
+        t0 = time.monotonic()
+        out = http_infer(server.http_url, img.permute(1, 2, 0).numpy()[None])
+        done[name] = (time.monotonic(), time.monotonic() - t0, out)
+
+    t = threading.Thread(target=send, args=("big", big))
+    t.start()
+    time.sleep(0.3)  # the big one is being tiled by now
+    send("small", small)
+    t.join(timeout=300)
+    assert done["small"][0] < done["big"][0], (done["small"][1], done["big"][1])
+    np.testing.assert_array_equal(done["small"][2][0], local(small).permute(1, 2, 0).numpy())
+    np.testing.assert_array_equal(done["big"][2][0], local(big).permute(1, 2, 0).numpy())
+
+
+def test_fairness_measurement_runs(server):
+    """The command behind the README's small-request latency, on this server's maximal size (96x96)."""
+    from dfosd.bench.serving_fairness import measure
+
+    r = measure(f"127.0.0.1:{server.http}", big_side=96, delay_s=0.2)
+    assert r["big_output_shape"] == [1, 384, 384, 3] and len(r["idle_small_s"]) == 5
+    assert r["small_while_big_runs_s"] and r["small_while_big_max_s"] < r["big_s"]
+
+
+def test_listens_on_loopback_only_by_default(server):
+    """Issue 12.11: no --host given (ServeProcess passes none): every port is bound to 127.0.0.1."""
+    from dfosd.serving.serve import ServeOptions
+
+    assert ServeOptions(export_dir=Path(".")).host == "127.0.0.1"
+    bound = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if state == "0A":  # LISTEN
+                addr, port = local.rsplit(":", 1)
+                bound.setdefault(int(port, 16), set()).add(addr)
+    for port in (server.http, server.grpc, server.metrics):
+        # 127.0.0.1 (IPv4, or IPv4-mapped in tcp6 as gRPC binds it), nothing else
+        assert bound.get(port) and bound[port] <= {"0100007F", "0000000000000000FFFF00000100007F"}, (port, bound)
+
+
 def test_eight_concurrent_clients_no_failures_and_batching(server, local):
     """8 clients (4 HTTP, 4 gRPC) for a bounded time; every valid request must succeed and be exact."""
     import tritonclient.http as th
@@ -407,3 +490,119 @@ def test_cli_refuses_a_folder_that_is_not_an_export(tmp_path):
 
     r = CliRunner().invoke(main, ["--engines", str(tmp_path)])
     assert r.exit_code == 1 and "no manifest.json" in r.output and "Traceback" not in r.output
+
+
+# ---------------------------------------------------------------- issue 12: nothing lost, a server that tells the truth
+
+
+def test_serve_never_replaces_a_users_folder(tiny_export_fp32, tmp_path):
+    """--repo DIR: a folder dfosd did not write is refused before anything is written or deleted,
+    also by dfosd triton-repo --force (which may only add to a non-empty folder)."""
+    from click.testing import CliRunner
+
+    from dfosd.serving.cli import main, triton_repo_main
+
+    mine = tmp_path / "repo"
+    (mine / "dfosd").mkdir(parents=True)
+    (mine / "dfosd" / "notes.txt").write_text("my own model")
+    r = CliRunner().invoke(main, ["--engines", str(tiny_export_fp32), "--repo", str(mine)])
+    assert r.exit_code == 1 and "not empty and was not written by dfosd" in r.output, r.output
+    r = CliRunner().invoke(triton_repo_main, ["--engines", str(tiny_export_fp32), "--out", str(mine),
+                                              "--kinds", "python", "--force"])
+    assert r.exit_code == 1 and "already holds dfosd, which dfosd did not write" in r.output, r.output
+    assert (mine / "dfosd" / "notes.txt").read_text() == "my own model"
+    assert sorted(p.name for p in mine.iterdir()) == ["dfosd"]
+    # A repository dfosd wrote may be rewritten (its models replaced), and --force adds beside a user's files.
+    ours = tmp_path / "ours"
+    for _ in range(2):
+        r = CliRunner().invoke(triton_repo_main, ["--engines", str(tiny_export_fp32), "--out", str(ours),
+                                                  "--kinds", "python", "--link", "symlink"])
+        assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(triton_repo_main, ["--engines", str(tiny_export_fp32), "--out", str(mine),
+                                              "--kinds", "python", "--name", "sr", "--force", "--link", "symlink"])
+    assert r.exit_code == 0 and (mine / "sr" / "config.pbtxt").is_file(), r.output
+    assert (mine / "dfosd" / "notes.txt").read_text() == "my own model"
+
+
+def test_stale_work_folders_of_killed_servers_are_swept(tmp_path):
+    """Only dfosd-serve-* folders with our owner file whose process is gone are removed."""
+    from dfosd.serving.serve import OWNER_FILE, make_work_dir, process_start_time, sweep_stale_work_dirs
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = make_work_dir(tmp_path)  # this process: alive
+    gone = make_work_dir(tmp_path)
+    (gone / OWNER_FILE).write_text(json.dumps({"pid": dead.pid, "start_time": "1"}))
+    reused = make_work_dir(tmp_path)  # a live pid with another start time: the pid was reused
+    (reused / OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "start_time": "0"}))
+    foreign = tmp_path / "dfosd-serve-foreign"
+    foreign.mkdir()
+    (foreign / "data.txt").write_text("not ours")
+    assert process_start_time(dead.pid) is None and process_start_time(os.getpid())
+    assert sorted(sweep_stale_work_dirs(tmp_path)) == sorted([gone, reused])
+    assert live.is_dir() and foreign.is_dir() and not gone.exists() and not reused.exists()
+
+
+def test_kill_9_of_dfosd_serve_takes_the_server_and_the_next_start_cleans_up(tiny_export_fp32, tmp_path):
+    """SIGKILL cannot be caught: tritonserver goes with its parent (parent-death signal) and the
+    next dfosd-serve removes the work folder left behind."""
+    from dfosd.serving.serve import sweep_stale_work_dirs
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = ServeProcess(tiny_export_fp32, tmp_path / "server.log", "--exit-timeout", "2", tmpdir=tmp)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any(_cmdline(p).split(" ")[0].endswith("backend_stub")
+                                                      for p in proc.seen):
+            proc.watch()  # until the model is loading: its backend stub runs (the case that leaked it)
+            time.sleep(0.1)
+        assert any("bin/tritonserver" in _cmdline(p) for p in proc.seen), proc.output()
+        work = list(tmp.glob("dfosd-serve-*"))
+        assert len(work) == 1 and (work[0] / "models" / "dfosd" / "config.pbtxt").is_file()
+        proc.proc.kill()
+        proc.proc.wait(timeout=10)
+        # SIGTERM reaches tritonserver at once; during start-up it finishes loading the model first and
+        # then shuts down gracefully (--exit-timeout): seconds to a minute on a busy 2-core machine.
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline and [p for p in proc.seen if alive(p)]:
+            time.sleep(0.2)
+        left = [(p, _cmdline(p)[:80]) for p in proc.seen if alive(p)]
+        assert not left, f"outlived a killed dfosd-serve: {left}"
+        assert work[0].is_dir()  # SIGKILL: nothing could clean up ...
+        assert sweep_stale_work_dirs(tmp) == work and not work[0].exists()  # ... the next start does
+    finally:
+        proc.stop()
+
+
+def test_dead_backend_stub_takes_readiness_down_restarts_then_exits_non_zero(tiny_export_fp32, tmp_path, local):
+    """Issue 12.9: kill -9 of the Python-backend stub. tritonserver alone would stay "ready" while every
+    request fails; dfosd-serve sees the stub die, stops the server (ready goes down), restarts it
+    (--max-restarts 1) and serves exactly again; the second death exits 1 with the reason."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = ServeProcess(tiny_export_fp32, tmp_path / "server.log", "--max-restarts", "1", "--exit-timeout", "2",
+                        tmpdir=tmp)
+    ready = f"{proc.http_url}/v2/health/ready"
+    img = image(20, 13, 40)
+    try:
+        for round_ in range(2):
+            proc.wait_ready()
+            np.testing.assert_array_equal(http_infer(proc.http_url, img.permute(1, 2, 0).numpy()[None])[0],
+                                          local(img).permute(1, 2, 0).numpy())
+            stubs = [p for p in descendants(proc.proc.pid) if _cmdline(p).split(" ")[0].endswith("backend_stub")]
+            assert len(stubs) == 1, proc.output()
+            os.kill(stubs[0], signal.SIGKILL)
+            t0 = time.monotonic()
+            while status(ready) == 200 and time.monotonic() - t0 < 10:
+                time.sleep(0.05)
+            assert status(ready) != 200, "still ready 10 s after the stub died"
+            assert time.monotonic() - t0 < 5, f"ready for {time.monotonic() - t0:.1f} s after the stub died"
+        assert proc.proc.wait(timeout=120) == 1, proc.output()
+        text = proc.output()
+        assert "backend stub" in text and "died" in text and "restarting tritonserver (restart 1 of at most 1)" in text
+        assert "not restarted (--max-restarts 1 used up)" in text
+        assert not list(tmp.glob("dfosd-serve-*"))  # its work folders went with it
+        assert not [p for p in proc.seen if alive(p)]
+    finally:
+        proc.stop()

@@ -1,0 +1,77 @@
+"""Cost of one part across exports, interleaved: e.g. PiSA-SR's two-pass UNet against its merged one.
+
+    python -m dfosd.bench.part_cost EXPORT_A EXPORT_B [--part unet] [--repeats 20] [--json out.json]
+
+Each export's ``<part>_b<batch>.onnx`` runs in ONNX Runtime (CPU) on the same random input; the runs
+alternate A, B, A, B, ... so machine noise hits both alike. Prints medians and the ratio to the first.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+
+import click
+
+from dfosd.core.cli_support import user_errors
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("exports", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True))
+@click.option("--part", default="unet", show_default=True)
+@click.option("--batch", default=1, show_default=True, type=int)
+@click.option("--repeats", default=20, show_default=True, type=click.IntRange(min=3))
+@click.option("--threads", default=1, show_default=True, type=int, help="ONNX Runtime intra-op threads.")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False))
+@user_errors
+def main(exports, part, batch, repeats, threads, json_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    from dfosd.core.manifest import ExportDir, write_json_atomic
+
+    sessions, feeds = [], []
+    for d in exports:
+        exp = ExportDir(d)
+        entry = exp.entries(batch)[part]
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        sess = ort.InferenceSession(str(exp.file(entry["onnx"])), opts, providers=["CPUExecutionProvider"])
+        feed = {}
+        for i in sess.get_inputs():
+            shape = [int(s) for s in i.shape]
+            rng = np.random.default_rng(0)
+            feed[i.name] = (rng.integers(0, 256, shape).astype(np.uint8) if "uint8" in i.type
+                            else rng.standard_normal(shape).astype(np.float32))
+        sessions.append(sess)
+        feeds.append(feed)
+        sess.run(None, feed)  # warm-up
+    times = [[] for _ in exports]
+    for _ in range(repeats):
+        for k, (sess, feed) in enumerate(zip(sessions, feeds)):
+            t = time.perf_counter()
+            sess.run(None, feed)
+            times[k].append((time.perf_counter() - t) * 1000.0)
+    med = [float(np.median(t)) for t in times]
+    rows = [{"export": str(Path(d).resolve()), "median_ms": round(m, 3), "ratio": round(m / med[0], 3),
+             "runs_ms": [round(x, 3) for x in t]} for d, m, t in zip(exports, med, times)]
+    for r in rows:
+        click.echo(f"{r['export']}: {part} median {r['median_ms']:.2f} ms ({r['ratio']:.2f}x the first)")
+    if json_path:
+        write_json_atomic(Path(json_path), {"part": part, "batch": batch, "repeats": repeats, "threads": threads,
+                                            "machine": _cpu_name(), "rows": rows})
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,93 @@
+"""``dfosd convert`` (any supported checkpoint -> dfosd format 2) and ``dfosd inspect``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from dfosd.core.cli_support import say, setup_logging, user_errors
+from dfosd.core.vocab import FAMILY_NAMES, REFUSED_FAMILY_NAMES
+
+FAMILY_CHOICES = list(FAMILY_NAMES + REFUSED_FAMILY_NAMES)  # the refused ones answer with the reason
+
+
+@click.command(name="convert", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("src", type=click.Path(dir_okay=False))
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False),
+              help="The format-2 model file to write (.safetensors).")
+@click.option("--family", type=click.Choice(FAMILY_CHOICES), default=None,
+              help="Override the family detected from the keys.")
+@click.option("--base", default=None,
+              help="Base whose tokenizer + text encoder encode the prompt (and whose UNet names kohya keys). "
+                   "[default: stabilityai/stable-diffusion-2-1-base]")
+@click.option("--prompt", default=None, help="Prompt encoded once into the model [default: the family's, empty].")
+@click.option("--force", is_flag=True, help="Overwrite --out even if it is not a dfosd model file.")
+@click.option("-v", "--verbose", is_flag=True)
+@user_errors
+def convert_main(src, out, family, base, prompt, force, verbose):
+    """Convert SRC (osediff.pkl, pisa_sr.pkl, HYPIR_sd2.pth, a diffusers/kohya LoRA, dfosd format 1) into one
+    safe dfosd format-2 file that every later command reads."""
+    setup_logging(verbose)
+    from dfosd.core.errors import DfosdError
+    from dfosd.core.readers import read_model
+    from dfosd.core.srmodel import write_model
+
+    out_path = Path(out)
+    if out_path.suffix != ".safetensors":
+        raise DfosdError(f"--out {out}: give a .safetensors file name")
+    if out_path.exists() and not force and not _is_dfosd_file(out_path):
+        raise DfosdError(f"{out} exists and was not written by dfosd; not overwriting it",
+                         hint="choose another --out, or pass --force")
+    model = read_model(src, family=family, base_spec=base, prompt=prompt, progress=say)
+    write_model(out_path, model)
+    say(f"wrote {out} (dfosd format 2, family {model.family.name}, {len(model.lora_sets)} LoRA set(s), "
+        f"{len(model.replacements)} replaced tensor(s))")
+    click.echo(str(out_path))
+
+
+def _is_dfosd_file(path: Path) -> bool:
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return "dfosd_format" in (f.metadata() or {})
+    except Exception:
+        return False
+
+
+@click.command(name="inspect", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--family", type=click.Choice(FAMILY_CHOICES), default=None,
+              help="Override the family detected from the keys.")
+@click.option("--base", default=None, help="Base for prompt encoding of upstream files (as convert).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@user_errors
+def inspect_main(file, family, base, as_json):
+    """Print FILE's family, ranks, adapted layers and parameters per part, and what export will bake."""
+    setup_logging(False)
+    from dfosd.core.readers import read_model
+
+    model = read_model(file, family=family, base_spec=base, progress=say, encode=False)  # no text encoder needed
+    info = model.summary()
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    lines = [f"file: {file}", f"family: {info['family']} ({info['title']})", f"upstream: {info['upstream']}",
+             f"base: {info['base_model']}"]
+    for part, p in info["lora"].items():
+        lines.append(f"lora {part}: {p['layers']} layers, {p['parameters']:,} parameters")
+        for s in p["sets"]:
+            lines.append(f"  set {s['name']} (group {s['group']}): rank {s['rank']}, alpha {s['alpha']:g}, "
+                         f"scale {s['scale']:g}, {s['layers']} layers")
+    for key, shape in info["replaced"].items():
+        lines.append(f"replaced whole: {key} {shape}")
+    prompt = "learned embedding" if info["prompt"] is None else f"prompt {info['prompt']!r}"
+    shape = info["embedding_shape"] or "(encoded by the base's text encoder at convert/export)"
+    lines += [f"bakes: timestep {info['timestep']}, x0 rule {info['x0_rule']}, conditioning {prompt} "
+              f"{shape}, pre-processing {info['preprocess']}, x{info['upscale']}",
+              f"default colour fix: {info['color_fix']}"]
+    lines += ["deviations from upstream inference:"] + [f"  - {d}" for d in info["deviations"]] if info["deviations"] \
+        else []
+    click.echo("\n".join(lines))
