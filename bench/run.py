@@ -19,6 +19,9 @@ from dfosd.core.errors import DfosdError
 from dfosd.core.vocab import FLOAT_PRECISIONS, PRECISIONS, QUANT_PRECISIONS
 from dfosd.engines.base import BACKENDS
 
+# Rows beyond one backend each: auto (the per-part best of the others) and OpenVINO computing in bf16.
+BENCH_BACKENDS = BACKENDS + ("auto", "openvino-bf16")
+
 if TYPE_CHECKING:
     from dfosd.export.artifacts import ExportConfig
 
@@ -48,9 +51,9 @@ class BenchConfig:
         bad = [p for p in self.precisions if p not in PRECISIONS]
         if bad:
             problems.append(f"--precisions {','.join(bad)}: choose from {', '.join(PRECISIONS)}")
-        unknown = [b for b in self.backends if b not in BACKENDS]
+        unknown = [b for b in self.backends if b not in BENCH_BACKENDS]
         if unknown or not self.backends:
-            problems.append(f"--backends {','.join(unknown) or '(none)'}: choose from {', '.join(BACKENDS)}")
+            problems.append(f"--backends {','.join(unknown) or '(none)'}: choose from {', '.join(BENCH_BACKENDS)}")
         if not self.precisions:
             problems.append(f"--precisions: give at least one of {', '.join(PRECISIONS)}")
         if self.tile < 1 or self.batch < 1:
