@@ -187,7 +187,8 @@ def process_image(src: Path, rel: Path, upscale: Callable, scale: int, opts: dic
     ``OutputCanvas``), or returns the whole uint8 output when ``sink`` is None.
     """
     from dfosd.runtime.color_fix import apply_color_fix
-    from dfosd.runtime.images import OutputCanvas, compose_output, load_image, output_path_for, save_image_atomic
+    from dfosd.runtime.images import OutputCanvas, compose_output, load_image, save_image_atomic
+    from dfosd.runtime.inputs import output_path_for
 
     dst = output_path_for(Path(rel), out_dir, opts["fmt"])
     rec = {"input": str(src), "output": str(dst)}

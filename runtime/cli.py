@@ -62,10 +62,8 @@ def main(inputs, export_dir, out_dir, backend, batch, tile, overlap, color_fix, 
     GIFs are read by their first frame. --out must not be, or be inside, an input folder.
     """
     setup_logging(verbose)
-    if server is None:  # no export there: a clear error now, not after seconds of imports (issue 12.13)
-        from dfosd.core.manifest import ExportDir
-
-        ExportDir(export_dir, check="none")
+    # Everything up to the report is cheap and torch-free: inputs, --out, the report, the
+    # export's manifest. A mistake there is reported in well under a second, before any model.
     from dfosd.core.errors import DfosdError
     from dfosd.runtime.batch import (
         Interrupted,
@@ -75,8 +73,7 @@ def main(inputs, export_dir, out_dir, backend, batch, tile, overlap, color_fix, 
         report_lock,
         stop_on_signals,
     )
-    from dfosd.runtime.images import DEFAULT_MAX_PIXELS
-    from dfosd.runtime.inputs import check_output_folder, collect_inputs
+    from dfosd.runtime.inputs import DEFAULT_MAX_PIXELS, check_output_folder, collect_inputs
 
     out = Path(out_dir)
     found = collect_inputs(inputs, out_dir=out)
@@ -86,7 +83,7 @@ def main(inputs, export_dir, out_dir, backend, batch, tile, overlap, color_fix, 
                          hint="pass image files, folders or glob patterns")
     for p in found.problems:
         say(f"error: {p}")
-    # Cheap checks before any model is loaded: where outputs go, that they can be written.
+    # Where outputs go, and that they can be written.
     check_output_folder(inputs, found.pairs, out, fmt)
     report_path = Path(report) if report else out / REPORT_NAME
     check_writable_folder(out, "--out")
@@ -102,6 +99,10 @@ def main(inputs, export_dir, out_dir, backend, batch, tile, overlap, color_fix, 
         rep.write("running")  # from here on, the report on disk is this run's
         code = 0
         try:
+            if server is None:  # no export there, or an edited manifest: said before seconds of imports
+                from dfosd.core.manifest import ExportDir
+
+                ExportDir(export_dir, check="none")
             runner, tcfg, upscale = _make_upscaler(export_dir, backend, batch, tile, overlap, server)
             if color_fix is None:
                 opts["color_fix"] = rep.header["color_fix"] = _family_color_fix(export_dir if server is None else None)

@@ -28,14 +28,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dfosd.core.errors import DfosdError, ImageInputError
+from dfosd.runtime.inputs import OUTPUT_FORMATS
 
-# Decoding is refused above this many input pixels (checked from the header, before any
-# pixel is decoded). 25 MP (e.g. 5000x5000) -> a 400 MP x4 output: about 2 GiB at the
-# run's ~88 bytes per input pixel (README, "Limits"); --max-pixels changes it.
-DEFAULT_MAX_PIXELS = 25_000_000
-
-# format name -> (PIL format, file suffix)
-OUTPUT_FORMATS = {"png": ("PNG", ".png"), "jpg": ("JPEG", ".jpg"), "webp": ("WEBP", ".webp")}
 # Largest side each encoder can hold; checked up front for a clear message.
 _MAX_SIDE = {"jpg": 65_535, "webp": 16_383}
 
@@ -46,16 +40,6 @@ NOTE_16BIT = "16-bit input written as 8-bit"
 class ImageOutputError(DfosdError, OSError):
     """An output that cannot be written as asked. Also an OSError, so callers that report
     write failures per file (and go on) catch it along with disk-full and permission errors."""
-
-
-def output_path_for(rel: Path, out_dir: Path, fmt: str) -> Path:
-    """Where the output for relative input path ``rel`` goes: ``out_dir/rel`` with the format's suffix."""
-    if fmt not in OUTPUT_FORMATS:
-        raise DfosdError(f"unknown output format {fmt!r}", hint=f"use one of: {', '.join(OUTPUT_FORMATS)}")
-    rel = Path(rel)
-    if rel.is_absolute() or ".." in rel.parts:
-        raise ValueError(f"output path must be relative and stay inside the output folder: {rel}")
-    return Path(out_dir) / rel.with_suffix(OUTPUT_FORMATS[fmt][1])
 
 
 # ----------------------------------------------------------------------------- loading

@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Sequence
 
 from dfosd.core.errors import DfosdError
-from dfosd.runtime.images import output_path_for
+
+# Decoding is refused above this many input pixels (checked from the header, before any
+# pixel is decoded). 25 MP (e.g. 5000x5000) -> a 400 MP x4 output: about 2 GiB at the
+# run's ~88 bytes per input pixel (README, "Limits"); --max-pixels changes it.
+DEFAULT_MAX_PIXELS = 25_000_000
+
+# format name -> (PIL format, file suffix)
+OUTPUT_FORMATS = {"png": ("PNG", ".png"), "jpg": ("JPEG", ".jpg"), "webp": ("WEBP", ".webp")}
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 
@@ -154,3 +161,13 @@ def check_output_folder(inputs: Sequence[str], pairs: Sequence[tuple[Path, Path]
             if _inside(dst, folder):
                 raise DfosdError(f"the output for {src} ({dst}) would land inside the input folder {raw}, "
                                  "where a later run would read it as an input", hint=f"pass an --out outside {raw}")
+
+
+def output_path_for(rel: Path, out_dir: Path, fmt: str) -> Path:
+    """Where the output for relative input path ``rel`` goes: ``out_dir/rel`` with the format's suffix."""
+    if fmt not in OUTPUT_FORMATS:
+        raise DfosdError(f"unknown output format {fmt!r}", hint=f"use one of: {', '.join(OUTPUT_FORMATS)}")
+    rel = Path(rel)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise ValueError(f"output path must be relative and stay inside the output folder: {rel}")
+    return Path(out_dir) / rel.with_suffix(OUTPUT_FORMATS[fmt][1])

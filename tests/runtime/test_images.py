@@ -20,10 +20,9 @@ from dfosd.runtime.images import (
     LoadedImage,
     compose_output,
     load_image,
-    output_path_for,
     save_image_atomic,
 )
-from dfosd.runtime.inputs import IMAGE_SUFFIXES, collect_inputs
+from dfosd.runtime.inputs import IMAGE_SUFFIXES, collect_inputs, output_path_for
 
 
 @pytest.fixture(scope="module")
@@ -391,7 +390,7 @@ def _png_header_only(width: int, height: int) -> bytes:
 
 
 def test_max_pixels_is_checked_from_the_header_before_decoding(tmp_path):
-    from dfosd.runtime.images import DEFAULT_MAX_PIXELS
+    from dfosd.runtime.inputs import DEFAULT_MAX_PIXELS
 
     p = tmp_path / "bomb.png"
     p.write_bytes(_png_header_only(12000, 12000))  # 144 MP: PIL's own limit would call it a bomb
