@@ -319,9 +319,11 @@ def test_bad_json_parameters_are_400_and_unparsable_bodies_do_not_hurt(server):
 
 
 def test_small_request_is_served_while_a_big_one_runs(server, local):
-    """Issue 12.10 through the real server: a 1-tile request sent while a maximal one (this server's
-    --max-pixels: 96x96, 16 tiles) runs comes back first, exact, and the big one is exact too."""
-    big, small = image(96, 96, 50), image(16, 16, 51)
+    """Issue 12.10 through the real server: a 1-tile request sent while maximal ones (this server's
+    --max-pixels: 96x96, 16 tiles each) run comes back before them, exact, and they are exact too.
+    Four big requests keep the server busy long enough that the small one surely overlaps them,
+    also on a fast, idle machine (one alone can finish before the small one is sent)."""
+    bigs, small = [image(96, 96, 50 + i) for i in range(4)], image(16, 16, 51)
     done = {}
 
     def send(name, img):
@@ -329,14 +331,20 @@ def test_small_request_is_served_while_a_big_one_runs(server, local):
         out = http_infer(server.http_url, img.permute(1, 2, 0).numpy()[None])
         done[name] = (time.monotonic(), time.monotonic() - t0, out)
 
-    t = threading.Thread(target=send, args=("big", big))
-    t.start()
-    time.sleep(0.3)  # the big one is being tiled by now
+    threads = [threading.Thread(target=send, args=(f"big{i}", b)) for i, b in enumerate(bigs)]
+    for t in threads:
+        t.start()
+    time.sleep(0.1)  # the big ones are being tiled by now
+    sent = time.monotonic()
     send("small", small)
-    t.join(timeout=300)
-    assert done["small"][0] < done["big"][0], (done["small"][1], done["big"][1])
+    for t in threads:
+        t.join(timeout=300)
+    last_big = max(done[f"big{i}"][0] for i in range(len(bigs)))
+    assert sent < last_big, "the big requests were all done before the small one was sent: no overlap to test"
+    assert done["small"][0] < last_big, (done["small"][1], [done[f"big{i}"][1] for i in range(len(bigs))])
     np.testing.assert_array_equal(done["small"][2][0], local(small).permute(1, 2, 0).numpy())
-    np.testing.assert_array_equal(done["big"][2][0], local(big).permute(1, 2, 0).numpy())
+    for i, big in enumerate(bigs):
+        np.testing.assert_array_equal(done[f"big{i}"][2][0], local(big).permute(1, 2, 0).numpy())
 
 
 def test_fairness_measurement_runs(server):
