@@ -99,8 +99,11 @@ class OnnxRuntimeBackend(Backend):
     def optimized_record(self, manifest: dict) -> dict:
         import onnxruntime as ort
 
+        # The graphs' own hashes too: an optimized graph is a copy of its ONNX, and must go when that
+        # file changes even if the export's build key did not (a file replaced by hand).
+        sources = {name: rec.get("sha256") for name, rec in sorted(manifest.get("files", {}).items())}
         return {"onnxruntime": ort.__version__, "machine": machine_identity(), "build_key": manifest.get("build_key"),
-                "options": {"level": "ORT_ENABLE_ALL", "intra_op_threads": self.threads}}
+                "sources": sources, "options": {"level": "ORT_ENABLE_ALL", "intra_op_threads": self.threads}}
 
     def _optimized_path(self, export_dir: Path, entry: dict, manifest: dict | None) -> tuple[Path | None, bool]:
         """(where the optimized graph of this part lives, whether it is there and current)."""

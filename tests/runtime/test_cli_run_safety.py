@@ -258,14 +258,25 @@ def test_a_second_run_into_the_same_report_is_refused(tiny_export_fp32, tmp_path
     assert r.exit_code == 0  # the lock went with its holder
 
 
-def test_sigterm_is_turned_into_an_interruption():
-    from dfosd.runtime.batch import Interrupted, exit_code_for, stop_on_signals
-
-    with pytest.raises(Interrupted) as exc, stop_on_signals():
+SIGTERM_PROBE = """
+import os, signal, time
+from dfosd.runtime.batch import Interrupted, exit_code_for, stop_on_signals
+try:
+    with stop_on_signals():
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # the handler raises at the next bytecode
-    assert exit_code_for(exc.value) == 143
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored
+    print("not interrupted")
+except Interrupted as exc:
+    print("code", exit_code_for(exc), "restored", signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
+"""
+
+
+def test_sigterm_is_turned_into_an_interruption():
+    # In its own interpreter: a signal sent to the test runner itself reaches every library it has
+    # loaded (OpenVINO's and ONNX Runtime's thread pools among them); the CLI's own SIGTERM path is
+    # covered end to end by the Ctrl-C test below and by dfosd-trt-run's report.
+    out = subprocess.run([sys.executable, "-c", SIGTERM_PROBE], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.split() == ["code", "143", "restored", "True"], out.stdout + out.stderr
 
 
 def test_ctrl_c_writes_an_interrupted_report_and_leaves_no_temp_files(tiny_export_fp32, tmp_path):
