@@ -201,7 +201,6 @@ def lora_target_modules(unet, targets=DEFAULT_LORA_TARGETS) -> list[str]:
 
 def validate_checkpoint(ckpt: DfosdCheckpoint, base: "Base") -> None:
     """Every problem between checkpoint and base, in one error, before any work."""
-    from torch import nn
 
     problems: list[str] = []
     modules = dict(base.unet.named_modules())
@@ -215,14 +214,11 @@ def validate_checkpoint(ckpt: DfosdCheckpoint, base: "Base") -> None:
         if mod is None:
             problems.append(f"{name}: no such module in the base UNet")
             continue
-        if isinstance(mod, nn.Linear):
-            want_a, want_b = (meta.lora_rank, mod.in_features), (mod.out_features, meta.lora_rank)
-        elif isinstance(mod, nn.Conv2d):
-            want_a = (meta.lora_rank, mod.in_channels, *mod.kernel_size)
-            want_b = (mod.out_channels, meta.lora_rank, 1, 1)
-        else:
+        shapes = lora_factor_shapes(mod, meta.lora_rank)
+        if shapes is None:
             problems.append(f"{name}: is a {type(mod).__name__}; LoRA is supported on Linear and Conv2d")
             continue
+        want_a, want_b = shapes
         if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
             problems.append(f"{name}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the base "
                             f"(expected {want_a} / {want_b} for rank {meta.lora_rank})")
@@ -252,17 +248,38 @@ def merge_lora(unet, ckpt: DfosdCheckpoint) -> None:
     overflow = []
     with torch.no_grad():
         for name, (a, b) in ckpt.lora_modules().items():
-            w = modules[name].weight
-            delta = b.float().flatten(1) @ a.float().flatten(1)  # [out, in*kh*kw]
-            merged = (w.float() + scale * delta.view_as(w)).to(w.dtype)
-            if not bool(torch.isfinite(merged).all()):
+            if not merge_lora_factors(modules[name].weight, a, b, scale):
                 overflow.append(f"{name}.weight")
-                continue
-            w.copy_(merged)
     if overflow:
         raise DfosdError(f"{ckpt.path or 'checkpoint'}: merging the LoRA (scale alpha/rank = {scale:g}) gives "
                          f"NaN or Inf in {len(overflow)} UNet weight(s): {some_names(overflow)}",
                          hint="the LoRA factors are too large for the base's precision; check the training run")
+
+
+def lora_factor_shapes(mod, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """The (lora_A, lora_B) shapes of a rank-``rank`` LoRA on ``mod`` (PEFT's layout: a 3x3 conv's
+    A keeps the kernel, B is 1x1); None for a layer LoRA is not supported on."""
+    from torch import nn
+
+    if isinstance(mod, nn.Linear):
+        return (rank, mod.in_features), (mod.out_features, rank)
+    if isinstance(mod, nn.Conv2d):
+        return (rank, mod.in_channels, *mod.kernel_size), (mod.out_channels, rank, 1, 1)
+    return None
+
+
+def merge_lora_factors(weight, a, b, scale: float) -> bool:
+    """``weight += scale * B @ A`` in fp32, stored back in the weight's dtype, unless the merged
+    weight is not finite (finite factors can still overflow, e.g. into an fp16 base): then the
+    weight is left as it was and False is returned, for the caller to name it."""
+    import torch
+
+    delta = b.float().flatten(1) @ a.float().flatten(1)  # [out, in*kh*kw]
+    merged = (weight.float() + scale * delta.view_as(weight)).to(weight.dtype)
+    if not bool(torch.isfinite(merged).all()):
+        return False
+    weight.copy_(merged)
+    return True
 
 
 def write_checkpoint(path: str | Path, *, lora: Mapping[str, "torch.Tensor"], text_embedding: "torch.Tensor",

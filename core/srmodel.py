@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
+from dfosd.core.checkpoint import lora_factor_shapes, merge_lora_factors, some_names
 from dfosd.core.errors import DfosdError, problems_error
 from dfosd.core.families import COLOR_FIXES, LORA_PARTS, PREPROCESSINGS, X0_RULES, Family, get_family
 from dfosd.core.manifest import umask_file_mode
@@ -234,7 +235,6 @@ def parse_format2(path: Path, meta: Mapping[str, str], tensors: dict, sha256: st
 
 def validate_model(model: SRModel, base: "Base") -> None:
     """Every problem between the model and the base, in one error, before any work."""
-    from torch import nn
 
     problems: list[str] = []
     roots = {"unet": base.unet, "vae": base.vae}
@@ -246,13 +246,11 @@ def validate_model(model: SRModel, base: "Base") -> None:
             if mod is None:
                 problems.append(f"{where}: no such module in the base {s.part}")
                 continue
-            if isinstance(mod, nn.Linear):
-                want_a, want_b = (s.rank, mod.in_features), (mod.out_features, s.rank)
-            elif isinstance(mod, nn.Conv2d):
-                want_a, want_b = (s.rank, mod.in_channels, *mod.kernel_size), (mod.out_channels, s.rank, 1, 1)
-            else:
+            shapes = lora_factor_shapes(mod, s.rank)
+            if shapes is None:
                 problems.append(f"{where}: is a {type(mod).__name__}; LoRA is supported on Linear and Conv2d")
                 continue
+            want_a, want_b = shapes
             if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
                 problems.append(f"{where}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the base "
                                 f"(expected {want_a} / {want_b} for rank {s.rank})")
@@ -306,15 +304,9 @@ def merge_into(model: SRModel, unet, vae, *, groups: Mapping[str, float] | None 
                 continue
             modules = dict(roots[s.part].named_modules())
             for name, (a, b) in s.factors.items():
-                w = modules[name].weight
-                delta = b.float().flatten(1) @ a.float().flatten(1)  # [out, in*kh*kw]
-                merged = (w.float() + weight * s.scale * delta.view_as(w)).to(w.dtype)
-                if not bool(torch.isfinite(merged).all()):  # finite factors can still overflow
+                if not merge_lora_factors(modules[name].weight, a, b, weight * s.scale):
                     overflow.append(f"{s.part}.{name}.weight")
-                    continue
-                w.copy_(merged)
     if overflow:
-        from dfosd.core.checkpoint import some_names
 
         raise DfosdError(f"{model.path or model.source.get('file') or 'model'}: merging the LoRA gives NaN or Inf in "
                          f"{len(overflow)} weight(s): {some_names(overflow)} (every output pixel would be 0)",
