@@ -283,6 +283,7 @@ class TritonServer:
         self._log_handle = None
         self._stubs: dict[int, str | None] = {}  # tritonserver and backend stub pids -> start time, once ready
         self._names: dict[int, str] = {}
+        self._watching = False  # the pids above were taken when the server became ready
 
     # -- setup
 
@@ -351,7 +352,7 @@ class TritonServer:
         for stale in sweep_stale_work_dirs():
             log.info("removed %s, left by a dfosd-serve that was killed", stale)
         self._work = make_work_dir()
-        self._stubs = {}
+        self._stubs, self._watching = {}, False
         try:
             repo = self._write_repository(self._work)
             backends = self._backend_dir(self._work)
@@ -394,6 +395,7 @@ class TritonServer:
                 self._stubs = {pid: process_start_time(pid) for pid in self.pids() if pid != self.proc.pid}
                 self._names = {pid: ("the model's backend stub" if _comm(pid).startswith("triton_python")
                                      else "tritonserver") for pid in self._stubs}
+                self._watching = True
                 return
             time.sleep(0.25)
         self.stop()
@@ -417,6 +419,10 @@ class TritonServer:
         for pid, started in self._stubs.items():
             if process_start_time(pid) != started:
                 return f"{self._names.get(pid, 'a server process')} (pid {pid}) died"
+        if self._watching and "the model's backend stub" not in self._names.values():
+            # A Python model always has a stub: none when the server turned ready means it died in
+            # between (a kill right after the first 200), and no pid above would ever tell.
+            return "the model's backend stub died (none was running when the server became ready)"
         return None
 
     def stop(self) -> int | None:
