@@ -189,7 +189,8 @@ def run_osediff(path, base, lr_uint8, text_models, prompt=""):
     return (out + 1) * 127.5
 
 
-def run_pisa(path, base, lr_uint8, text_models, prompt=""):
+def _pisa_models(path, base):
+    """PiSA-SR's UNet with its six peft adapters (pix and sem, per block group), left unmerged, and its VAE."""
     sd = torch.load(path, weights_only=True)
     unet, vae = copy.deepcopy(base.unet), copy.deepcopy(base.vae).eval()
     adapters = {}
@@ -197,6 +198,11 @@ def run_pisa(path, base, lr_uint8, text_models, prompt=""):
         for kind in ("encoder", "decoder", "others"):
             adapters[f"default_{kind}_{g}"] = (sd[f"lora_rank_unet_{g}"], sd[f"unet_lora_{kind}_modules_{g}"], {})
     _load_peft(unet, sd["state_dict_unet"], adapters, lambda n: "lora" in n)
+    return unet, vae, adapters
+
+
+def run_pisa(path, base, lr_uint8, text_models, prompt=""):
+    unet, vae, adapters = _pisa_models(path, base)
     emb = encode_prompt(*text_models, prompt)
     with torch.no_grad():
         latent = vae.encode(pil_upscale(lr_uint8, 4)).latent_dist.mode() * vae.config.scaling_factor
@@ -225,13 +231,7 @@ def run_hypir(path, base, lr_uint8, text_models, prompt="", rank=8):
 def run_pisa_adjustable(path, base, lr_uint8, text_models, scales, prompt=""):
     """PiSA-SR's adjustable mode: eps_pix from the pix adapters alone, eps_sem from pix + sem,
     eps = l_pix * eps_pix + l_sem * (eps_sem - eps_pix), x0 = z - eps."""
-    sd = torch.load(path, weights_only=True)
-    unet, vae = copy.deepcopy(base.unet), copy.deepcopy(base.vae).eval()
-    adapters = {}
-    for g in ("pix", "sem"):
-        for kind in ("encoder", "decoder", "others"):
-            adapters[f"default_{kind}_{g}"] = (sd[f"lora_rank_unet_{g}"], sd[f"unet_lora_{kind}_modules_{g}"], {})
-    _load_peft(unet, sd["state_dict_unet"], adapters, lambda n: "lora" in n)
+    unet, vae, adapters = _pisa_models(path, base)
     emb = encode_prompt(*text_models, prompt)
     with torch.no_grad():
         z = vae.encode(pil_upscale(lr_uint8, 4)).latent_dist.mode() * vae.config.scaling_factor
