@@ -26,8 +26,9 @@ from dfosd.core.vocab import FLOAT_PRECISIONS
 @click.option("--float-precision", type=click.Choice(FLOAT_PRECISIONS), default="fp32", show_default=True,
               help="int8/fp8: precision of what is not quantized (fp16 pays only on a GPU).")
 @click.option("--backends", default="onnxruntime", show_default=True,
-              help="Backends to time (comma-separated: onnxruntime, openvino, tensorrt; auto adds the per-part best "
-                   "of the others, measured per part; openvino-bf16: OpenVINO computing the fp32 graph in bf16).")
+              help="Backends to time (comma-separated: onnxruntime, openvino, openvino-bf16, tensorrt, aoti; auto adds the "
+                   "per-part best of onnxruntime and openvino, measured per part, as the runtime's auto; "
+                   "openvino-bf16 also adds eager PyTorch under bf16 autocast, its eager counterpart).")
 @click.option("--warmup", default=1, show_default=True, type=int)
 @click.option("--repeats", default=5, show_default=True, type=int)
 @click.option("--part-repeats", default=3, show_default=True, type=int,

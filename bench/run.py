@@ -19,8 +19,8 @@ from dfosd.core.errors import DfosdError
 from dfosd.core.vocab import FLOAT_PRECISIONS, PRECISIONS, QUANT_PRECISIONS
 from dfosd.engines.base import BACKENDS
 
-# Rows beyond one backend each: auto (the per-part best of the others) and OpenVINO computing in bf16.
-BENCH_BACKENDS = BACKENDS + ("auto", "openvino-bf16")
+# Beyond one row per backend: auto, the per-part best of the exact CPU backends (as the runtime's auto).
+BENCH_BACKENDS = BACKENDS + ("auto",)
 
 if TYPE_CHECKING:
     from dfosd.export.artifacts import ExportConfig
@@ -140,7 +140,7 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
     from dfosd.engines.base import select_backend
 
     for backend in cfg.backends:  # an unusable backend (tensorrt not installed) fails before any export
-        select_backend("openvino" if backend == BF16_ROW else backend)
+        select_backend(backend)
 
     import torch
 
@@ -193,6 +193,14 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
                 return model(xin)
 
         candidates[f"eager PyTorch {prec}"] = ("torch", prec, dev, eager)
+        if prec == "fp32" and not cuda and "openvino-bf16" in cfg.backends:
+            # The eager counterpart of an engine computing in bf16: the same fp32 weights under
+            # CPU autocast (no second model in memory).
+            def eager_bf16(model=model, xin=xin):
+                with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+                    return model(xin)
+
+            candidates["eager PyTorch bf16 autocast"] = ("torch", "bf16", dev, eager_bf16)
     del base
     gc.collect()
     plans = {}
@@ -238,40 +246,18 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
     }
 
 
-# Bench-only row: OpenVINO told to compute in bf16 (INFERENCE_PRECISION_HINT=bf16) on the same
-# fp32 graph. On CPUs with AMX / AVX512-BF16 that is OpenVINO's own default; dfosd's backend pins
-# f32 so that a run gives the exported model's numbers. The row shows what that costs.
-BF16_ROW = "openvino-bf16"
-
-
-def _openvino_bf16_runner(folder: Path, batch: int):
-    from dfosd.core.manifest import ExportDir
-    from dfosd.engines.openvino_backend import OpenVinoBackend
-    from dfosd.runtime.backend_choice import BackendPlan
-    from dfosd.runtime.step import OneStepRunner
-
-    backend = OpenVinoBackend(precision_hint="bf16", cache=False)  # the f32 cache stays as it is
-    export = ExportDir(folder)
-    entries, contracts = export.entries(batch), export.contracts(batch)
-    parts = {p: (backend, backend.load(folder, entries[p], contracts[p])) for p in entries}
-    return OneStepRunner.from_engines(folder, batch, parts, BackendPlan({p: BF16_ROW for p in parts},
-                                                                        "bench: OpenVINO with bf16 compute"))
-
-
 def _engine_candidates(cfg: BenchConfig, prec: str, folder: Path, x, candidates: dict, say) -> dict:
     """One runner per backend; the per-part row ("auto") reuses their engines, part by part."""
-    from dfosd.runtime.backend_choice import measured_choice
+    from dfosd.runtime.backend_choice import CPU_CANDIDATES, measured_choice
     from dfosd.runtime.step import OneStepRunner
 
     singles = {}
-    for backend in (b for b in cfg.backends if b not in ("auto", BF16_ROW)):
+    for backend in (b for b in cfg.backends if b != "auto"):
         runner = OneStepRunner(folder, backend=backend, batch=cfg.batch, say=say)
-        singles[runner.backend.name] = runner
         candidates[f"{runner.backend.name} {prec}"] = (runner.backend.name, prec, runner.backend.device,
                                                        lambda runner=runner: runner(x))
-    if BF16_ROW in cfg.backends:
-        bf16 = _openvino_bf16_runner(folder, cfg.batch)
-        candidates[f"{BF16_ROW} {prec}"] = (BF16_ROW, prec, "cpu", lambda runner=bf16: runner(x))
+        if runner.backend.name in CPU_CANDIDATES:  # auto's candidates: the exact ones
+            singles[runner.backend.name] = runner
     if "auto" not in cfg.backends or len(singles) < 2:
         return {}
     first = next(iter(singles.values()))

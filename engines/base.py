@@ -17,10 +17,15 @@ from typing import Mapping
 from dfosd.core.contracts import ComponentContract
 from dfosd.core.errors import DfosdError
 
-BACKENDS = ("onnxruntime", "openvino", "tensorrt", "aoti")
+# openvino-bf16: OpenVINO computing the same graph in bf16 (approximate; never chosen by auto).
+BACKENDS = ("onnxruntime", "openvino", "openvino-bf16", "tensorrt", "aoti")
 BACKEND_CHOICES = ("auto",) + BACKENDS
-_MODULES = {"onnxruntime": "dfosd.engines.onnxruntime_backend", "openvino": "dfosd.engines.openvino_backend",
-            "tensorrt": "dfosd.engines.tensorrt_backend", "aoti": "dfosd.engines.aoti_backend"}
+# name -> (module, its attribute holding the backend class)
+_MODULES = {"onnxruntime": ("dfosd.engines.onnxruntime_backend", "BACKEND"),
+            "openvino": ("dfosd.engines.openvino_backend", "BACKEND"),
+            "openvino-bf16": ("dfosd.engines.openvino_backend", "BF16_BACKEND"),
+            "tensorrt": ("dfosd.engines.tensorrt_backend", "BACKEND"),
+            "aoti": ("dfosd.engines.aoti_backend", "BACKEND")}
 
 
 class ComponentEngine(ABC):
@@ -99,10 +104,11 @@ def cuda_available() -> bool:
 def backend_class(name: str) -> type[Backend]:
     if name not in _MODULES:
         raise DfosdError(f"unknown backend {name!r}", hint=f"choose one of {', '.join(BACKEND_CHOICES)}")
-    if importlib.util.find_spec(_MODULES[name]) is None:
+    module, attr = _MODULES[name]
+    if importlib.util.find_spec(module) is None:
         raise DfosdError(f"the {name} backend is not part of this dfosd build",
                          hint="use --backend onnxruntime")
-    return importlib.import_module(_MODULES[name]).BACKEND
+    return getattr(importlib.import_module(module), attr)
 
 
 def tensorrt_importable() -> bool:

@@ -45,7 +45,7 @@ from dfosd.engines.base import BACKEND_CHOICES
               help="ONNX opset. [default: 17; 19 for fp8 and for int8 with fp16 floats]")
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
               help="Engines to prepare: onnxruntime uses the ONNX files; tensorrt also builds plans; openvino "
-                   "compiles its cache (auto picks per part at the first run, on the CPU).")
+                   "compiles its cache, openvino-bf16 its bf16 one (auto picks per part at the first run, on the CPU).")
 @click.option("--force", is_flag=True, help="Rebuild even when the manifest says the artifacts are current.")
 @click.option("-v", "--verbose", is_flag=True)
 @user_errors
@@ -87,10 +87,10 @@ def main(ckpt, family, prompt, pisa_scales, base, precision, float_precision, ca
         from dfosd.engines.tensorrt_build import build_engines  # pragma: no cover - needs TensorRT
 
         build_engines(result.out_dir, progress=say)
-    elif backend_cls.name == "openvino":
+    elif backend_cls.name in ("openvino", "openvino-bf16"):
         from dfosd.engines.openvino_backend import compile_cache
 
-        compile_cache(result.out_dir, progress=say)
+        compile_cache(result.out_dir, progress=say, backend=backend_cls())
     verb = "reused" if result.reused else "wrote"
     if cfg.quantize:
         precision = f"{precision} {'+'.join(cfg.quantize)}, {cfg.float_precision} elsewhere"

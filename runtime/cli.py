@@ -30,7 +30,8 @@ TILE_BAR_MIN_CALLS = 4  # a per-tile progress bar for images that take more engi
 @click.option("--backend", default="auto", show_default=True, metavar="|".join(BACKEND_CHOICES),
               help="Engine backend, or one per part (encoder=openvino,unet=onnxruntime,decoder=openvino). auto: "
                    "TensorRT on a GPU; on a CPU the fastest of ONNX Runtime and OpenVINO per part, measured once "
-                   "and cached in the export's manifest.")
+                   "and cached in the export's manifest. openvino-bf16: OpenVINO computing in bf16 on a CPU with "
+                   "AMX or AVX512-BF16 (several times faster, approximate; auto never picks it).")
 @click.option("--batch", type=int, default=None, help="Tile batch to use (one the export built; default: largest).")
 @click.option("--tile", type=int, default=None,
               help="LR tile size; must equal the export's (default: the export's).")

@@ -65,6 +65,7 @@ class OneStepRunner:
         from dfosd.engines.base import backend_class, select_backend
         from dfosd.runtime.backend_choice import (
             BackendPlan,
+            approximate_hint,
             cpu_candidates,
             measured_choice,
             parse_backend_spec,
@@ -99,6 +100,9 @@ class OneStepRunner:
         say(self.backend_reason)
         for line in plan.timing_lines():
             say(line)
+        hint = approximate_hint()
+        if hint:
+            say(hint)
         return {p: instances[plan.names[p]] for p in COMPONENTS}, engines, plan
 
     @classmethod
