@@ -146,6 +146,8 @@ def auto_precision(backend_cls: type[Backend]) -> tuple[str, str]:
     """``--precision auto``: the export precision the chosen backend runs fast, and a sentence saying why."""
     if backend_cls.name == "tensorrt":
         return "fp16", "TensorRT runs on a CUDA GPU, where fp16 is the fast path"
+    if backend_cls.name == "openvino-bf16":
+        return "fp32", "openvino-bf16 computes the fp32 graph in bf16 (bf16 keeps fp32's range; fp16 files would not)"
     device = backend_cls().device  # onnxruntime / aoti: CUDA where they can use it, else the CPU
     if device == "cuda":
         return "fp16", f"{backend_cls.name} runs on a CUDA GPU, where fp16 is the fast path"

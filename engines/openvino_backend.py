@@ -156,7 +156,7 @@ class OpenVinoBackend(Backend):
         return OpenVinoComponent(compiled, contract)
 
     def describe(self) -> str:
-        return f"openvino (CPU, {self.threads} threads, {self.precision_hint})"
+        return f"{self.name} (CPU, {self.threads} threads, {self.precision_hint})"
 
 
 def cpu_has_native_bf16() -> tuple[bool, str]:

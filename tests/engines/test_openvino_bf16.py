@@ -147,3 +147,17 @@ def test_export_time_compile_fills_the_bf16_cache_only(tiny_export_fp32, tmp_pat
     assert len(_blobs(folder / "openvino-bf16-cache")) == len(entries) == len(said)
     assert all(s.startswith("openvino-bf16: ") for s in said)
     assert not (folder / "openvino-cache").exists()
+
+
+@needs_openvino
+@needs_native_bf16
+@pytest.mark.parametrize("export", ["tiny_export_fp16", "int8_export"])
+def test_bf16_compute_runs_fp16_and_qdq_exports(export, request, lr_tile, tmp_path):
+    """What stays float in an fp16 or Q/DQ export is computed in bf16: close to OpenVINO's own run."""
+    from dfosd.core.metrics import psnr_uint8
+    from dfosd.runtime.step import OneStepRunner
+
+    folder = shutil.copytree(request.getfixturevalue(export), tmp_path / "e")
+    exact = OneStepRunner(folder, backend="openvino", batch=1, say=print)(lr_tile).numpy()
+    approx = OneStepRunner(folder, backend="openvino-bf16", batch=1, say=print)(lr_tile).numpy()
+    assert psnr_uint8(approx, exact) > 30.0 and approx.std() > 1

@@ -44,6 +44,7 @@ def test_auto_precision_per_backend():
     ort = backend_class("onnxruntime")
     precision, why = auto_precision(ort)
     assert (precision, "CPU" in why) == (("fp32", True) if ort().device == "cpu" else ("fp16", False))
+    assert auto_precision(backend_class("openvino-bf16"))[0] == "fp32"  # bf16 compute of the fp32 graph
 
 
 def test_missing_checkpoint_is_one_clear_line(tmp_path):
