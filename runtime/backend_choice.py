@@ -26,7 +26,7 @@ from dfosd.core.vocab import COMPONENTS
 
 CPU_CANDIDATES = ("onnxruntime", "openvino")  # exact: they compute the export's own precision
 # Faster on some CPUs but approximate: offered to the user by name, never chosen by auto.
-CPU_APPROXIMATE = ("openvino-bf16",)
+CPU_APPROXIMATE = {"openvino-bf16": "OpenVINO computing in bf16, native on this CPU"}
 TIMING_WARMUP = 1
 TIMING_REPEATS = 3
 
@@ -118,13 +118,13 @@ def approximate_hint() -> str | None:
     """A line for auto's output on a CPU where a faster, approximate backend is usable."""
     from dfosd.engines.base import backend_class
 
-    for name in CPU_APPROXIMATE:
+    for name, what in CPU_APPROXIMATE.items():
         try:
-            ok, why = backend_class(name).availability()
+            ok, _ = backend_class(name).availability()
         except DfosdError:
             continue
         if ok:
-            return (f"  faster but approximate here: --backend {name} ({why}); auto keeps the export's numbers")
+            return f"  faster but approximate here: --backend {name} ({what}); auto keeps the export's numbers"
     return None
 
 
