@@ -210,18 +210,9 @@ def validate_checkpoint(ckpt: DfosdCheckpoint, base: "Base") -> None:
             have, missing = ("A", "B") if a is not None else ("B", "A")
             problems.append(f"{name}: has lora_{have} but no lora_{missing}")
             continue
-        mod = modules.get(name)
-        if mod is None:
-            problems.append(f"{name}: no such module in the base UNet")
-            continue
-        shapes = lora_factor_shapes(mod, meta.lora_rank)
-        if shapes is None:
-            problems.append(f"{name}: is a {type(mod).__name__}; LoRA is supported on Linear and Conv2d")
-            continue
-        want_a, want_b = shapes
-        if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
-            problems.append(f"{name}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the base "
-                            f"(expected {want_a} / {want_b} for rank {meta.lora_rank})")
+        problem = lora_fit_problem(modules.get(name), a, b, meta.lora_rank, "UNet")
+        if problem:
+            problems.append(f"{name}: {problem}")
     emb = ckpt.text_embedding
     width = base.cross_attention_dim
     if emb.ndim != 3 or emb.shape[0] != 1 or emb.shape[2] != width or not 1 <= emb.shape[1] <= MAX_TOKENS:
@@ -256,15 +247,23 @@ def merge_lora(unet, ckpt: DfosdCheckpoint) -> None:
                          hint="the LoRA factors are too large for the base's precision; check the training run")
 
 
-def lora_factor_shapes(mod, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
-    """The (lora_A, lora_B) shapes of a rank-``rank`` LoRA on ``mod`` (PEFT's layout: a 3x3 conv's
-    A keeps the kernel, B is 1x1); None for a layer LoRA is not supported on."""
+def lora_fit_problem(mod, a, b, rank: int, base_label: str) -> str | None:
+    """Why factors ``a`` (lora_A) and ``b`` (lora_B) of a rank-``rank`` LoRA cannot apply to ``mod``
+    (a module of the base named ``base_label``, None when the base has no such module), or None when
+    they fit. PEFT's layout: a 3x3 conv's A keeps the kernel, B is 1x1."""
     from torch import nn
 
+    if mod is None:
+        return f"no such module in the base {base_label}"
     if isinstance(mod, nn.Linear):
-        return (rank, mod.in_features), (mod.out_features, rank)
-    if isinstance(mod, nn.Conv2d):
-        return (rank, mod.in_channels, *mod.kernel_size), (mod.out_channels, rank, 1, 1)
+        want_a, want_b = (rank, mod.in_features), (mod.out_features, rank)
+    elif isinstance(mod, nn.Conv2d):
+        want_a, want_b = (rank, mod.in_channels, *mod.kernel_size), (mod.out_channels, rank, 1, 1)
+    else:
+        return f"is a {type(mod).__name__}; LoRA is supported on Linear and Conv2d"
+    if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+        return (f"lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the base "
+                f"(expected {want_a} / {want_b} for rank {rank})")
     return None
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
-from dfosd.core.checkpoint import lora_factor_shapes, merge_lora_factors, some_names
+from dfosd.core.checkpoint import lora_fit_problem, merge_lora_factors, some_names
 from dfosd.core.errors import DfosdError, problems_error
 from dfosd.core.families import COLOR_FIXES, LORA_PARTS, PREPROCESSINGS, X0_RULES, Family, get_family
 from dfosd.core.manifest import umask_file_mode
@@ -241,19 +241,9 @@ def validate_model(model: SRModel, base: "Base") -> None:
     modules = {part: dict(root.named_modules()) for part, root in roots.items()}
     for s in model.lora_sets:
         for name, (a, b) in sorted(s.factors.items()):
-            mod = modules[s.part].get(name)
-            where = f"{s.part}.{s.name}: {name}"
-            if mod is None:
-                problems.append(f"{where}: no such module in the base {s.part}")
-                continue
-            shapes = lora_factor_shapes(mod, s.rank)
-            if shapes is None:
-                problems.append(f"{where}: is a {type(mod).__name__}; LoRA is supported on Linear and Conv2d")
-                continue
-            want_a, want_b = shapes
-            if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
-                problems.append(f"{where}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the base "
-                                f"(expected {want_a} / {want_b} for rank {s.rank})")
+            problem = lora_fit_problem(modules[s.part].get(name), a, b, s.rank, s.part)
+            if problem:
+                problems.append(f"{s.part}.{s.name}: {name}: {problem}")
     for key, t in model.replacements.items():
         part, _, pname = key.partition(".")
         params = dict(roots[part].named_parameters()) if part in roots else {}
