@@ -11,6 +11,7 @@ import os
 import platform
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 # The flags that change which kernels a CPU runtime picks (and so what a cache holds).
 ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
@@ -125,6 +126,32 @@ def prepare_cache_dir(export_dir, folder_name: str, record_key: str, want: dict,
         log.warning("%s: running without a cache (%s)", folder, exc)
         return None
     return folder
+
+
+class RuntimeCache:
+    """One backend's cache folder in each export it loads from: checked against its record
+    (``prepare_cache_dir``) once per export directory, then trusted for the backend's lifetime,
+    so loading the next part neither re-reads the manifest nor re-checks the folder."""
+
+    def __init__(self, folder_name: str, record_key: str, patterns: tuple[str, ...], log):
+        self.folder_name, self.record_key, self.patterns, self.log = folder_name, record_key, patterns, log
+        self._checked: set[Path] = set()
+
+    def folder(self, export_dir, want: Callable[[dict], dict], manifest: dict | None = None) -> Path | None:
+        """The cache folder to use, emptied first when stale; None when it cannot be written.
+        ``want(manifest)`` is the record the folder must carry."""
+        export_dir = Path(export_dir)
+        if export_dir in self._checked:
+            return export_dir / self.folder_name
+        if manifest is None:
+            from dfosd.core.manifest import ExportDir
+
+            manifest = ExportDir(export_dir, check="none").manifest
+        folder = prepare_cache_dir(export_dir, self.folder_name, self.record_key, want(manifest), self.patterns,
+                                   manifest, self.log)
+        if folder is not None:
+            self._checked.add(export_dir)
+        return folder
 
 
 THREADS_ENV = "DFOSD_THREADS"

@@ -12,7 +12,7 @@ from pathlib import Path
 from dfosd.core.contracts import ComponentContract
 from dfosd.core.errors import DfosdError
 from dfosd.engines.base import Backend, ComponentEngine, cuda_available
-from dfosd.engines.machine import cpu_threads, machine_identity, prepare_cache_dir
+from dfosd.engines.machine import RuntimeCache, cpu_threads, machine_identity
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,8 @@ class OnnxRuntimeBackend(Backend):
         # on a GPU the CPU threads only run the few CPU-side nodes.
         self.threads = threads or cpu_threads()
         self.save_optimized = save_optimized
-        self._checked_dirs: set[Path] = set()
+        self._cache = RuntimeCache(OPTIMIZED_DIR, OPTIMIZED_RECORD,
+                                   ("*.opt.onnx", "*.opt.onnx.data", "*.opt.tmp.onnx"), log)
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
@@ -107,18 +108,12 @@ class OnnxRuntimeBackend(Backend):
 
     def _optimized_path(self, export_dir: Path, entry: dict, manifest: dict | None) -> tuple[Path | None, bool]:
         """(where the optimized graph of this part lives, whether it is there and current)."""
-        from dfosd.core.manifest import ExportDir
-
         if self.device != "cpu" or not self.save_optimized:
             return None, False
-        export_dir = Path(export_dir)
-        if export_dir not in self._checked_dirs:
-            manifest = manifest if manifest is not None else ExportDir(export_dir, check="none").manifest
-            if prepare_cache_dir(export_dir, OPTIMIZED_DIR, OPTIMIZED_RECORD, self.optimized_record(manifest),
-                                 ("*.opt.onnx", "*.opt.onnx.data", "*.opt.tmp.onnx"), manifest, log) is None:
-                return None, False
-            self._checked_dirs.add(export_dir)
-        path = export_dir / OPTIMIZED_DIR / f"{Path(entry['onnx']).stem}.opt.onnx"
+        folder = self._cache.folder(export_dir, self.optimized_record, manifest)
+        if folder is None:
+            return None, False
+        path = folder / f"{Path(entry['onnx']).stem}.opt.onnx"
         return path, path.is_file()
 
     def load(self, export_dir: Path, entry: dict, contract: ComponentContract,

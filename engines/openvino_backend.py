@@ -35,7 +35,7 @@ from pathlib import Path
 from dfosd.core.contracts import ComponentContract
 from dfosd.core.errors import DfosdError
 from dfosd.engines.base import Backend, ComponentEngine
-from dfosd.engines.machine import cpu_threads, machine_identity, prepare_cache_dir
+from dfosd.engines.machine import RuntimeCache, cpu_threads, machine_identity
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class OpenVinoBackend(Backend):
         self.precision_hint = precision_hint
         self.cache = cache
         self._core = None
-        self._checked_dirs: set[Path] = set()
+        self._cache = RuntimeCache(self.cache_dir, self.cache_record_key, ("*.blob",), log)
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
@@ -123,28 +123,13 @@ class OpenVinoBackend(Backend):
         return {"openvino": _openvino().get_version(), "machine": machine_identity(),
                 "config": self.compile_config(), "build_key": manifest.get("build_key")}
 
-    def prepare_cache(self, export_dir: Path, manifest: dict) -> Path | None:
-        """The cache folder to compile with, emptied first when its record is stale; None if unwritable."""
-        export_dir = Path(export_dir)
-        if export_dir in self._checked_dirs:
-            return export_dir / self.cache_dir
-        folder = prepare_cache_dir(export_dir, self.cache_dir, self.cache_record_key, self.cache_record(manifest),
-                                   ("*.blob",), manifest, log)
-        if folder is not None:
-            self._checked_dirs.add(export_dir)
-        return folder
-
     def load(self, export_dir: Path, entry: dict, contract: ComponentContract,
              manifest: dict | None = None) -> OpenVinoComponent:
-        from dfosd.core.manifest import ExportDir
-
         export_dir = Path(export_dir)
         path = export_dir / entry["onnx"]
         config = self.compile_config()
         if self.cache:
-            if manifest is None:
-                manifest = ExportDir(export_dir, check="none").manifest
-            folder = self.prepare_cache(export_dir, manifest)
+            folder = self._cache.folder(export_dir, self.cache_record, manifest)
             if folder is not None:
                 config["CACHE_DIR"] = str(folder)
         try:
