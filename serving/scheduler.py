@@ -22,6 +22,7 @@ server's ``--max-pixels`` and ``--max-batch`` bound per request.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ from typing import Callable
 from dfosd.serving.upscale_service import RequestError, UpscaleRequest, UpscaleService
 
 DEFAULT_TIMEOUT_S = 600.0
+
+log = logging.getLogger(__name__)
 
 
 class RequestTimeout(RequestError):
@@ -45,7 +48,6 @@ class _Pending:
     job_index: int = 0             # next tile to hand out: jobs[job_index], tile tile_index
     tile_index: int = 0
     outputs: list = field(default_factory=list)
-    arrived: float = 0.0
 
     def has_tiles(self) -> bool:
         return self.job_index < len(self.jobs)
@@ -81,13 +83,13 @@ class FairTileScheduler:
         except Exception as exc:  # noqa: BLE001 - a bad request is answered at once
             done(exc)
             return
-        now = self.clock()
         with self._cond:
-            if self._closing:
-                done(RequestError("the model is shutting down"))
-                return
-            self._pending.append(_Pending(layout, jobs, done, now + self.timeout_s, arrived=now))
-            self._cond.notify()
+            closing = self._closing
+            if not closing:
+                self._pending.append(_Pending(layout, jobs, done, self.clock() + self.timeout_s))
+                self._cond.notify()
+        if closing:
+            done(RequestError("the model is shutting down"))
 
     def pending(self) -> int:
         with self._cond:
@@ -95,12 +97,26 @@ class FairTileScheduler:
 
     # -- running (the scheduler thread, or a test calling step directly)
 
-    def _expire(self) -> None:
+    @staticmethod
+    def _deliver(answers: list) -> None:
+        """Call each (pending, result) pair's callback, outside the lock: a callback that sends a
+        response may block or raise, and must neither hold up submit() nor stop the scheduler."""
+        for p, result in answers:
+            try:
+                p.done(result)
+            except Exception:  # noqa: BLE001 - one client's failed answer must not stop the others
+                log.exception("dfosd: answering a request failed")
+
+    def _expire(self) -> list:
+        """Take the requests past their deadline out of the queue (lock held); their answers."""
         now = self.clock()
+        answers = []
         for p in [p for p in self._pending if p.deadline <= now]:
             self._pending.remove(p)
-            p.done(RequestTimeout(f"the request was not done within {self.timeout_s:g} s "
-                                  f"({sum(j.done for j in p.jobs)} of {sum(len(j) for j in p.jobs)} tiles)"))
+            answers.append((p, RequestTimeout(f"the request was not done within {self.timeout_s:g} s "
+                                              f"({sum(j.done for j in p.jobs)} of {sum(len(j) for j in p.jobs)} "
+                                              "tiles)")))
+        return answers
 
     def _fill_batch(self) -> list:
         """Up to runner.batch (pending, job, tile) picks, one per request in turn."""
@@ -126,21 +142,22 @@ class FairTileScheduler:
         from dfosd.runtime.tiling import check_step_output
 
         with self._cond:
-            self._expire()
+            expired = self._expire()
             chunk = self._fill_batch()
+        self._deliver(expired)
         if not chunk:
             return False
-        failed: set[int] = set()
         try:
             out = self.service.runner(torch.cat([job.tiles(i, i + 1) for _, job, i in chunk]))
             check_step_output(out, len(chunk), self.service.default_tiling)
         except Exception as exc:  # noqa: BLE001 - fails the requests with tiles in this batch
+            failed = []
             with self._cond:
                 for p, _, _ in chunk:
-                    if id(p) not in failed and p in self._pending:
-                        failed.add(id(p))
+                    if p in self._pending:  # once per request: removed at its first tile here
                         self._pending.remove(p)
-                        p.done(exc)
+                        failed.append((p, exc))
+            self._deliver(failed)
             return True
         finished = []
         with self._cond:
@@ -153,9 +170,8 @@ class FairTileScheduler:
                     if len(p.outputs) == len(p.jobs):
                         self._pending.remove(p)
                         finished.append(p)
-        for p in finished:
-            srs = [sr.permute(1, 2, 0) if p.layout == "HWC" else sr for sr in p.outputs]
-            p.done(torch.stack(srs).contiguous())
+        self._deliver([(p, torch.stack([sr.permute(1, 2, 0) if p.layout == "HWC" else sr
+                                        for sr in p.outputs]).contiguous()) for p in finished])
         return True
 
     def _loop(self) -> None:
@@ -180,6 +196,5 @@ class FairTileScheduler:
         if self._thread is not None:
             self._thread.join(timeout_s)
         with self._cond:
-            for p in self._pending:
-                p.done(RequestError("the model was unloaded before the request was done"))
-            self._pending.clear()
+            left, self._pending = self._pending, []
+        self._deliver([(p, RequestError("the model was unloaded before the request was done")) for p in left])
