@@ -82,6 +82,28 @@ def check_writable_folder(folder: Path, what: str) -> None:
                          hint=f"fix its permissions or pass another {what}") from None
 
 
+# Keys every report RunReport.write writes: an existing file without them is not a dfosd report.
+_REPORT_KEYS = ("state", "summary", "images")
+
+
+def check_report_path(path: Path) -> None:
+    """Refuse a ``--report`` that would overwrite a file this tool did not write: only a
+    missing file or an earlier dfosd report (one a previous run wrote) may be replaced."""
+    import json
+
+    if path.is_dir():
+        raise DfosdError(f"--report {path} is a folder", hint="pass a file path, e.g. --report run.json")
+    if not path.exists():
+        return
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        data = None
+    if not (isinstance(data, dict) and all(k in data for k in _REPORT_KEYS)):
+        raise DfosdError(f"--report {path} exists and is not a dfosd report: it would be overwritten",
+                         hint="pass a new file name for --report (or remove that file yourself)")
+
+
 @contextlib.contextmanager
 def report_lock(report_path: Path):
     """Hold an exclusive lock on ``report_path`` for the run; refuse if another live run holds it.

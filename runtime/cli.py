@@ -69,6 +69,7 @@ def main(inputs, export_dir, out_dir, backend, batch, tile, overlap, color_fix, 
     from dfosd.runtime.batch import (
         Interrupted,
         RunReport,
+        check_report_path,
         check_writable_folder,
         exit_code_for,
         report_lock,
@@ -92,6 +93,7 @@ def main(inputs, export_dir, out_dir, backend, batch, tile, overlap, color_fix, 
     opts = {"fmt": fmt, "quality": quality, "skip_existing": skip_existing, "color_fix": color_fix,
             "max_pixels": DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels}
     with report_lock(report_path), stop_on_signals():
+        check_report_path(report_path)  # after the lock: a live run holding it is the reason given first
         rep = RunReport(report_path, {"engines": server or str(Path(export_dir).resolve()), "color_fix": color_fix,
                                       "max_pixels": opts["max_pixels"], "out": str(out.resolve())})
         rep.records += [{"input": p, "status": "failed", "error": p} for p in found.problems]

@@ -62,6 +62,18 @@ def test_an_output_over_its_own_input_file_is_refused(tmp_path):
     assert r.exit_code == 1 and "would be written over the input" in r.output and "Traceback" not in r.output
 
 
+@pytest.mark.parametrize("target", ["a.png", "notes.json"])
+def test_a_report_over_a_file_dfosd_did_not_write_is_refused(tmp_path, target):
+    """--report naming an input image, or any existing file that is not a dfosd report."""
+    _photo((24, 24)).save(tmp_path / "a.png")
+    (tmp_path / "notes.json").write_text('{"mine": true}')
+    before = _tree(tmp_path)
+    r = _run([str(tmp_path / "a.png"), "--out", str(tmp_path / "out"), "--report", str(tmp_path / target),
+              "--engines", str(tmp_path / "none")])
+    assert r.exit_code == 1 and "is not a dfosd report" in r.output and "Traceback" not in r.output, r.output
+    assert {k: v for k, v in _tree(tmp_path).items() if not k.startswith("out")} == before
+
+
 def test_a_pattern_never_reads_outputs_as_inputs(tiny_export_fp32, tmp_path):
     """`dfosd-trt-run 'photos/**/*.png' --out photos/sr` twice: the second run must not upscale
     the first run's outputs (x16)."""
@@ -245,11 +257,12 @@ def test_a_second_run_into_the_same_report_is_refused(tiny_export_fp32, tmp_path
     _photo((24, 24)).save(tmp_path / "a.png")
     out = tmp_path / "out"
     out.mkdir()
-    (out / "dfosd-report.json").write_text('{"the": "first run\'s report"}')
+    first = {"the": "first run's report", "state": "running", "summary": {}, "images": []}
+    (out / "dfosd-report.json").write_text(json.dumps(first))
     with report_lock(out / "dfosd-report.json"):  # as a first run holds it while it works
         r = _run([str(tmp_path / "a.png"), "--out", str(out), "--engines", str(tiny_export_fp32)])
         assert r.exit_code == 1 and f"another dfosd-trt-run (pid {os.getpid()})" in r.output, r.output
-        assert json.loads((out / "dfosd-report.json").read_text()) == {"the": "first run's report"}
+        assert json.loads((out / "dfosd-report.json").read_text()) == first
         # its own --report is fine
         r = _run([str(tmp_path / "a.png"), "--out", str(out), "--engines", str(tiny_export_fp32),
                   "--report", str(out / "second.json")])
