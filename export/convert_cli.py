@@ -23,7 +23,7 @@ FAMILY_CHOICES = list(FAMILY_NAMES + REFUSED_FAMILY_NAMES)  # the refused ones a
               help="Base whose tokenizer + text encoder encode the prompt (and whose UNet names kohya keys). "
                    "[default: stabilityai/stable-diffusion-2-1-base]")
 @click.option("--prompt", default=None, help="Prompt encoded once into the model [default: the family's, empty].")
-@click.option("--force", is_flag=True, help="Overwrite --out even if it is not a dfosd model file.")
+@click.option("--force", is_flag=True, help="Overwrite --out even if it is not a format-2 file dfosd convert wrote.")
 @click.option("-v", "--verbose", is_flag=True)
 @user_errors
 def convert_main(src, out, family, base, prompt, force, verbose):
@@ -37,8 +37,11 @@ def convert_main(src, out, family, base, prompt, force, verbose):
     out_path = Path(out)
     if out_path.suffix != ".safetensors":
         raise DfosdError(f"--out {out}: give a .safetensors file name")
-    if out_path.exists() and not force and not _is_dfosd_file(out_path):
-        raise DfosdError(f"{out} exists and was not written by dfosd; not overwriting it",
+    if out_path.exists() and out_path.resolve() == Path(src).resolve():
+        raise DfosdError(f"--out {out} is the file being converted; not overwriting it",
+                         hint="choose another --out")
+    if out_path.exists() and not force and not _is_converted_file(out_path):
+        raise DfosdError(f"{out} exists and is not a file dfosd convert wrote (dfosd format 2); not overwriting it",
                          hint="choose another --out, or pass --force")
     model = read_model(src, family=family, base_spec=base, prompt=prompt, progress=say)
     write_model(out_path, model)
@@ -47,12 +50,16 @@ def convert_main(src, out, family, base, prompt, force, verbose):
     click.echo(str(out_path))
 
 
-def _is_dfosd_file(path: Path) -> bool:
+def _is_converted_file(path: Path) -> bool:
+    """A format-2 file: what convert writes. A format-1 file is a trained checkpoint (dfosd-train's
+    output): not convert's to replace."""
+    from dfosd.core.srmodel import FORMAT_VERSION
+
     try:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
-            return "dfosd_format" in (f.metadata() or {})
+            return (f.metadata() or {}).get("dfosd_format") == FORMAT_VERSION
     except Exception:
         return False
 

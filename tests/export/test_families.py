@@ -118,7 +118,7 @@ def test_encoder_graph_has_two_cubic_resize_passes(upstream_files, tiny_base, tm
         assert attrs["exclude_outside"] == 1 and attrs["coordinate_transformation_mode"] == b"half_pixel"
 
 
-def test_convert_then_inspect_then_read(upstream_files, tmp_path):
+def test_convert_then_inspect_then_read(upstream_files, tiny_base, tmp_path):
     from dfosd.cli import main
 
     out = tmp_path / "osediff.safetensors"
@@ -148,6 +148,15 @@ def test_convert_then_inspect_then_read(upstream_files, tmp_path):
     foreign.write_bytes(b"not dfosd")
     r = CliRunner().invoke(main, ["convert", str(upstream_files["hypir"]), "--out", str(foreign), "--base", TINY])
     assert r.exit_code != 0 and "not overwriting" in r.output and foreign.read_bytes() == b"not dfosd"
+    # nor the file being converted, nor a trained (format-1) checkpoint
+    trained = tmp_path / "lora.safetensors"
+    from dfosd.core.checkpoint import write_random_checkpoint
+
+    write_random_checkpoint(trained, tiny_base)
+    before = trained.read_bytes()
+    for src in (trained, upstream_files["hypir"]):
+        r = CliRunner().invoke(main, ["convert", str(src), "--out", str(trained), "--base", TINY])
+        assert r.exit_code != 0 and "not overwriting" in r.output and trained.read_bytes() == before, r.output
 
 
 def test_pisa_two_pass_matches_upstream_adjustable_mode(upstream_files, tiny_base, text_models, lr, tmp_path):
