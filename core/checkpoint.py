@@ -206,10 +206,6 @@ def validate_checkpoint(ckpt: DfosdCheckpoint, base: "Base") -> None:
     modules = dict(base.unet.named_modules())
     meta = ckpt.metadata
     for name, (a, b) in sorted(ckpt.lora_modules().items()):
-        if a is None or b is None:
-            have, missing = ("A", "B") if a is not None else ("B", "A")
-            problems.append(f"{name}: has lora_{have} but no lora_{missing}")
-            continue
         problem = lora_fit_problem(modules.get(name), a, b, meta.lora_rank, "UNet")
         if problem:
             problems.append(f"{name}: {problem}")
@@ -248,11 +244,14 @@ def merge_lora(unet, ckpt: DfosdCheckpoint) -> None:
 
 
 def lora_fit_problem(mod, a, b, rank: int, base_label: str) -> str | None:
-    """Why factors ``a`` (lora_A) and ``b`` (lora_B) of a rank-``rank`` LoRA cannot apply to ``mod``
-    (a module of the base named ``base_label``, None when the base has no such module), or None when
-    they fit. PEFT's layout: a 3x3 conv's A keeps the kernel, B is 1x1."""
+    """Why factors ``a`` (lora_A) and ``b`` (lora_B, either None when the file lacks it) of a
+    rank-``rank`` LoRA cannot apply to ``mod`` (a module of the base named ``base_label``, None when
+    the base has no such module), or None when they fit. PEFT's layout: a 3x3 conv's A keeps the kernel, B is 1x1."""
     from torch import nn
 
+    if a is None or b is None:  # a lone factor: format-1 files are read without this check
+        have, missing = ("A", "B") if a is not None else ("B", "A")
+        return f"has lora_{have} but no lora_{missing}"
     if mod is None:
         return f"no such module in the base {base_label}"
     if isinstance(mod, nn.Linear):

@@ -252,7 +252,7 @@ def validate_model(model: SRModel, base: "Base") -> None:
         elif tuple(params[pname].shape) != tuple(t.shape):
             problems.append(f"replacement {key}: shape {tuple(t.shape)}, the base has {tuple(params[pname].shape)}")
     tensors = {f"{s.part}.{s.name}: {name}.lora_{ab}": t for s in model.lora_sets
-               for name, pair in s.factors.items() for ab, t in zip("AB", pair)}
+               for name, pair in s.factors.items() for ab, t in zip("AB", pair) if t is not None}
     tensors.update({f"replacement {k}": t for k, t in model.replacements.items()})
     if model.text_embedding is not None:
         tensors["text_embedding"] = model.text_embedding

@@ -113,6 +113,21 @@ def test_export_refuses_nan_and_inf_tensors_naming_them(tiny_ckpt, tmp_path):
     assert not (tmp_path / "e").exists()
 
 
+def test_export_names_a_lone_lora_factor_without_a_traceback(tiny_ckpt, tmp_path):
+    from safetensors.torch import load_file
+
+    with safe_open(str(tiny_ckpt), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(tiny_ckpt))
+    lone = sorted(k for k in tensors if k.endswith("conv1.lora_B.weight"))[0]
+    del tensors[lone]
+    save_file(tensors, str(tmp_path / "half.safetensors"), metadata=meta)
+    r = _export(tmp_path / "half.safetensors", tmp_path / "e")
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert "has lora_A but no lora_B" in r.output and lone.removeprefix("unet.").removesuffix(".lora_B.weight") in r.output
+    assert not (tmp_path / "e").exists()
+
+
 def test_export_refuses_nan_lora_alpha(tiny_ckpt, tmp_path):
     ckpt, _ = _poisoned(tiny_ckpt, tmp_path, meta={"lora_alpha": "nan"})
     r = _export(ckpt, tmp_path / "e")
