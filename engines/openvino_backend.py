@@ -30,6 +30,7 @@
 from __future__ import annotations
 
 import logging
+from functools import lru_cache
 from pathlib import Path
 
 from dfosd.core.contracts import ComponentContract
@@ -144,8 +145,11 @@ class OpenVinoBackend(Backend):
         return f"{self.name} (CPU, {self.threads} threads, {self.precision_hint})"
 
 
+@lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> tuple[bool, str]:
-    """Whether OpenVINO's CPU plugin computes bf16 natively here (its own capability list)."""
+    """Whether OpenVINO's CPU plugin computes bf16 natively here (its own capability list). Asked
+    once per process: it loads the CPU plugin, and every openvino-bf16 availability check and
+    every auto run on a CPU ask it."""
     try:
         caps = _openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     except DfosdError as exc:

@@ -82,7 +82,8 @@ def test_bf16_is_close_to_fp32_and_keeps_its_own_cache(tiny_export_fp32, lr_tile
 
 
 @needs_openvino
-def test_without_native_bf16_the_backend_says_why_and_auto_offers_nothing(tiny_export_fp32, tmp_path, monkeypatch):
+def test_without_native_bf16_the_backend_says_why_and_auto_offers_nothing(tiny_export_fp32, tmp_path, monkeypatch,
+                                                                          request):
     from dfosd.core.errors import DfosdError
     from dfosd.engines import openvino_backend
     from dfosd.engines.base import select_backend
@@ -95,6 +96,8 @@ def test_without_native_bf16_the_backend_says_why_and_auto_offers_nothing(tiny_e
             return ["FP32", "INT8", "EXPORT_IMPORT"]
 
     monkeypatch.setattr(openvino_backend._openvino(), "Core", NoBf16Core)
+    openvino_backend.cpu_has_native_bf16.cache_clear()  # the answer is kept per process: ask again
+    request.addfinalizer(openvino_backend.cpu_has_native_bf16.cache_clear)  # and again after the stand-in
     with pytest.raises(DfosdError, match="no native bf16") as info:
         select_backend("openvino-bf16")
     assert "--backend openvino" in info.value.hint
