@@ -8,7 +8,6 @@ alternate A, B, A, B, ... so machine noise hits both alike. Prints medians and t
 
 from __future__ import annotations
 
-import platform
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ def main(exports, part, batch, repeats, threads, json_path):
     import onnxruntime as ort
 
     from dfosd.core.manifest import ExportDir, write_json_atomic
+    from dfosd.engines.machine import cpu_model
 
     sessions, feeds = [], []
     for d in exports:
@@ -60,17 +60,7 @@ def main(exports, part, batch, repeats, threads, json_path):
         click.echo(f"{r['export']}: {part} median {r['median_ms']:.2f} ms ({r['ratio']:.2f}x the first)")
     if json_path:
         write_json_atomic(Path(json_path), {"part": part, "batch": batch, "repeats": repeats, "threads": threads,
-                                            "machine": _cpu_name(), "rows": rows})
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+                                            "machine": cpu_model(), "rows": rows})
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -47,18 +47,6 @@ def source_fingerprint(stages: tuple[str, ...] = ("core", "export", "calibration
     return h.hexdigest()
 
 
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), else what ``platform`` knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith(("model name", "cpu model", "hardware")):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def software_versions() -> dict[str, Any]:
     return {"python": platform.python_version(), "dfosd_source": source_fingerprint(),
             **package_versions("dfosd", "torch", "diffusers", "onnx", "onnxruntime", "onnxruntime-gpu",

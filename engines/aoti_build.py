@@ -61,11 +61,11 @@ from dfosd.core.manifest import (
     changed_files,
     package_versions,
     ExportDir,
-    cpu_model,
     source_fingerprint,
     write_json_atomic,
 )
 from dfosd.core.vocab import AOTI_MANIFEST_NAME, COMPONENTS, FLOAT_PRECISIONS, PACKAGE_SUFFIX, package_name
+from dfosd.engines.machine import cpu_model
 
 log = logging.getLogger(__name__)
 

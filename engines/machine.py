@@ -18,7 +18,8 @@ ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "a
              "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16", "asimd", "sve")
 
 
-def _cpuinfo() -> list[str]:
+@lru_cache(maxsize=1)
+def _cpuinfo() -> list[str]:  # read once: cpu_model, cpu_isa and physical_cores all ask
     try:
         with open("/proc/cpuinfo") as f:
             return f.read().splitlines()

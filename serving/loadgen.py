@@ -58,7 +58,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def cpu_description() -> str:
-    from dfosd.core.manifest import cpu_model
+    from dfosd.engines.machine import cpu_model
 
     return f"{cpu_model()}, {os.cpu_count()} cores ({platform.machine()}, {platform.system()})"
 
