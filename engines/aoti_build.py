@@ -290,12 +290,13 @@ def _write_build(export_dir: Path, device: str, build: dict) -> None:
     write_json_atomic(export_dir / AOTI_MANIFEST_NAME, old)
 
 
-def _clear_stale(export_dir: Path, keep: set[str], previous: set[str]) -> None:
+def _clear_stale(export_dir: Path, device: str, keep: set[str], previous: set[str]) -> None:
     """Remove the packages the previous build of this device wrote and this one did not;
     a package dfosd did not record (a user's file) is never touched."""
     for name in sorted(previous - keep):
         (export_dir / name).unlink(missing_ok=True)
-    for p in export_dir.glob(f".*{PACKAGE_SUFFIX}.*.tmp"):  # left by a killed build
+    # Staging folders of this device's killed builds only: another device's build may be running.
+    for p in export_dir.glob(f".*.{device}{PACKAGE_SUFFIX}.*.tmp"):
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
@@ -371,7 +372,7 @@ def export_aoti(export_dir: str | Path, *, device: str, precision: str | None = 
     del model
     if device == "cuda":
         torch.cuda.empty_cache()
-    _clear_stale(export_dir, set(files), set((old or {}).get("files", {})))
+    _clear_stale(export_dir, device, set(files), set((old or {}).get("files", {})))
     build = {
         "build_key": key,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
