@@ -281,10 +281,11 @@ def planned_models(by_batch: dict[int, dict], opts: RepoOptions) -> set[str]:
     return names
 
 
-def prepare_repo_dir(repo: Path, force: bool, planned: set[str] = frozenset()) -> None:
+def prepare_repo_dir(repo: Path, force: bool, planned: set[str] = frozenset()) -> set[str]:
     """Refuse before writing anything: a non-empty folder we did not write (unless ``force``: then we
     only add to it), and, always, a model folder of the same name that an earlier run did not write
-    (a user's folder is never deleted, with or without ``force``)."""
+    (a user's folder is never deleted, with or without ``force``). Returns the model folders earlier
+    runs wrote."""
     if repo.exists() and not repo.is_dir():
         raise DfosdError(f"{repo} exists and is not a directory")
     if repo.is_dir() and any(repo.iterdir()) and not (repo / MARKER).is_file() and not force:
@@ -296,6 +297,7 @@ def prepare_repo_dir(repo: Path, force: bool, planned: set[str] = frozenset()) -
         raise DfosdError(f"{repo} already holds {', '.join(clash)}, which dfosd did not write; "
                          "it would be replaced", hint="move it away, choose another --name, or another folder")
     repo.mkdir(parents=True, exist_ok=True)
+    return ours
 
 
 # ---------------------------------------------------------------- TensorRT plans
@@ -354,19 +356,39 @@ def _write_chain(repo: Path, result: "RepoResult", opts: "RepoOptions", contract
 def write_repository(export_dir: str | Path, repo_dir: str | Path, opts: RepoOptions = RepoOptions(), *,
                      force: bool = False) -> RepoResult:
     export = ExportDir(export_dir)
-    export_dir, manifest = export.path, export.manifest
+    export_dir = export.path
     by_batch = export.complete_batches()
     if not by_batch:
         raise DfosdError(f"{export_dir}/{MANIFEST_NAME} lists no complete set of encoder/unet/decoder parts",
                          hint="re-run dfosd-export into this directory")
+    tile_batch = max(by_batch) if opts.tile_batch is None else opts.tile_batch
+    if "python" in opts.kinds and tile_batch not in by_batch:  # before anything is written
+        raise DfosdError(f"the export has no tile batch {tile_batch} (it has {sorted(by_batch)})",
+                         hint=f"pass --tile-batch {max(by_batch)}, or re-export with --batch {tile_batch}")
     repo = Path(repo_dir)
     planned = planned_models(by_batch, opts)
-    prepare_repo_dir(repo, force, planned)
-    written_before = models_written_before(repo)
+    written_before = prepare_repo_dir(repo, force, planned)
     # Claim the folders first: a run cut short leaves folders the next run may still replace.
     write_text_atomic(repo / MARKER, json.dumps({"engines": str(export_dir.resolve()), "models": {
         m: "being written" for m in sorted(written_before | planned)}}, indent=2) + "\n")
     result = RepoResult(repo)
+    try:
+        _write_models(repo, export, by_batch, opts, tile_batch, result)
+    finally:
+        # The claims shrink to the folders that exist (all ours: a planned name a user held was refused
+        # above), also when a check failed half-way: an unused claim would later let us delete a folder
+        # the user made under that name.
+        models = {m: "written by an earlier run" if m in written_before else "written by this run"
+                  for m in sorted(written_before | planned) if (repo / m).is_dir()}
+        models.update(result.models)
+        write_text_atomic(repo / MARKER, json.dumps({"engines": str(export_dir.resolve()), "models": models},
+                                                    indent=2) + "\n")
+    return result
+
+
+def _write_models(repo: Path, export, by_batch: dict, opts: RepoOptions, tile_batch: int,
+                  result: RepoResult) -> None:
+    export_dir, manifest = export.path, export.manifest
     n = opts.name
 
     for batch, parts in by_batch.items():
@@ -397,20 +419,9 @@ def write_repository(export_dir: str | Path, repo_dir: str | Path, opts: RepoOpt
                              ensemble=f"ensemble of the TensorRT plans, tile batch {batch}")
 
     if "python" in opts.kinds:
-        tile_batch = max(by_batch) if opts.tile_batch is None else opts.tile_batch
-        if tile_batch not in by_batch:
-            raise DfosdError(f"the export has no tile batch {tile_batch} (it has {sorted(by_batch)})",
-                             hint=f"pass --tile-batch {max(by_batch)}, or re-export with --batch {tile_batch}")
         params = python_model_parameters(manifest, opts, tile_batch)
         files = {f"engines/{p.name}": p for p in export_files(export_dir)}
         write_model(repo, n, python_config(n, params, opts), files, opts.link,
                     {"model.py": model_py(opts.site_dirs, opts.path_dirs)})
         result.models[n] = (f"python backend: dfosd runtime ({opts.backend}), any image size, tile batch "
                             f"{tile_batch}, up to {opts.max_batch} requests per batch")
-
-    # Keep listing what earlier runs wrote (and is still there): a later run may replace those too.
-    models = {m: "written by an earlier run" for m in sorted(written_before) if (repo / m).is_dir()}
-    models.update(result.models)
-    write_text_atomic(repo / MARKER, json.dumps({"engines": str(export_dir.resolve()), "models": models},
-                                                indent=2) + "\n")
-    return result

@@ -215,7 +215,7 @@ def test_only_chosen_kinds_cpu_instances_and_links(tmp_path):
 
 
 def test_refusals(tmp_path):
-    from dfosd.serving.triton_repo import RepoOptions, write_repository
+    from dfosd.serving.triton_repo import MARKER, RepoOptions, write_repository
 
     export = tmp_path / "export"
     manifest = fake_export(export, batches=(1,))
@@ -228,6 +228,13 @@ def test_refusals(tmp_path):
         write_repository(export, tmp_path / "r1", RepoOptions(kinds=("tensorrt",), tensorrt_required=True))
     with pytest.raises(DfosdError, match="no tile batch 4"):
         write_repository(export, tmp_path / "r2", RepoOptions(tile_batch=4))
+    assert not (tmp_path / "r2").exists()  # refused before anything was written
+    # a run that fails half-way claims only the model folders it made: none of the _trt names
+    with pytest.raises(DfosdError, match="no TensorRT plan"):
+        write_repository(export, tmp_path / "r8", RepoOptions(kinds=("onnx", "tensorrt"), tensorrt_required=True))
+    claimed = set(json.loads((tmp_path / "r8" / MARKER).read_text())["models"])
+    assert claimed == {p.name for p in (tmp_path / "r8").iterdir() if p.is_dir()} and claimed
+    assert not any(m.endswith("_trt") for m in claimed)
     with pytest.raises(DfosdError, match="--kinds"):
         RepoOptions(kinds=("onnx", "coreml"))
     with pytest.raises(DfosdError, match="no manifest.json"):
