@@ -248,24 +248,46 @@ def process_start_time(pid: int) -> str | None:
 
 def make_work_dir(parent: Path | None = None) -> Path:
     work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX, dir=parent))
-    owner = {"pid": os.getpid(), "start_time": process_start_time(os.getpid())}
+    owner = {"pid": os.getpid(), "start_time": process_start_time(os.getpid()), "pid_ns": _pid_namespace()}
     (work / OWNER_FILE).write_text(json.dumps(owner) + "\n")
     return work
+
+
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, owned by someone else
+        return True
+    return True
 
 
 def sweep_stale_work_dirs(parent: Path | None = None) -> list[Path]:
     """Remove the work folders of dfosd-serve processes that no longer run (killed with SIGKILL).
 
     Only folders named ``dfosd-serve-*`` holding our owner file are candidates; a folder whose
-    owner file is unreadable, or whose owner still runs, stays."""
+    owner file is unreadable, or whose owner still runs, stays. So does one written in another
+    pid namespace (a container sharing the temp folder: its pids mean nothing here), and one
+    without a recorded start time whose pid is alive (no /proc to tell a reused pid apart)."""
     removed = []
+    here = _pid_namespace()
     for work in Path(parent or tempfile.gettempdir()).glob(WORK_PREFIX + "*"):
         try:
             owner = json.loads((work / OWNER_FILE).read_text())
             pid, started = int(owner["pid"]), owner["start_time"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if started is not None and process_start_time(pid) == started:
+        if owner.get("pid_ns", here) != here:
+            continue  # another pid namespace's: cannot be judged from here
+        if (process_start_time(pid) == started) if started is not None else _pid_alive(pid):
             continue  # its dfosd-serve still runs
         shutil.rmtree(work, ignore_errors=True)
         removed.append(work)

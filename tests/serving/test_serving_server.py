@@ -546,9 +546,14 @@ def test_stale_work_folders_of_killed_servers_are_swept(tmp_path):
     foreign = tmp_path / "dfosd-serve-foreign"
     foreign.mkdir()
     (foreign / "data.txt").write_text("not ours")
+    other_ns = make_work_dir(tmp_path)  # a dead pid, but of another pid namespace (a container)
+    (other_ns / OWNER_FILE).write_text(json.dumps({"pid": dead.pid, "start_time": "1", "pid_ns": "pid:[1]"}))
+    no_start = make_work_dir(tmp_path)  # no start time recorded (no /proc there): alive pid, kept
+    (no_start / OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "start_time": None}))
     assert process_start_time(dead.pid) is None and process_start_time(os.getpid())
     assert sorted(sweep_stale_work_dirs(tmp_path)) == sorted([gone, reused])
     assert live.is_dir() and foreign.is_dir() and not gone.exists() and not reused.exists()
+    assert other_ns.is_dir() and no_start.is_dir()
 
 
 def test_kill_9_of_dfosd_serve_takes_the_server_and_the_next_start_cleans_up(tiny_export_fp32, tmp_path):
