@@ -86,14 +86,17 @@ def _attr(node, name, default=None):
     return default
 
 
-def _check_graph(graph, consts, types, edge, problems, where) -> None:
+def _check_graph(graph, consts, types, edge, problems, where, qdq_ok: set | None = None) -> None:
+    """``types`` holds every tensor of the model, nested graphs' included: they are checked once, by
+    the top-level call, after the nested graphs added their Q/DQ tensors to ``qdq_ok``."""
     import numpy as np
     import onnx
 
     ops = parser_ops()
     tp = onnx.TensorProto
     quantized = {getattr(tp, t) for t in QUANTIZED_TYPES if hasattr(tp, t)}
-    qdq_ok = set()  # tensors allowed a quantized type: Q outputs, DQ inputs
+    top = qdq_ok is None
+    qdq_ok = set() if top else qdq_ok  # tensors allowed a quantized type: Q outputs, DQ inputs
     for node in graph.node:
         if node.op_type == "QuantizeLinear":
             qdq_ok.update(node.output)
@@ -109,7 +112,7 @@ def _check_graph(graph, consts, types, edge, problems, where) -> None:
             problems.append(f"{label}: no importer for {node.op_type} in TensorRT's ONNX parser")
         for a in node.attribute:  # nested graphs (If, Loop, Scan)
             for sub in ([a.g] if a.type == a.GRAPH else list(a.graphs) if a.type == a.GRAPHS else []):
-                _check_graph(sub, {**consts, **_constants(sub)}, types, edge, problems, f"{label} > ")
+                _check_graph(sub, {**consts, **_constants(sub)}, types, edge, problems, f"{label} > ", qdq_ok)
         if node.op_type == "Cast":
             to = _attr(node, "to")
             if to == tp.UINT8 and not set(node.output) <= edge:
@@ -134,6 +137,8 @@ def _check_graph(graph, consts, types, edge, problems, where) -> None:
         for i in CONSTANT_INPUTS.get(node.op_type, ()):
             if len(node.input) > i and node.input[i] and node.input[i] not in consts:
                 problems.append(f"{label}: input {i} ({node.input[i]}) must be a constant for TensorRT's importer")
+    if not top:
+        return
     for name, t in types.items():
         if t == tp.UINT8 and name not in edge and name not in qdq_ok:
             problems.append(f"{where}tensor {name}: UINT8 inside the graph (only as network input/output)")

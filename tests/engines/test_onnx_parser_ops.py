@@ -108,3 +108,27 @@ def test_parser_check_flags_what_tensorrt_refuses(case, expected, tmp_path):
     assert all(p.startswith(f"{case}.onnx: ") for p in problems)
     if case == "resize":
         assert any("cubic resize scales an axis before the last 2" in p for p in problems), problems
+
+
+def test_q_dq_tensors_are_checked_once_with_nested_graphs(tmp_path):
+    """Q/DQ at the top level beside an If: the nested graphs must not re-check the whole model's
+    tensor types without the top level's Q/DQ tensors (that reported false INT8 problems)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto as T
+    from onnx import helper, numpy_helper
+
+    from dfosd.engines.onnx_parser_ops import check_onnx_file
+
+    branch = helper.make_graph([helper.make_node("Identity", ["y"], ["z_b"])], "b", [],
+                               [helper.make_tensor_value_info("z_b", T.FLOAT, None)])
+    model, _ = _graph([helper.make_node("QuantizeLinear", ["x", "sc", "zp"], ["xq"]),
+                       helper.make_node("DequantizeLinear", ["xq", "sc", "zp"], ["y"]),
+                       helper.make_node("If", ["c"], ["z"], then_branch=branch, else_branch=branch)],
+                      [("x", T.FLOAT, [1, 3, 8, 8]), ("c", T.BOOL, [])], [("z", T.FLOAT, None)],
+                      [numpy_helper.from_array(np.array(0.1, np.float32), "sc"),
+                       numpy_helper.from_array(np.array(0, np.int8), "zp")])
+    model = onnx.shape_inference.infer_shapes(model)
+    path = tmp_path / "nested.onnx"
+    onnx.save(model, str(path))
+    assert not [p for p in check_onnx_file(path) if "outside Q/DQ" in p]
