@@ -29,6 +29,7 @@ PLAN_SUFFIX = ".plan"  # TensorRT engine
 PLAN_MANIFEST_SUFFIX = ".plan.json"  # its build record, beside it
 PACKAGE_SUFFIX = ".pt2"  # AOTInductor package
 AOTI_MANIFEST_NAME = "manifest.aoti.json"  # AOTInductor build record, one section per device
+REPORT_NAME = "dfosd-report.json"  # dfosd-trt-run's run report, by default in --out
 
 
 def stem(component: str, batch: int) -> str:

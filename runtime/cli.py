@@ -13,11 +13,11 @@ from pathlib import Path
 import click
 
 from dfosd.core.cli_support import say, setup_logging, user_errors
-from dfosd.core.vocab import COLOR_FIXES
+from dfosd.core.vocab import COLOR_FIXES, REPORT_NAME
 from dfosd.engines.base import BACKEND_CHOICES
+from dfosd.runtime.inputs import DEFAULT_MAX_PIXELS, OUTPUT_FORMATS  # torch-free: --help stays light
 
-FORMATS = ("png", "jpg", "webp")
-REPORT_NAME = "dfosd-report.json"  # also runtime.batch.REPORT_NAME (kept here: no heavy import for --help)
+FORMATS = tuple(OUTPUT_FORMATS)
 TILE_BAR_MIN_CALLS = 4  # a per-tile progress bar for images that take more engine calls than this
 
 
@@ -48,9 +48,9 @@ TILE_BAR_MIN_CALLS = 4  # a per-tile progress bar for images that take more engi
 @click.option("--server", default=None, metavar="URL",
               help="Upscale on a dfosd-serve / Triton server (http://HOST:PORT or grpc://HOST:PORT) instead of "
                    "loading engines here; --engines/--backend/--batch do not apply.")
-@click.option("--max-pixels", type=click.IntRange(1), default=None,
+@click.option("--max-pixels", type=click.IntRange(1), default=DEFAULT_MAX_PIXELS, show_default=True,
               help="Refuse inputs with more pixels than this, read from the header before decoding "
-                   "[default: 25000000, about 2 GiB at the run's ~88 bytes per input pixel].")
+                   "(the default is about 2 GiB at the run's ~88 bytes per input pixel).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.option("-v", "--verbose", is_flag=True)
 @user_errors
@@ -75,7 +75,7 @@ def main(inputs, export_dir, out_dir, backend, batch, tile, overlap, color_fix, 
         report_lock,
         stop_on_signals,
     )
-    from dfosd.runtime.inputs import DEFAULT_MAX_PIXELS, check_output_folder, collect_inputs
+    from dfosd.runtime.inputs import check_output_folder, collect_inputs
 
     out = Path(out_dir)
     found = collect_inputs(inputs, out_dir=out)
@@ -91,7 +91,7 @@ def main(inputs, export_dir, out_dir, backend, batch, tile, overlap, color_fix, 
     check_writable_folder(out, "--out")
     check_writable_folder(report_path.parent, "--report folder")
     opts = {"fmt": fmt, "quality": quality, "skip_existing": skip_existing, "color_fix": color_fix,
-            "max_pixels": DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels}
+            "max_pixels": max_pixels}
     with report_lock(report_path), stop_on_signals():
         check_report_path(report_path)  # after the lock: a live run holding it is the reason given first
         rep = RunReport(report_path, {"engines": server or str(Path(export_dir).resolve()), "color_fix": color_fix,
