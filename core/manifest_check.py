@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from dfosd.core.errors import problems_error
-from dfosd.core.vocab import COMPONENTS, FLOAT_PRECISIONS, PRECISIONS
+from dfosd.core.vocab import COMPONENTS, EXPORT_KIND, FLOAT_PRECISIONS, PRECISIONS
+from dfosd.core.vocab import stem as part_stem
 
-EXPORT_KIND = "dfosd-export"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -103,7 +103,7 @@ def check_export_manifest(data: Any, path: Path) -> None:
         key = _check_component(stem, entry, data, problems)
         if key is not None:
             seen.add(key)
-    missing = [f"{c}_b{b}" for b in batches for c in COMPONENTS if (c, b) not in seen]
+    missing = [part_stem(c, b) for b in batches for c in COMPONENTS if (c, b) not in seen]
     if missing:
         problems.append(f"no component entries for {', '.join(missing)} (batches {batches})")
     _check_file_records(data.get("files"), problems)

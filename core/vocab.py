@@ -24,6 +24,8 @@ IMAGE_IN, IMAGE_OUT = LR_IMAGE, SR_IMAGE  # what clients send and get back
 
 # Artifact files of an export directory.
 MANIFEST_NAME = "manifest.json"
+EXPORT_KIND = "dfosd-export"  # the manifest's "kind"
+EXPORT_IN_PROGRESS_KIND = "dfosd-export-in-progress"  # the kind of the record of an export being written
 ONNX_SUFFIX = ".onnx"
 PLAN_SUFFIX = ".plan"  # TensorRT engine
 PLAN_MANIFEST_SUFFIX = ".plan.json"  # its build record, beside it

@@ -34,7 +34,7 @@ from dfosd.core.manifest import (
     software_versions,
     write_json_atomic,
 )
-from dfosd.core.vocab import COMPONENTS, MANIFEST_NAME, PRECISIONS, QUANT_PRECISIONS, onnx_name, stem
+from dfosd.core.vocab import COMPONENTS, EXPORT_KIND, MANIFEST_NAME, PRECISIONS, QUANT_PRECISIONS, onnx_name, stem
 
 if TYPE_CHECKING:
     from dfosd.core.bases import Base
@@ -259,7 +259,7 @@ def export_checkpoint(ckpt_path: str | Path, base_spec: str | None, out_dir: str
                      f"{', '.join(removed)}")
         manifest = {
             "format": MANIFEST_FORMAT,
-            "kind": "dfosd-export",
+            "kind": EXPORT_KIND,
             "build_key": key,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "inputs": {**inputs, "checkpoint": str(Path(ckpt_path).resolve())},

@@ -23,10 +23,9 @@ from pathlib import Path
 
 from dfosd.core.errors import DfosdError
 from dfosd.core.manifest import write_json_atomic
-from dfosd.core.vocab import MANIFEST_NAME, onnx_name
+from dfosd.core.vocab import EXPORT_IN_PROGRESS_KIND, EXPORT_KIND, MANIFEST_NAME, onnx_name
 
 IN_PROGRESS_NAME = ".dfosd-export-in-progress.json"
-EXPORT_KIND = "dfosd-export"
 # Staging folders of export_part / the Q/DQ rewrite: ".<stem>.dfosd-tmp.<random>".
 STAGING_MARK = "dfosd-tmp"
 
@@ -56,7 +55,7 @@ def owned_files(out_dir: Path) -> set[str]:
     if not out_dir.is_dir() or not any(out_dir.iterdir()):
         return set()
     manifest = _listed_files(out_dir / MANIFEST_NAME, EXPORT_KIND)
-    in_progress = _listed_files(out_dir / IN_PROGRESS_NAME, "dfosd-export-in-progress")
+    in_progress = _listed_files(out_dir / IN_PROGRESS_NAME, EXPORT_IN_PROGRESS_KIND)
     if manifest is None and in_progress is None:
         shown = sorted(p.name for p in out_dir.iterdir())
         raise DfosdError(f"--out {out_dir} is not empty and is not a dfosd export (no dfosd {MANIFEST_NAME}; it "
@@ -77,7 +76,7 @@ def check_planned(out_dir: Path, owned: set[str], planned: set[str]) -> None:
 def claim(out_dir: Path, owned: set[str], planned: set[str]) -> None:
     """Record ``planned`` as this export's before the first file is written (see the module docstring)."""
     check_planned(out_dir, owned, planned)
-    write_json_atomic(Path(out_dir) / IN_PROGRESS_NAME, {"kind": "dfosd-export-in-progress",
+    write_json_atomic(Path(out_dir) / IN_PROGRESS_NAME, {"kind": EXPORT_IN_PROGRESS_KIND,
                                                           "files": sorted(planned | owned)})
 
 
