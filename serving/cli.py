@@ -10,6 +10,7 @@ import click
 
 from dfosd.core.cli_support import say, setup_logging, user_errors
 from dfosd.engines.base import BACKEND_CHOICES
+from dfosd.serving.scheduler import DEFAULT_TIMEOUT_S
 
 KINDS_HELP = "Comma-separated: python (dfosd runtime, any size), onnx (ONNX Runtime parts + ensemble), " \
              "tensorrt (plans + ensemble; default: where the export has plans)."
@@ -36,7 +37,7 @@ def _ignore_signals(handlers: dict) -> None:
               help="Most requests the dynamic batcher hands to the model at once.")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(0), default=0.0, show_default=True,
               help="Seconds a request may wait in the queue before it is rejected (0: no limit).")
-@click.option("--request-timeout", "request_timeout_s", type=click.FloatRange(min=0, min_open=True), default=600.0,
+@click.option("--request-timeout", "request_timeout_s", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_TIMEOUT_S,
               show_default=True, help="Seconds after which a request that is not done fails (with the reason).")
 @click.option("--max-queue-delay-us", type=click.IntRange(0), default=2000, show_default=True,
               help="How long the batcher waits for more requests to batch.")
@@ -152,7 +153,7 @@ def _watch(server, max_restarts: int) -> None:
 @click.option("--max-pixels", type=click.IntRange(1), default=None)
 @click.option("--timeout", "timeout_s", type=click.FloatRange(0), default=0.0, show_default=True,
               help="Python model: queue timeout per request in seconds (0: none).")
-@click.option("--request-timeout", "request_timeout_s", type=click.FloatRange(min=0, min_open=True), default=600.0,
+@click.option("--request-timeout", "request_timeout_s", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_TIMEOUT_S,
               show_default=True, help="Python model: seconds after which a request that is not done fails.")
 @click.option("--force", is_flag=True, help="Write into a non-empty folder not made by this command.")
 @user_errors

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dfosd.core.errors import DfosdError
+from dfosd.serving.scheduler import DEFAULT_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +217,7 @@ class ServeOptions:
     host: str = "127.0.0.1"          # no authentication: all interfaces only when asked (--host 0.0.0.0)
     max_batch: int = 8
     timeout_s: float = 0.0          # queue timeout per request (0: none)
-    request_timeout_s: float = 600.0  # the model fails a request not done this long after it arrived
+    request_timeout_s: float = DEFAULT_TIMEOUT_S  # the model fails a request not done this long after it arrived
     max_queue_delay_us: int = 2000
     backend: str = "auto"
     tile_batch: int | None = None

@@ -36,7 +36,9 @@ from dfosd.core.errors import DfosdError, problems_error
 from dfosd.core.manifest import ExportDir, changed_files, write_text_atomic
 from dfosd.core.vocab import COMPONENTS, IMAGE_IN, IMAGE_OUT, MANIFEST_NAME, plan_manifest_name, plan_name
 from dfosd.core.vocab import stem as part_stem
+from dfosd.engines.tensorrt_common import rebuild_command
 from dfosd.serving.pbtxt import Enum, Map, to_pbtxt
+from dfosd.serving.scheduler import DEFAULT_TIMEOUT_S
 
 DATA_TYPES = {"uint8": "TYPE_UINT8", "float16": "TYPE_FP16", "float32": "TYPE_FP32"}
 KINDS = ("python", "onnx", "tensorrt")
@@ -60,7 +62,7 @@ class RepoOptions:
     max_batch: int = 8              # requests per execute() call (Triton's dynamic batcher)
     max_queue_delay_us: int = 2000
     queue_timeout_s: float = 0.0    # 0: a request may wait in Triton's queue indefinitely (it is short: see scheduler)
-    request_timeout_s: float = 600.0  # the Python model fails a request not done this long after it arrived
+    request_timeout_s: float = DEFAULT_TIMEOUT_S  # the Python model fails a request not done this long after it arrived
     max_pixels: int = DEFAULT_MAX_PIXELS
     instances: int = 1
     python_device: str = "cpu"      # instance kind of the Python model (GPU: one instance per GPU)
@@ -407,7 +409,7 @@ def _write_models(repo: Path, export, by_batch: dict, opts: RepoOptions, tile_ba
             if plans is None:
                 if opts.tensorrt_required or (why and not why[0].startswith("no TensorRT plan")):
                     raise problems_error(f"cannot add the TensorRT plans of tile batch {batch}", why,
-                                         hint=f"build them: python -m dfosd.engines.tensorrt_build {export_dir}")
+                                         hint=f"build them: {rebuild_command(export_dir)}")
                 result.notes.append(f"tile batch {batch}: {why[0]}; no tensorrt_plan models written")
             else:
                 def plan_part(name, model, plans=plans):
