@@ -164,14 +164,9 @@ class GpuBench:
             from dfosd.core.readers import read_model
 
             dtype = torch.float16 if precision == "fp16" else torch.float32
-            base = self.base
-            if dtype == torch.float32:  # build_onestep shares the VAE in fp32: keep the base's on the CPU
-                import copy
-                import dataclasses
-
-                base = dataclasses.replace(base, vae=copy.deepcopy(base.vae))
             model = read_model(self.ckpt_path, base_spec=self.base.spec)  # any family
-            self._eager[precision] = build_from_model(base, model, dtype=dtype).to(self.dev)
+            # build_from_model copies the UNet and the VAE: the base stays as it is, on the CPU
+            self._eager[precision] = build_from_model(self.base, model, dtype=dtype).to(self.dev)
         return self._eager[precision]
 
     def drop_eager(self, precision: str) -> None:

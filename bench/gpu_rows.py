@@ -153,7 +153,7 @@ def run_onnxruntime(b: GpuBench) -> None:
         t = time.perf_counter()
         folder = export_checkpoint(b.ckpt_path, b.cfg.base, b.work / f"onnx-{prec}-tile{b.cfg.tile}-b{batch}",
                                    ExportConfig(precision=prec, tile=b.cfg.tile, batches=(batch,)),
-                                   progress=b.say).out_dir
+                                   progress=b.say, base=b.base).out_dir  # the base already loaded
         build_s = time.perf_counter() - t
         b.memory.start()
         runner = OneStepRunner(folder, backend="onnxruntime", batch=batch, say=b.say)

@@ -17,7 +17,8 @@ import click
 from dfosd.core.cli_support import say, setup_logging, user_errors
 
 
-def _reference_inputs(export_dirs: list[Path], base: str | None, ckpt: str | None) -> tuple[str, str]:
+def _reference_inputs(export_dirs: list[Path], base: str | None, ckpt: str | None) -> tuple[str, str, dict]:
+    """(base spec, checkpoint path, the first export's manifest) of the eager reference."""
     from dfosd.core.errors import DfosdError
     from dfosd.core.manifest import read_manifest
 
@@ -32,7 +33,7 @@ def _reference_inputs(export_dirs: list[Path], base: str | None, ckpt: str | Non
     if not Path(ckpt).is_file():
         raise DfosdError(f"checkpoint {ckpt} (recorded in {export_dirs[0]}/manifest.json) is not here",
                          hint="pass --ckpt PATH to the same lora.safetensors")
-    return base or first["base"], ckpt
+    return base or first["base"], ckpt, manifests[export_dirs[0]]
 
 
 @click.command(name="parity", context_settings={"help_option_names": ["-h", "--help"]})
@@ -52,15 +53,15 @@ def main(export_dirs, photos, base, ckpt, max_tiles, json_path, verbose):
     setup_logging(verbose)
     from dfosd.bench.parity import format_report, parity_report
     from dfosd.core.bases import load_base
-    from dfosd.core.manifest import read_manifest, write_json_atomic
+    from dfosd.core.manifest import write_json_atomic
     from dfosd.core.onestep import build_from_model
     from dfosd.core.readers import read_model_as_exported
 
     dirs = [Path(d) for d in export_dirs]
-    base_spec, ckpt_path = _reference_inputs(dirs, base, ckpt)
+    base_spec, ckpt_path, first_manifest = _reference_inputs(dirs, base, ckpt)
     say(f"reference: eager PyTorch fp32 of {ckpt_path} on {base_spec}")
     base_model = load_base(base_spec)
-    checkpoint = read_model_as_exported(ckpt_path, read_manifest(dirs[0]))  # any family, as exported
+    checkpoint = read_model_as_exported(ckpt_path, first_manifest)  # any family, as exported
     reference = build_from_model(base_model, checkpoint).eval()
     labels = {}
     for d in dirs:  # the folder name, made unique
