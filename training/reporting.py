@@ -9,8 +9,7 @@
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
+import io
 from pathlib import Path
 from typing import Sequence
 
@@ -18,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from dfosd.core.manifest import write_bytes_atomic, write_text_atomic
 
 LOG_COLUMNS = ("step", "loss_g", "mse", "ea_dists", "g_adv", "loss_d", "d_real", "d_fake", "lr", "sec_per_step")
 
@@ -35,12 +36,11 @@ class CsvLog:
     def _truncate_after(self, step: int) -> None:
         with open(self.path, newline="") as f:
             rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= step]
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        with os.fdopen(fd, "w", newline="") as f:
-            w = csv.DictWriter(f, LOG_COLUMNS, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, self.path)
+        buf = io.StringIO(newline="")
+        w = csv.DictWriter(buf, LOG_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+        write_text_atomic(self.path, buf.getvalue())
 
     def write(self, row: dict) -> None:
         with open(self.path, "a", newline="") as f:
@@ -73,14 +73,9 @@ def save_png(array: np.ndarray, path: Path) -> Path:
     """Write atomically (temp file + rename): a viewer never sees half an image."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        Image.fromarray(array).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    write_bytes_atomic(path, buf.getvalue())
     return path
 
 
