@@ -320,20 +320,28 @@ def read_model(path: str | Path, *, family: str | None = None, base_spec: str | 
     if problems:
         raise problems_error(f"{path} ({found.layout} layout)", problems)
     base_spec = base_spec or (base.spec if base is not None else DEFAULT_FAMILY_BASE)
-    text = fam.default_prompt if prompt is None else prompt
-    embedding = None
-    if encode:
-        from dfosd.core.text import encode_prompt
+    digest = sha256_file(path)
+    model = SRModel(family=fam, base_model=base_spec, lora_sets=tuple(sets), replacements=replaced,
+                    text_embedding=None, timestep=fam.timestep, x0_rule=fam.x0_rule, preprocess=fam.preprocess,
+                    color_fix=fam.color_fix, upscale=fam.upscale,
+                    prompt=fam.default_prompt if prompt is None else prompt,
+                    source={"file": path.name, "sha256": digest, "layout": found.layout, "detected": found.reason},
+                    path=path, sha256=digest)
+    return with_encoded_prompt(model, progress) if encode else model
 
-        progress(f"encoding the prompt {text!r} with {base_spec}'s tokenizer and text encoder "
-                 "(once: the engine holds the embedding)")
-        embedding = encode_prompt(base_spec, text)
-    return SRModel(family=fam, base_model=base_spec, lora_sets=tuple(sets), replacements=replaced,
-                   text_embedding=embedding, timestep=fam.timestep, x0_rule=fam.x0_rule, preprocess=fam.preprocess,
-                   color_fix=fam.color_fix, upscale=fam.upscale, prompt=text,
-                   source={"file": path.name, "sha256": sha256_file(path), "layout": found.layout,
-                           "detected": found.reason},
-                   path=path, sha256=sha256_file(path))
+
+def with_encoded_prompt(model: SRModel, progress: Callable[[str], None] = lambda msg: None) -> SRModel:
+    """``model`` with its prompt encoded by its base's tokenizer and text encoder, when it is a
+    prompt family's and not encoded yet (``read_model(encode=False)``); else ``model`` itself."""
+    if model.text_embedding is not None or model.family.conditioning != "prompt":
+        return model
+    from dataclasses import replace
+
+    from dfosd.core.text import encode_prompt
+
+    progress(f"encoding the prompt {model.prompt!r} with {model.base_model}'s tokenizer and text encoder "
+             "(once: the engine holds the embedding)")
+    return replace(model, text_embedding=encode_prompt(model.base_model, model.prompt))
 
 
 def _load_base(spec: str, progress) -> "Base":

@@ -181,7 +181,7 @@ def export_checkpoint(ckpt_path: str | Path, base_spec: str | None, out_dir: str
     ``pisa_scales``: PiSA-SR's adjustable two-pass UNet (lambda_pix, lambda_sem) instead of both sets merged.
     """
     from dfosd.core.bases import base_fingerprint, load_base
-    from dfosd.core.readers import read_model
+    from dfosd.core.readers import read_model, with_encoded_prompt
     from dfosd.core.srmodel import validate_model
     from dfosd.export.ownership import check_planned, owned_files, part_files
 
@@ -190,9 +190,10 @@ def export_checkpoint(ckpt_path: str | Path, base_spec: str | None, out_dir: str
     owned = owned_files(out_dir)  # a foreign non-empty folder is refused before any work
     planned = part_files([stem(name, batch) for batch in cfg.batches for name in COMPONENTS])
     check_planned(out_dir, owned, planned)
-    # format problems surface before the base is loaded (a prompt family loads its text encoder here)
+    # format problems surface before the base is loaded; a prompt family's text encoder runs only
+    # when the export is not reused (the embedding is not part of the build key: the prompt is)
     model_file = read_model(ckpt_path, family=family, base_spec=base_spec, prompt=prompt, progress=progress,
-                            base=base)
+                            base=base, encode=False)
     base_spec = base_spec or model_file.base_model
     inputs = export_inputs(base_spec, base_fingerprint(base_spec), model_file, cfg)
     if pisa_scales is not None:
@@ -210,6 +211,7 @@ def export_checkpoint(ckpt_path: str | Path, base_spec: str | None, out_dir: str
         base = load_base(base_spec)
     elif base.spec != base_spec:
         raise DfosdError(f"export of {base_spec} was handed the base {base.spec}")
+    model_file = with_encoded_prompt(model_file, progress)
     validate_model(model_file, base)
     if inputs["base_fingerprint"] is None:  # e.g. a hub id fetched just now
         inputs["base_fingerprint"] = base.fingerprint

@@ -74,6 +74,12 @@ def test_export_matches_upstream_inference(family, upstream_files, tiny_base, te
         fam = out.manifest["family"]
         assert fam["name"] == family and fam["prompt"] == PROMPT and fam["deviations"]
     assert any(f"family {family} (" in s for s in said)  # what was detected, and why
+    # exporting again reuses the folder without running the text encoder (the prompt is in the key)
+    said.clear()
+    again = export_checkpoint(upstream_files[family], TINY, tmp_path / "fp32",
+                              ExportConfig(precision="fp32", tile=TILE, batches=(1,)), prompt=PROMPT,
+                              progress=said.append)
+    assert again.reused and not any("encoding the prompt" in s for s in said), said
     # dfosd run applies the family's upstream colour fix by default (read from the manifest)
     from PIL import Image
 
