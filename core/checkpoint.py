@@ -119,6 +119,7 @@ def _parse_metadata(meta: Mapping[str, str] | None, problems: list[str]) -> Chec
 
 
 CHECKPOINT_FIX = "pass the lora.safetensors written by dfosd-train (or dfosd.core.checkpoint.write_checkpoint)"
+RANDOM_COMMAND = "dfosd checkpoint random --base synthetic:tiny --out lora.safetensors"  # a test checkpoint
 
 
 def check_checkpoint_exists(path: str | Path) -> Path:
@@ -126,8 +127,7 @@ def check_checkpoint_exists(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise DfosdError(f"checkpoint {path} does not exist",
-                         hint=f"{CHECKPOINT_FIX}; to try the pipeline, make a test one: "
-                              "dfosd checkpoint random --base synthetic:tiny --out lora.safetensors")
+                         hint=f"{CHECKPOINT_FIX}; to try the pipeline, make a test one: {RANDOM_COMMAND}")
     return path
 
 

@@ -14,8 +14,6 @@ import click
 from dfosd.core.cli_support import say, setup_logging, user_errors
 from dfosd.core.errors import DfosdError
 
-RANDOM_COMMAND = "dfosd checkpoint random --base synthetic:tiny --out lora.safetensors"
-
 
 @click.group(name="checkpoint", context_settings={"help_option_names": ["-h", "--help"]})
 def main():

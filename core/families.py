@@ -157,10 +157,9 @@ def get_family(name: str) -> Family:
     return FAMILIES[key]
 
 
-def lora_alpha(family: Family, rank: int, stored: float | None) -> float:
-    """The LoRA alpha a family's upstream inference uses (scale = alpha / rank)."""
-    if stored is not None:
-        return float(stored)
+def lora_alpha(family: Family, rank: int) -> float:
+    """The LoRA alpha a family's upstream inference uses (scale = alpha / rank) when the file does
+    not state one (format 2 stores it per LoRA set)."""
     if family.alpha_rule == "peft-default":
         return PEFT_DEFAULT_ALPHA
     if family.alpha_rule == "rank":

@@ -130,14 +130,17 @@ class DenoiserPart(nn.Module):
         ddpm = x0_rule == "ddpm"
         self.sqrt_ab = math.sqrt(alpha_bar) if ddpm else 1.0
         self.sqrt_1mab = math.sqrt(1.0 - alpha_bar) if ddpm else 1.0
-        self.x0_rule = x0_rule
         self.dtype = dtype
 
-    def predict_noise(self, latent: torch.Tensor, embedding: torch.Tensor | None = None) -> torch.Tensor:
+    def _eps(self, unet, latent: torch.Tensor, embedding: torch.Tensor | None) -> torch.Tensor:
+        """One UNet call at the fixed timestep, conditioned on ``embedding`` (default: the baked one)."""
         emb = self.text_embedding if embedding is None else embedding.to(self.dtype)
         emb = emb.expand(latent.shape[0], -1, -1)
         t = torch.full((latent.shape[0],), self.timestep, dtype=torch.int64, device=latent.device)
-        return self.unet(latent.to(self.dtype), t, encoder_hidden_states=emb, return_dict=False)[0].float()
+        return unet(latent.to(self.dtype), t, encoder_hidden_states=emb, return_dict=False)[0].float()
+
+    def predict_noise(self, latent: torch.Tensor, embedding: torch.Tensor | None = None) -> torch.Tensor:
+        return self._eps(self.unet, latent, embedding)
 
     def denoise(self, latent: torch.Tensor, embedding: torch.Tensor | None = None) -> torch.Tensor:
         eps = self.predict_noise(latent, embedding)
@@ -159,10 +162,8 @@ class TwoPassDenoiserPart(DenoiserPart):
         self.lambda_pix, self.lambda_sem = (float(v) for v in scales)
 
     def predict_noise(self, latent: torch.Tensor, embedding: torch.Tensor | None = None) -> torch.Tensor:
-        eps_full = super().predict_noise(latent, embedding)
-        emb = (self.text_embedding if embedding is None else embedding.to(self.dtype)).expand(latent.shape[0], -1, -1)
-        t = torch.full((latent.shape[0],), self.timestep, dtype=torch.int64, device=latent.device)
-        eps_pix = self.unet_pix(latent.to(self.dtype), t, encoder_hidden_states=emb, return_dict=False)[0].float()
+        eps_full = self._eps(self.unet, latent, embedding)
+        eps_pix = self._eps(self.unet_pix, latent, embedding)
         return self.lambda_pix * eps_pix + self.lambda_sem * (eps_full - eps_pix)
 
 

@@ -140,7 +140,7 @@ def _peft_sets(state: dict, part: str, ranks: dict[str, int], family: Family, pr
             problems.append(f"{part}.{adapter}: {len(half)} module(s) with only one of lora_A/lora_B, e.g. {half[0]}")
             continue
         rank = ranks.get(adapter) or int(next(iter(mods.values()))[0].shape[0])
-        sets.append(LoraSet(part=part, name=adapter, rank=rank, alpha=lora_alpha(family, rank, None),
+        sets.append(LoraSet(part=part, name=adapter, rank=rank, alpha=lora_alpha(family, rank),
                             group=groups(adapter), factors={m: (ab[0], ab[1]) for m, ab in mods.items()}))
     return sets, replaced
 
