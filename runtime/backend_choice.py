@@ -106,12 +106,9 @@ def cpu_candidates() -> list[str]:
     """CPU backends usable here, in the order ties are broken."""
     from dfosd.engines.base import backend_class
 
-    found = []
-    for name in CPU_CANDIDATES:
-        ok, _ = backend_class(name).availability()
-        if ok and backend_class(name)().device == "cpu":
-            found.append(name)
-    return found
+    # Both run on the CPU here: OpenVINO only does, and auto times them only when ONNX Runtime
+    # picked the CPU (step.OneStepRunner._resolve).
+    return [name for name in CPU_CANDIDATES if backend_class(name).availability()[0]]
 
 
 def approximate_hint() -> str | None:
