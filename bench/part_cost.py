@@ -2,13 +2,13 @@
 
     python -m dfosd.bench.part_cost EXPORT_A EXPORT_B [--part unet] [--repeats 20] [--json out.json]
 
-Each export's ``<part>_b<batch>.onnx`` runs in ONNX Runtime (CPU) on the same random input; the runs
-alternate A, B, A, B, ... so machine noise hits both alike. Prints medians and the ratio to the first.
+Each export's ``<part>_b<batch>.onnx`` runs in ONNX Runtime (CPU) on the same random input, in
+interleaved rounds (bench.measure.time_interleaved) so machine noise hits both alike. Prints
+medians and the ratio to the first.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import click
@@ -28,6 +28,7 @@ def main(exports, part, batch, repeats, threads, json_path):
     import numpy as np
     import onnxruntime as ort
 
+    from dfosd.bench.measure import time_interleaved
     from dfosd.core.manifest import ExportDir, write_json_atomic
     from dfosd.engines.machine import cpu_model
 
@@ -46,14 +47,12 @@ def main(exports, part, batch, repeats, threads, json_path):
                             else rng.standard_normal(shape).astype(np.float32))
         sessions.append(sess)
         feeds.append(feed)
-        sess.run(None, feed)  # warm-up
-    times = [[] for _ in exports]
-    for _ in range(repeats):
-        for k, (sess, feed) in enumerate(zip(sessions, feeds)):
-            t = time.perf_counter()
-            sess.run(None, feed)
-            times[k].append((time.perf_counter() - t) * 1000.0)
-    med = [float(np.median(t)) for t in times]
+    # one warm-up, then rounds with the order rotated (bench.measure): noise hits every export alike
+    timings = time_interleaved({str(k): (lambda s=sess, f=feed: s.run(None, f))
+                                for k, (sess, feed) in enumerate(zip(sessions, feeds))},
+                               warmup=1, repeats=repeats, sync=lambda: None)
+    times = [timings[str(k)].runs_ms for k in range(len(exports))]
+    med = [timings[str(k)].median_ms for k in range(len(exports))]
     rows = [{"export": str(Path(d).resolve()), "median_ms": round(m, 3), "ratio": round(m / med[0], 3),
              "runs_ms": [round(x, 3) for x in t]} for d, m, t in zip(exports, med, times)]
     for r in rows:

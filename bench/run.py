@@ -9,7 +9,6 @@ Outputs: a Markdown table, JSON, and a PNG plot.
 from __future__ import annotations
 
 import gc
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -182,7 +181,6 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
     x = bench_inputs(cfg.tile, cfg.batch)
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     candidates = {}  # name -> (backend, precision, device, fn returning the uint8 output as numpy)
     for prec in ["fp32"] + (["fp16"] if cuda else []):
         model = build_from_model(base, ckpt, dtype=torch.float32 if prec == "fp32" else torch.float16).to(dev)
@@ -209,7 +207,7 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
     outputs = {name: c[3]().cpu().numpy() for name, c in candidates.items()}  # parity, and a first warm-up
     say(f"timing {len(candidates)} candidates in {cfg.repeats} interleaved rounds (warm-up {cfg.warmup})")
     timings = time_interleaved({name: c[3] for name, c in candidates.items()}, warmup=cfg.warmup,
-                               repeats=cfg.repeats, sync=sync)
+                               repeats=cfg.repeats)
     ref_name = "eager PyTorch fp32"
     ref = outputs[ref_name]
     rows: list[Row] = []
@@ -335,7 +333,3 @@ def write_outputs(result: dict, out_dir: Path) -> dict[str, Path]:
               f"({result.get('timing', 'one candidate after the other')}).\n\n")
     text = header + markdown_table(result) + "\n\n" + per_part_table(result)
     return write_result_files(result, out_dir, "bench", text.rstrip("\n"), plot)
-
-
-def load_result(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
