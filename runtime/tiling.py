@@ -202,16 +202,17 @@ class TiledImage:
             self._weight[:, ox:ox + band] += self.window
             self.done += 1
         if self.done == len(self):
-            self._finish_rows(band)
+            self._finish_rows(band, last=True)
             self._acc = self._weight = None
 
-    def _finish_rows(self, n: int) -> None:
+    def _finish_rows(self, n: int, last: bool = False) -> None:
         """Round the band's first ``n`` rows to uint8, hand them on, and move the band down by ``n``.
 
         All in place (no band-sized temporaries): the finished rows are divided, rounded
         and clamped where they lie -- the same float32 operations as on a whole image, so
         the same bytes -- and the rows still open are moved up in slices of at most ``n``
-        rows, each of which never overlaps the rows it reads."""
+        rows, each of which never overlaps the rows it reads. ``last``: the final rows of the
+        image; the band is dropped after them."""
         s = self.cfg.scale
         rows = min(n, self.height * s - self._band_y)  # rows past the image are padding
         acc, weight = self._acc, self._weight
@@ -224,6 +225,8 @@ class TiledImage:
                 if self._out is None:
                     self._out = torch.empty(3, self.height * s, self.width * s, dtype=torch.uint8)
                 self._out[:, self._band_y:self._band_y + rows] = final
+        if last:  # the band is dropped next: nothing to move down or clear
+            return
         band = acc.shape[1]
         for start in range(n, band, n):  # rows n.. move to 0..; each slice reads rows past what it writes
             stop = min(start + n, band)
