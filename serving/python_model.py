@@ -80,8 +80,9 @@ class TritonPythonModel:
         tensor = pb_utils.get_input_tensor_by_name(request, IMAGE_IN)
         if tensor is None:
             raise RequestError(f"the request has no input named {IMAGE_IN}")
-        # A copy: the request's memory is not ours once execute() has returned (the tiles run later).
-        images = torch.from_dlpack(tensor.to_dlpack()).clone()
+        # Not copied here: the service copies each image once, after checking it, and before
+        # execute() returns (the request's memory is not ours after that).
+        images = torch.from_dlpack(tensor.to_dlpack())
         raw = request.parameters() if hasattr(request, "parameters") else "{}"
         params = parse_parameters(raw)
         return UpscaleRequest(images, params.get("layout"),

@@ -141,6 +141,8 @@ class UpscaleService:
 
     def _prepare(self, request: "UpscaleRequest"):
         """(layout, [TiledImage per image]) of a request, or RequestError."""
+        import torch
+
         from dfosd.runtime.tiling import TiledImage, blend_window
 
         layout = parse_layout(request.layout)
@@ -149,8 +151,10 @@ class UpscaleService:
         cfg = self.tiling(self.default_tiling.overlap if request.overlap is None else request.overlap)
         if cfg.overlap not in self._windows:
             self._windows[cfg.overlap] = blend_window(cfg)
-        jobs = [TiledImage((image.permute(2, 0, 1) if layout == "HWC" else image).contiguous(), cfg,
-                           self._windows[cfg.overlap]) for image in images]
+        # Each job owns its pixels, copied once after the checks: the tiles may run after the
+        # caller's buffer is gone (the scheduler answers later; Triton reuses a request's memory).
+        jobs = [TiledImage((image.permute(2, 0, 1) if layout == "HWC" else image).clone(
+                    memory_format=torch.contiguous_format), cfg, self._windows[cfg.overlap]) for image in images]
         return layout, jobs
 
     def upscale_many(self, requests) -> list:
