@@ -137,10 +137,6 @@ class FairTileScheduler:
 
     def step(self) -> bool:
         """Run one tile batch; False when there was nothing to do."""
-        import torch
-
-        from dfosd.runtime.tiling import check_step_output
-
         with self._cond:
             expired = self._expire()
             chunk = self._fill_batch()
@@ -148,8 +144,7 @@ class FairTileScheduler:
         if not chunk:
             return False
         try:
-            out = self.service.runner(torch.cat([job.tiles(i, i + 1) for _, job, i in chunk]))
-            check_step_output(out, len(chunk), self.service.default_tiling)
+            out = self.service.run_tiles([(job, i) for _, job, i in chunk])
         except Exception as exc:  # noqa: BLE001 - fails the requests with tiles in this batch
             failed = []
             with self._cond:
@@ -170,8 +165,7 @@ class FairTileScheduler:
                     if len(p.outputs) == len(p.jobs):
                         self._pending.remove(p)
                         finished.append(p)
-        self._deliver([(p, torch.stack([sr.permute(1, 2, 0) if p.layout == "HWC" else sr
-                                        for sr in p.outputs]).contiguous()) for p in finished])
+        self._deliver([(p, self.service.assemble(p.layout, p.outputs)) for p in finished])
         return True
 
     def _loop(self) -> None:

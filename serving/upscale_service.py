@@ -157,6 +157,23 @@ class UpscaleService:
                     memory_format=torch.contiguous_format), cfg, self._windows[cfg.overlap]) for image in images]
         return layout, jobs
 
+    def run_tiles(self, picks):
+        """The step on tiles ``picks`` [(TiledImage, tile index), ...] as one tile batch, checked."""
+        import torch
+
+        from dfosd.runtime.tiling import check_step_output
+
+        out = self.runner(torch.cat([job.tiles(i, i + 1) for job, i in picks]))
+        check_step_output(out, len(picks), self.default_tiling)
+        return out
+
+    @staticmethod
+    def assemble(layout: str, srs: list):
+        """A request's output: its images' SR results stacked, in the request's layout."""
+        import torch
+
+        return torch.stack([sr.permute(1, 2, 0) if layout == "HWC" else sr for sr in srs]).contiguous()
+
     def upscale_many(self, requests) -> list:
         """Serve several requests at once, pooling their tiles into the runner's tile batches.
 
@@ -168,10 +185,6 @@ class UpscaleService:
         exception that failed it: a bad request (RequestError) or a runner failure in one of
         its batches fails that request only.
         """
-        import torch
-
-        from dfosd.runtime.tiling import check_step_output
-
         results: list = [None] * len(requests)
         prepared = {}  # request index -> (layout, jobs)
         for r, request in enumerate(requests):
@@ -192,8 +205,7 @@ class UpscaleService:
             if not chunk:
                 break
             try:
-                out = self.runner(torch.cat([job.tiles(i, i + 1) for _, job, i in chunk]))
-                check_step_output(out, len(chunk), self.default_tiling)
+                out = self.run_tiles([(job, i) for _, job, i in chunk])
                 for k, (r, job, i) in enumerate(chunk):
                     job.add(i, out[k:k + 1])
                     if job.done == len(job):
@@ -204,8 +216,7 @@ class UpscaleService:
                         results[r] = exc
         for r, (layout, _) in prepared.items():
             if results[r] is None:
-                srs = [sr.permute(1, 2, 0) if layout == "HWC" else sr for sr in outs[r]]
-                results[r] = torch.stack(srs).contiguous()
+                results[r] = self.assemble(layout, outs[r])
         return results
 
 
