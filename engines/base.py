@@ -131,10 +131,6 @@ def select_backend(name: str = "auto") -> tuple[type[Backend], str]:
         if ok:
             return cls, f"auto picked tensorrt: {why}"
         return backend_class("onnxruntime"), f"auto picked onnxruntime: tensorrt unusable ({why})"
-    if name == "tensorrt" and not tensorrt_importable():
-        raise DfosdError("backend tensorrt is not usable here: the tensorrt package is not installed",
-                         hint="pip install --extra-index-url https://pypi.nvidia.com 'dfosd[tensorrt]' on a machine "
-                         "with an NVIDIA GPU, or use --backend onnxruntime")
     cls = backend_class(name)
     ok, why = cls.availability()
     if not ok:

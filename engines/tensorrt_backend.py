@@ -85,6 +85,8 @@ def _check_engine_io(trt, engine, contract: ComponentContract, plan: Path) -> No
 class TensorRTBackend(Backend):
     name = "tensorrt"
     capturable = True
+    install_hint = ("pip install --extra-index-url https://pypi.nvidia.com 'dfosd[tensorrt]' on a machine with an "
+                    "NVIDIA GPU, or use --backend onnxruntime")
 
     def __init__(self, device: str = "cuda"):
         if device != "cuda":
