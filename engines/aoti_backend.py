@@ -96,13 +96,14 @@ class AotiBackend(Backend):
         return True, (f"AOTInductor packages (torch {torch.__version__}) on the CPU; "
                       "needs packages built by dfosd aoti-export --device cpu")
 
-    def load(self, export_dir: Path, entry: dict, contract: ComponentContract) -> AotiComponent:
+    def load(self, export_dir: Path, entry: dict, contract: ComponentContract,
+             manifest: dict | None = None) -> AotiComponent:
         from dfosd.engines.aoti_build import check_build, rebuild_command, system_info
 
         export_dir = Path(export_dir)
         if self._system is None:
             self._system = system_info(self.device)
-        build = check_build(export_dir, self.device, running=self._system)
+        build = check_build(export_dir, self.device, export_manifest=manifest, running=self._system)
         rec = build.get("components", {}).get(contract.stem)
         fix = f"rebuild: {rebuild_command(export_dir, self.device)} --force"
         if rec is None:

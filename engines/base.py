@@ -86,8 +86,10 @@ class Backend(ABC):
         """(usable here?, why) without side effects beyond imports."""
 
     @abstractmethod
-    def load(self, export_dir: Path, entry: dict, contract: ComponentContract) -> ComponentEngine:
-        """Load one part from its manifest entry."""
+    def load(self, export_dir: Path, entry: dict, contract: ComponentContract,
+             manifest: dict | None = None) -> ComponentEngine:
+        """Load one part from its manifest entry. ``manifest``: the export's manifest.json as the
+        caller already read it (None: the backend reads it where it needs it)."""
 
     def describe(self) -> str:
         return f"{self.name} on {self.device}"

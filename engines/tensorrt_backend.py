@@ -113,15 +113,19 @@ class TensorRTBackend(Backend):
             return False, f"tensorrt does not load ({type(exc).__name__}: {exc})"
         return True, f"TensorRT {info['tensorrt']} on {info['gpu']} (SM {info['sm']}, CUDA {info['cuda']})"
 
-    def load(self, export_dir: Path, entry: dict, contract: ComponentContract) -> TrtComponent:
+    def load(self, export_dir: Path, entry: dict, contract: ComponentContract,
+             manifest: dict | None = None) -> TrtComponent:
         trt = self._trt
         export_dir = Path(export_dir)
-        manifest = read_plan_manifest(export_dir, contract.stem)
-        check_plan_system(manifest, self._system, export_dir)
-        plan = export_dir / manifest["plan"]
-        exported = ExportDir(export_dir, check="none").files.get(entry["onnx"], {}).get("sha256")
-        if changed_files(export_dir, {plan.name: manifest["plan_file"]}, quick=True) or \
-                manifest.get("onnx_sha256") != exported:
+        plan_manifest = read_plan_manifest(export_dir, contract.stem)
+        check_plan_system(plan_manifest, self._system, export_dir)
+        plan = export_dir / plan_manifest["plan"]
+        if manifest is None:  # a caller without the manifest in hand (the runner passes its own)
+            manifest = ExportDir(export_dir, check="none").manifest
+        files = manifest.get("files", {})
+        exported = files.get(entry["onnx"], {}).get("sha256")
+        if changed_files(export_dir, {plan.name: plan_manifest["plan_file"]}, quick=True) or \
+                plan_manifest.get("onnx_sha256") != exported:
             raise DfosdError(f"{plan} is missing, changed, or was built from another {entry['onnx']}",
                              hint=f"rebuild: {rebuild_command(export_dir)}")
         runtime = trt.Runtime(self._logger)

@@ -44,7 +44,8 @@ class OneStepRunner:
         per_part, self.engines, self.plan = self._resolve(backend, say, remeasure)
         for name in COMPONENTS:
             if name not in self.engines:
-                self.engines[name] = per_part[name].load(self.export_dir, self.entries[name], self.contracts[name])
+                self.engines[name] = per_part[name].load(self.export_dir, self.entries[name], self.contracts[name],
+                                                         manifest=self.manifest)
         self._setup(per_part)
 
     def _check_recorded(self, backend) -> None:
@@ -94,7 +95,8 @@ class OneStepRunner:
         instances = {n: (single if n == single.name else backend_class(n)()) for n in candidates}
         plan, engines = measured_choice(
             self.export_dir, self.manifest, self.batch, self.contracts, instances,
-            lambda b, part: b.load(self.export_dir, self.entries[part], self.contracts[part]), say=say,
+            lambda b, part: b.load(self.export_dir, self.entries[part], self.contracts[part], manifest=self.manifest),
+            say=say,
             remeasure=remeasure)
         self.backend_reason = f"{plan.reason}: {plan.summary()}"
         say(self.backend_reason)
