@@ -61,6 +61,17 @@ def load_raw(path: Path) -> tuple[dict, dict]:
     return _load_pickle(path), {}
 
 
+def safetensors_metadata(path: Path) -> dict:
+    """The header metadata of a safetensors file, without reading its tensors ({} when it is not one)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # noqa: BLE001 - not a (readable) safetensors file
+        return {}
+
+
 def _load_pickle(path: Path) -> dict:
     import pickle
 
@@ -376,7 +387,7 @@ def read_model_as_exported(path: str | Path, manifest: dict) -> SRModel:
     """The model an export was made from, read again as the export read it: an upstream
     checkpoint with the family and prompt its manifest records (dfosd files hold their own)."""
     path = Path(path)
-    _, meta = load_raw(path) if path.suffix == ".safetensors" else ({}, {})
+    meta = safetensors_metadata(path) if path.suffix == ".safetensors" else {}
     if "dfosd_format" in meta:
         return read_model(path)
     fam = manifest.get("family") or {}

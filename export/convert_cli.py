@@ -53,15 +53,10 @@ def convert_main(src, out, family, base, prompt, force, verbose):
 def _is_converted_file(path: Path) -> bool:
     """A format-2 file: what convert writes. A format-1 file is a trained checkpoint (dfosd-train's
     output): not convert's to replace."""
+    from dfosd.core.readers import safetensors_metadata
     from dfosd.core.srmodel import FORMAT_VERSION
 
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("dfosd_format") == FORMAT_VERSION
-    except Exception:
-        return False
+    return safetensors_metadata(path).get("dfosd_format") == FORMAT_VERSION
 
 
 @click.command(name="inspect", context_settings={"help_option_names": ["-h", "--help"]})
