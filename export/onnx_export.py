@@ -341,23 +341,32 @@ def export_part(module, contract: ComponentContract, onnx_path: Path, *, opset: 
             model = to_fp16(model, module.NETWORK_SCOPES)
         model.producer_name, model.doc_string = "dfosd", f"dfosd {contract.stem}"
         external = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
-        staged = Path(tmp) / onnx_path.name
-        data_name = onnx_path.name + ".data"
-        if external:
-            _save_with_external_data(model, staged, data_name)
-        else:
-            onnx.save_model(model, str(staged))
-        onnx.checker.check_model(str(staged))  # path form: works with external data
-        # Move data first, graph last: a reader that finds the .onnx finds its weights.
-        old_data = onnx_path.parent / data_name
-        if external:
-            os.replace(Path(tmp) / data_name, old_data)
-        elif old_data.exists():
-            old_data.unlink()
-        os.replace(staged, onnx_path)
+        data_name = place_onnx(model, onnx_path, Path(tmp), external)
     files = [onnx_path.name] + ([data_name] if external else [])
     return {"files": files, "external_data": data_name if external else None,
             "opset": opset, "precision": precision, "initializer_bytes": _initializer_bytes(model)}
+
+
+def place_onnx(model, onnx_path: Path, tmp: Path, external: bool) -> str:
+    """Save ``model`` in the staging folder ``tmp``, check it, and move it to ``onnx_path``: its
+    weights (``external``: in ``<name>.onnx.data``) first, the graph last, so a reader that finds
+    the .onnx finds its weights. Returns the data file's name (written only when ``external``)."""
+    import onnx
+
+    staged = tmp / onnx_path.name
+    data_name = onnx_path.name + ".data"
+    if external:
+        _save_with_external_data(model, staged, data_name)
+    else:
+        onnx.save_model(model, str(staged))
+    onnx.checker.check_model(str(staged))  # path form: works with external data
+    old_data = onnx_path.parent / data_name
+    if external:
+        os.replace(tmp / data_name, old_data)
+    elif old_data.exists():  # this part's own earlier data file (its name is planned by the export)
+        old_data.unlink()
+    os.replace(staged, onnx_path)
+    return data_name
 
 
 def staging_dir(onnx_path: Path):

@@ -15,13 +15,12 @@ provider can run, then the graph is folded (the first fold could not evaluate th
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 from typing import Any
 
 from dfosd.core.contracts import ComponentContract
 from dfosd.core.errors import DfosdError
-from dfosd.export.onnx_export import FOLD_SIZE_THRESHOLD, export_part, staging_dir
+from dfosd.export.onnx_export import FOLD_SIZE_THRESHOLD, export_part, place_onnx, staging_dir
 
 FP8_MIN_OPSET = 19
 FP8_ZERO_POINT = "dfosd_fp8_zero_point"
@@ -86,17 +85,8 @@ def _rewrite_fp8(onnx_path: Path, external_data: str | None) -> int:
         folded = gs.export_onnx(graph)
     folded.producer_name, folded.doc_string = model.producer_name, model.doc_string
     model = folded
-    with staging_dir(onnx_path) as tmp:
-        staged = Path(tmp) / onnx_path.name
-        if external_data:
-            onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=external_data, size_threshold=1024)
-        else:
-            onnx.save_model(model, str(staged))
-        onnx.checker.check_model(str(staged))
-        if external_data:  # data first, graph last (as export_part does)
-            os.replace(Path(tmp) / external_data, onnx_path.parent / external_data)
-        os.replace(staged, onnx_path)
+    with staging_dir(onnx_path) as tmp:  # the same layout and order as export_part's
+        place_onnx(model, onnx_path, Path(tmp), external=bool(external_data))
     return count
 
 
