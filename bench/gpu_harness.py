@@ -184,20 +184,33 @@ class GpuBench:
 
         return step
 
-    def reference(self, batch: int):
-        """Eager fp32 output for the batch's inputs (saved, so later commands reuse it)."""
+    def _ref_path(self, key: str) -> Path:
+        return self.work / "refs" / f"tile{self.cfg.tile}_{key}.pt"
+
+    def keep_reference(self, key: str, tensor) -> None:
+        """Remember an eager fp32 output, in memory and on disk (later commands reuse it)."""
         import torch
 
-        key = f"b{batch}"
-        path = self.work / "refs" / f"tile{self.cfg.tile}_{key}.pt"
+        self._refs[key] = tensor
+        path = self._ref_path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(tensor, path)
+
+    def _cached_reference(self, key: str, make):
         if key not in self._refs:
+            import torch
+
+            path = self._ref_path(key)
             if path.is_file():
                 self._refs[key] = torch.load(path)
             else:
-                self._refs[key] = self.eager_step("fp32")(tile_inputs(self.cfg.tile, batch))
-                path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(self._refs[key], path)
+                self.keep_reference(key, make())
         return self._refs[key]
+
+    def reference(self, batch: int):
+        """Eager fp32 output for the batch's inputs (saved, so later commands reuse it)."""
+        return self._cached_reference(f"b{batch}",
+                                      lambda: self.eager_step("fp32")(tile_inputs(self.cfg.tile, batch)))
 
     def tiling(self, batch: int):
         from dfosd.runtime.tiling import TilingConfig
@@ -205,21 +218,11 @@ class GpuBench:
         return TilingConfig(tile=self.cfg.tile, overlap=self.cfg.overlap, batch=batch, scale=4)
 
     def tiled_reference(self, batch: int):
-        import torch
-
         from dfosd.runtime.tiling import upscale_tiled
 
-        key = f"tiled{self.cfg.tiled_size}_b{batch}"
-        path = self.work / "refs" / f"tile{self.cfg.tile}_{key}.pt"
-        if key not in self._refs:
-            if path.is_file():
-                self._refs[key] = torch.load(path)
-            else:
-                image = tiled_input(self.cfg.tiled_size // 4)
-                self._refs[key] = upscale_tiled(image, self.eager_step("fp32"), self.tiling(batch))
-                path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(self._refs[key], path)
-        return self._refs[key]
+        return self._cached_reference(
+            f"tiled{self.cfg.tiled_size}_b{batch}",
+            lambda: upscale_tiled(tiled_input(self.cfg.tiled_size // 4), self.eager_step("fp32"), self.tiling(batch)))
 
     # -- per-component timing
     def components_of_runner(self, runner) -> dict[str, float]:

@@ -23,7 +23,6 @@ def run_eager(b: GpuBench) -> None:
         b.skip("eager-fp16", "eager PyTorch fp16", "no CUDA GPU: CPU half-precision convolutions are not a "
                   "meaningful baseline")
     for prec in precisions:
-        model = None
         for batch in b.cfg.batches:
             row_id = f"eager-{prec}/b{batch}"
             if b.over_budget():
@@ -38,12 +37,7 @@ def run_eager(b: GpuBench) -> None:
             mem = b.memory.read()
             ref = b.reference(batch) if prec != "fp32" else m.output
             if prec == "fp32":  # this run is the reference: keep it for later commands
-                b._refs[f"b{batch}"] = m.output
-                path = b.work / "refs" / f"tile{b.cfg.tile}_b{batch}.pt"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                import torch
-
-                torch.save(m.output, path)
+                b.keep_reference(f"b{batch}", m.output)
             comps = b.components_of_eager(prec, batch) if prec == "fp16" else None
             b.row(row_id, f"eager PyTorch {prec}", kind="eager", precision=prec, batch=batch,
                      out_side=4 * b.cfg.tile, m=m, ref=ref, mem=mem, attention=attn, components_ms=comps)
