@@ -21,12 +21,20 @@ def load_results(path: Path, config: dict, machine: dict, say: Callable[[str], N
         return fresh
     try:
         old = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return fresh
-    same = (old.get("config", {}).get("base") == config["base"] and old.get("config", {}).get("tile") == config["tile"]
-            and old.get("machine", {}).get("gpu") == machine.get("gpu"))
-    if not same:
-        say(f"{path} holds results of another base/tile/machine: starting a new file")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        old = None
+    same = isinstance(old, dict) and (
+        old.get("config", {}).get("base") == config["base"] and old.get("config", {}).get("tile") == config["tile"]
+        and old.get("machine", {}).get("gpu") == machine.get("gpu"))
+    if not same:  # the rows written next would replace that file: it is kept under another name
+        aside = path.with_name(f"{path.stem}.{time.strftime('%Y%m%d-%H%M%S', time.localtime(path.stat().st_mtime))}"
+                               f"{path.suffix}")
+        n = 1
+        while aside.exists():
+            aside, n = path.with_name(f"{aside.stem.rsplit('~', 1)[0]}~{n}{path.suffix}"), n + 1
+        path.rename(aside)
+        say(f"{path} holds {'unreadable results' if old is None else 'results of another base/tile/machine'}: "
+            f"kept as {aside}, starting a new file")
         return fresh
     old["config"] = config
     old["machine"] = machine

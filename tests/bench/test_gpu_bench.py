@@ -82,3 +82,21 @@ def test_gpu_bench_bad_options_are_user_errors(tmp_path):
     assert r.exit_code == 1 and "--rows warp" in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(main, ["--batches", "1,x", "--work", str(tmp_path)])
     assert r.exit_code == 2 and "--batches" in r.output
+
+
+def test_results_of_another_run_are_kept_aside_not_replaced(tmp_path):
+    import json
+
+    from dfosd.bench.gpu_report import load_results
+
+    path = tmp_path / "gpu_bench.json"
+    earlier = {"config": {"base": "other", "tile": 64}, "machine": {"gpu": "A100"}, "rows": {"eager-fp32/b1": {}}}
+    path.write_text(json.dumps(earlier))
+    said = []
+    fresh = load_results(path, {"base": "synthetic:sd21-base", "tile": 128}, {"gpu": "H200"}, said.append)
+    assert fresh["rows"] == {} and not path.exists()
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("gpu_bench.")]
+    assert len(kept) == 1 and json.loads(kept[0].read_text()) == earlier and str(kept[0]) in said[0]
+    path.write_text("not json{")  # unreadable: kept too, under a name of its own
+    load_results(path, {"base": "synthetic:sd21-base", "tile": 128}, {"gpu": "H200"}, said.append)
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith("gpu_bench.")]) == 2
