@@ -83,6 +83,20 @@ def save_figure(fig, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def json_safe(value):
+    """NaN/Inf as null (a relative error against a zero pixel, the PSNR of identical images): the
+    file stays valid JSON, readable by any parser (Infinity is not JSON)."""
+    import math
+
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def write_result_files(result: dict, out_dir: Path, stem: str, markdown: str,
                        plot: Callable[[dict, Path], None] | None) -> dict[str, Path]:
     """``<stem>.json``, ``<stem>.md`` and (when ``plot`` is given and succeeds) ``<stem>.png``."""
@@ -91,7 +105,7 @@ def write_result_files(result: dict, out_dir: Path, stem: str, markdown: str,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {k: out_dir / f"{stem}.{k}" for k in ("json", "md", "png")}
-    write_json_atomic(paths["json"], result)
+    write_json_atomic(paths["json"], json_safe(result))
     write_text_atomic(paths["md"], markdown if markdown.endswith("\n") else markdown + "\n")
     if plot is None:
         del paths["png"]

@@ -293,19 +293,6 @@ def summary_lines(report: dict) -> list[str]:
     return lines
 
 
-def json_safe(value):
-    """NaN/Inf (a relative error against a zero pixel) as null: the report stays valid JSON."""
-    import math
-
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
 @click.command(name="verify", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("export_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--against", type=click.Choice(REFERENCES), default="auto", show_default=True,
@@ -347,6 +334,7 @@ def main(export_dir, against, atol, rtol, check_error_stat, batches, tensorrt_op
         raise error from None
     click.echo("\n".join(summary_lines(report)))
     if report_path:
+        from dfosd.bench.results import json_safe
         from dfosd.core.manifest import write_json_atomic
 
         write_json_atomic(Path(report_path), json_safe(report))
