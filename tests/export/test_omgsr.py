@@ -34,17 +34,13 @@ def omgsr_dir(tiny_base, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def text_models():
-    from dfosd.core.text import load_text_models
-
-    return load_text_models(TINY)
+def text_models(tiny_text_models):
+    return tiny_text_models
 
 
 @pytest.fixture(scope="module")
-def lr():
-    g = torch.Generator().manual_seed(7)
-    x = torch.nn.functional.interpolate(torch.rand(1, 3, 8, 8, generator=g), size=(TILE, TILE), mode="bicubic")
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+def lr(smooth_lr_tile):
+    return smooth_lr_tile
 
 
 def test_export_matches_peft_from_pretrained(omgsr_dir, tiny_base, text_models, lr, tmp_path):
