@@ -129,7 +129,7 @@ def test_merge_matches_peft_forward(tiny_base):
     assert (a - base_out).abs().max() > 1e-3, "the LoRA must change the UNet"
 
 
-# ----------------------------------------------------------------------------- issue 12: non-finite, umask
+# ----------------------------------------------------------------------------- non-finite, umask
 
 def test_nan_lora_alpha_in_metadata_is_refused(tiny_base, tmp_path):
     lora, emb = random_lora(tiny_base, rank=4)
