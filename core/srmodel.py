@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
+from dfosd.core.atomic import atomic_target
 from dfosd.core.checkpoint import lora_fit_problem, merge_lora_factors, some_names
 from dfosd.core.errors import DfosdError, problems_error
 from dfosd.core.families import COLOR_FIXES, LORA_PARTS, PREPROCESSINGS, X0_RULES, Family, get_family
-from dfosd.core.manifest import umask_file_mode
 
 if TYPE_CHECKING:
     import torch
@@ -176,16 +174,8 @@ def write_model(path: str | Path, model: SRModel) -> Path:
         "upscale": str(model.upscale), "vae_latent": "mean",
         "lora_sets": json.dumps([s.header() for s in model.lora_sets]), "source": json.dumps(dict(model.source)),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.chmod(tmp, umask_file_mode())  # mkstemp makes 0600: a model file is the user's, like any other
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_target(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 

@@ -226,7 +226,7 @@ def export_checkpoint(ckpt_path: str | Path, base_spec: str | None, out_dir: str
     from dfosd.export.onnx_export import export_part
     from dfosd.export.ownership import clear_stale, writing
 
-    # NOTE (lead): the eager model is always built and traced in fp32; fp16 is made on the ONNX
+    # The eager model is always built and traced in fp32; fp16 is made on the ONNX
     # graph by export_part(precision="fp16") with fp32 islands (see export/onnx_export.py). Tracing
     # torch half modules on the CPU took >5 min for the full-size encoder alone. Quantized parts
     # may still build their own half copy if ModelOpt needs it.

@@ -61,7 +61,7 @@ def main(ckpt, family, prompt, timestep, pisa_scales, base, precision, float_pre
     from dfosd.engines.base import auto_precision, select_backend
     from dfosd.export.artifacts import ExportConfig, export_checkpoint
 
-    # Cheap checks first (issue 12.13): options and files, before any heavy import or work.
+    # Cheap checks first: options and files, before any heavy import or work.
     def config(precision):
         return ExportConfig.from_options(precision=precision, tile=tile, batches=parse_int_list(batches, "--batch"),
                                          opset=opset, float_precision=float_precision, calib_data=calib_data,

@@ -133,10 +133,10 @@ def fp8_export(tiny_ckpt, calib_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_eager(tiny_base, tiny_ckpt):
-    from dfosd.core.checkpoint import read_checkpoint
-    from dfosd.core.onestep import build_onestep
+    from dfosd.core.onestep import build_from_model
+    from dfosd.core.readers import read_model
 
-    return build_onestep(tiny_base, read_checkpoint(tiny_ckpt))
+    return build_from_model(tiny_base, read_model(tiny_ckpt))  # the route dfosd-export takes
 
 
 @pytest.fixture(scope="session")
