@@ -33,28 +33,20 @@ def omgsr_dir(tiny_base, tmp_path_factory):
     return uw.write_omgsr(tmp_path_factory.mktemp("omgsr") / "omgsr-s-512-adapter", tiny_base, vae_alpha=8)
 
 
-@pytest.fixture(scope="module")
-def text_models(tiny_text_models):
-    return tiny_text_models
 
 
-@pytest.fixture(scope="module")
-def lr(smooth_lr_tile):
-    return smooth_lr_tile
-
-
-def test_export_matches_peft_from_pretrained(omgsr_dir, tiny_base, text_models, lr, tmp_path):
+def test_export_matches_peft_from_pretrained(omgsr_dir, tiny_base, tiny_text_models, smooth_lr_tile, tmp_path):
     from dfosd.export.artifacts import ExportConfig, export_checkpoint
     from dfosd.runtime.step import OneStepRunner
 
-    ref = uw.run_omgsr(omgsr_dir, tiny_base, lr, text_models, prompt=PROMPT).numpy()
+    ref = uw.run_omgsr(omgsr_dir, tiny_base, smooth_lr_tile, tiny_text_models, prompt=PROMPT).numpy()
     assert np.isfinite(ref).all() and ref.std() > 10
     said, parity = [], {}
     for precision, floor in (("fp32", 50.0), ("fp16", 35.0)):
         out = export_checkpoint(omgsr_dir, TINY, tmp_path / precision,
                                 ExportConfig(precision=precision, tile=TILE, batches=(1,)), prompt=PROMPT,
                                 progress=said.append)
-        got = OneStepRunner(out.out_dir, backend="onnxruntime", batch=1)(lr).numpy()
+        got = OneStepRunner(out.out_dir, backend="onnxruntime", batch=1)(smooth_lr_tile).numpy()
         parity[precision] = round(psnr_uint8(got, ref), 2)
         assert parity[precision] >= floor, parity
         fam = out.manifest["family"]
@@ -67,7 +59,7 @@ def test_export_matches_peft_from_pretrained(omgsr_dir, tiny_base, text_models, 
     assert all(m.startswith("encoder.") for m in model.lora_sets[1].factors)
 
 
-def test_timestep_override_through_the_cli(omgsr_dir, tiny_base, text_models, lr, tmp_path):
+def test_timestep_override_through_the_cli(omgsr_dir, tiny_base, tiny_text_models, smooth_lr_tile, tmp_path):
     from dfosd.export.cli import main
     from dfosd.runtime.step import OneStepRunner
 
@@ -79,8 +71,8 @@ def test_timestep_override_through_the_cli(omgsr_dir, tiny_base, text_models, lr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["timestep"] == 200 and manifest["inputs"]["timestep"] == 200
     assert "timestep 200 instead of upstream's 273" in manifest["family"]["deviations"]
-    ref = uw.run_omgsr(omgsr_dir, tiny_base, lr, text_models, timestep=200).numpy()
-    got = OneStepRunner(out, backend="onnxruntime", batch=1)(lr).numpy()
+    ref = uw.run_omgsr(omgsr_dir, tiny_base, smooth_lr_tile, tiny_text_models, timestep=200).numpy()
+    got = OneStepRunner(out, backend="onnxruntime", batch=1)(smooth_lr_tile).numpy()
     assert psnr_uint8(got, ref) >= 50.0
     r = CliRunner().invoke(main, ["--ckpt", str(omgsr_dir), "--timestep", "1000", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "1000 is not in the range 0<=x<=999" in r.output
