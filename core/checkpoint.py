@@ -122,8 +122,12 @@ RANDOM_COMMAND = "dfosd checkpoint random --base synthetic:tiny --out lora.safet
 
 
 def check_checkpoint_exists(path: str | Path) -> Path:
-    """The cheap check before anything is imported or loaded: the file is there (any family's format)."""
+    """The cheap check before anything is imported or loaded: the file (or PEFT adapter folder) is there."""
     path = Path(path)
+    if path.is_dir():
+        from dfosd.core.peft_folders import check_adapter_folder
+
+        return check_adapter_folder(path)
     if not path.is_file():
         raise DfosdError(f"checkpoint {path} does not exist",
                          hint=f"{CHECKPOINT_FIX}; to try the pipeline, make a test one: {RANDOM_COMMAND}")

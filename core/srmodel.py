@@ -103,6 +103,15 @@ class SRModel:
         if problems:
             raise problems_error(f"model ({self.family.name})", problems)
 
+    def with_timestep(self, timestep: int) -> "SRModel":
+        """This model at another fixed timestep (``--timestep``); DFOSD's own checkpoints hold theirs."""
+        if self.family.name == "dfosd" and timestep != self.timestep:
+            raise DfosdError(f"{self.path} is a DFOSD checkpoint trained at timestep {self.timestep}; --timestep "
+                             "applies to upstream families", hint="drop --timestep")
+        from dataclasses import replace
+
+        return replace(self, timestep=int(timestep))
+
     def deviations(self) -> list[str]:
         """What differs from upstream inference, for the manifest and ``dfosd inspect``."""
         out = list(self.family.deviations)
