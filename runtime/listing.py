@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from dfosd.core.errors import DfosdError
-from dfosd.runtime.inputs import IMAGE_SUFFIXES, _inside, _not_image_reason, is_image_name
+from dfosd.runtime.inputs import IMAGE_SUFFIXES, is_image_name, is_inside, not_image_reason
 
 LIST_SUFFIXES = frozenset({".txt", ".lst"})
 
@@ -77,13 +77,13 @@ def _walk(root: Path, out_r: Path | None) -> Iterator[Item]:
                     continue
                 rel = os.path.join(rel_dir, entry.name)
                 if entry.is_dir(follow_symlinks=True):
-                    if out_r is None or not _inside(Path(entry.path).resolve(), out_r):
+                    if out_r is None or not is_inside(Path(entry.path).resolve(), out_r):
                         stack.append(rel)
                     continue
                 if not entry.is_file(follow_symlinks=True):
                     continue
                 if not is_image_name(Path(entry.name)):
-                    yield Item("skipped", entry.path, message=_not_image_reason(Path(entry.name)))
+                    yield Item("skipped", entry.path, message=not_image_reason(Path(entry.name)))
                     continue
                 winner = _sibling_winner(folder, entry.name)
                 if winner is not None:
@@ -115,7 +115,7 @@ def check_folders_apart(inputs: Sequence[str]) -> None:
     folders = [Path(raw).expanduser().resolve() for raw in inputs if Path(raw).expanduser().is_dir()]
     for a in folders:
         for b in folders:
-            if a != b and _inside(a, b):
+            if a != b and is_inside(a, b):
                 raise DfosdError(f"input folder {a} is inside input folder {b}: its images would be upscaled twice",
                                  hint="pass only the outer folder")
 
@@ -158,8 +158,8 @@ def iter_inputs(inputs: Sequence[str], out_dir: str | Path) -> Iterator[Item]:
                     continue
                 found = True
                 if not is_image_name(p):
-                    yield Item("skipped", str(p), message=_not_image_reason(p))
-                elif _inside(p.resolve(), out_r):
+                    yield Item("skipped", str(p), message=not_image_reason(p))
+                elif is_inside(p.resolve(), out_r):
                     yield Item("skipped", str(p), message=f"inside --out {out_dir}: outputs are never read as inputs")
                 else:
                     yield claim(Item("image", str(p), p.name))
