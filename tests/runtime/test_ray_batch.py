@@ -142,6 +142,8 @@ def test_a_killed_actor_is_restarted_and_nothing_is_lost(cluster, tiny_export_fp
     report = _report(out)
     _check_complete(out, local_out, report)
     assert report["state"] == "complete"
+    started = {str(w["pid"]) for w in report["ray"]["workers"]}
+    assert {r["worker"] for r in report["images"] if "worker" in r} - started  # Ray's restart did images too
 
 
 def test_a_killed_driver_resumes_with_the_same_command(cluster, tiny_export_fp32, photos, local_out, tmp_path):
