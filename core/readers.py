@@ -13,6 +13,7 @@ Layouts
 - diffusers/PEFT UNet LoRA: ``[unet.|base_model.model.]<module>.lora_A.weight`` (alpha from the
   header when stated, else alpha = rank: diffusers' own rule)
 - kohya: ``lora_unet_<module_with_underscores>.lora_down/lora_up.weight`` + per-module ``alpha``
+- PEFT adapter folders (OMGSR-S's ``unet_lora_adapter/`` + ``vae_encoder_lora_adapter/``): core/peft_folders.py
 """
 
 from __future__ import annotations
@@ -287,6 +288,12 @@ def read_model(path: str | Path, *, family: str | None = None, base_spec: str | 
     path = Path(path)
     if family is not None:
         get_family(family)  # a family dfosd refuses (e.g. osdface) says why before any reading
+    if path.is_dir():  # PEFT adapter folders (OMGSR-S), see core/peft_folders.py
+        from dfosd.core.peft_folders import read_adapter_folders
+
+        model = read_adapter_folders(path, family=family, prompt=prompt, default_base=DEFAULT_FAMILY_BASE,
+                                     base_spec=base_spec or (base.spec if base is not None else None), progress=progress)
+        return with_encoded_prompt(model, progress) if encode else model
     if (path.parent / "embedding_change_weights.pth").is_file():
         # OSDFace ships its UNet LoRA (diffusers layout) beside the network that makes its conditioning
         raise DfosdError(f"{path} sits beside embedding_change_weights.pth: an OSDFace checkpoint; not supported: "
@@ -391,5 +398,7 @@ def read_model_as_exported(path: str | Path, manifest: dict) -> SRModel:
     if "dfosd_format" in meta:
         return read_model(path)
     fam = manifest.get("family") or {}
-    return read_model(path, family=fam.get("name"), prompt=fam.get("prompt"),
-                      base_spec=manifest.get("inputs", {}).get("base"))
+    model = read_model(path, family=fam.get("name"), prompt=fam.get("prompt"),
+                       base_spec=manifest.get("inputs", {}).get("base"))
+    timestep = manifest.get("timestep")  # `dfosd-export --timestep` overrides the family's
+    return model.with_timestep(timestep) if isinstance(timestep, int) and timestep != model.timestep else model

@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
+from dfosd.core.atomic import atomic_target
 from dfosd.core.checkpoint import lora_fit_problem, merge_lora_factors, some_names
 from dfosd.core.errors import DfosdError, problems_error
 from dfosd.core.families import COLOR_FIXES, LORA_PARTS, PREPROCESSINGS, X0_RULES, Family, get_family
-from dfosd.core.manifest import umask_file_mode
 
 if TYPE_CHECKING:
     import torch
@@ -105,6 +103,15 @@ class SRModel:
         if problems:
             raise problems_error(f"model ({self.family.name})", problems)
 
+    def with_timestep(self, timestep: int) -> "SRModel":
+        """This model at another fixed timestep (``--timestep``); DFOSD's own checkpoints hold theirs."""
+        if self.family.name == "dfosd" and timestep != self.timestep:
+            raise DfosdError(f"{self.path} is a DFOSD checkpoint trained at timestep {self.timestep}; --timestep "
+                             "applies to upstream families", hint="drop --timestep")
+        from dataclasses import replace
+
+        return replace(self, timestep=int(timestep))
+
     def deviations(self) -> list[str]:
         """What differs from upstream inference, for the manifest and ``dfosd inspect``."""
         out = list(self.family.deviations)
@@ -167,16 +174,8 @@ def write_model(path: str | Path, model: SRModel) -> Path:
         "upscale": str(model.upscale), "vae_latent": "mean",
         "lora_sets": json.dumps([s.header() for s in model.lora_sets]), "source": json.dumps(dict(model.source)),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.chmod(tmp, umask_file_mode())  # mkstemp makes 0600: a model file is the user's, like any other
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_target(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 

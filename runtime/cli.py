@@ -124,9 +124,12 @@ def main(inputs, export_dir, out_dir, backend, batch, tile, overlap, color_fix, 
                 from dfosd.core.manifest import ExportDir
 
                 ExportDir(export_dir, check="none")
-            runner, tcfg, upscale = _make_upscaler(export_dir, backend, batch, tile, overlap, server)
-            if color_fix is None:
-                opts["color_fix"] = rep.header["color_fix"] = _family_color_fix(export_dir if server is None else None)
+            runner, tcfg, upscale = _make_upscaler(export_dir, backend, batch, tile, overlap, server, color_fix)
+            if server is not None:  # the server applies the colour fix (the same function of the pixels)
+                rep.header["color_fix"] = color_fix or runner.client.info.color_fix
+                opts["color_fix"] = "none"
+            elif color_fix is None:
+                opts["color_fix"] = rep.header["color_fix"] = _family_color_fix(export_dir)
             rep.header.update(backend=runner.backend.describe(), precision=runner.precision,
                               backend_plan=getattr(runner, "plan", None) and runner.plan.to_dict(),
                               tiling={"tile": tcfg.tile, "overlap": tcfg.overlap, "batch": tcfg.batch})
@@ -161,8 +164,9 @@ def _names(items, limit: int = 5) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _make_upscaler(export_dir, backend, batch, tile, overlap, server):
-    """(runner, tiling, upscale(rgb, sink, progress)) for local engines or a server."""
+def _make_upscaler(export_dir, backend, batch, tile, overlap, server, color_fix=None):
+    """(runner, tiling, upscale(rgb, sink, progress)) for local engines or a server (which also applies
+    ``color_fix``, None: its model's default; locally ``process_image`` applies it)."""
     from dfosd.runtime.batch import check_tile, local_upscaler
     from dfosd.runtime.tiling import TilingConfig
 
@@ -177,7 +181,7 @@ def _make_upscaler(export_dir, backend, batch, tile, overlap, server):
                         batch=runner.batch, scale=runner.scale)
 
     def upscale(rgb, sink, progress):
-        sr = runner.upscale(rgb, overlap=tcfg.overlap)  # the server tiles and blends
+        sr = runner.upscale(rgb, overlap=tcfg.overlap, color_fix=color_fix)  # the server tiles, blends, fixes
         if sink is None:
             return sr
         sink(0, sr)
@@ -217,8 +221,6 @@ def _run_all(pairs, upscale, tcfg, opts, out, rep, progress) -> None:
 
 def _family_color_fix(export_dir) -> str:
     """The colour fix upstream applies by default for the export's model family."""
-    if export_dir is None:
-        return "none"
     from dfosd.core.manifest import ExportDir
 
     family = ExportDir(export_dir, check="none").family

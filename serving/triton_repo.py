@@ -194,6 +194,8 @@ def python_model_parameters(manifest: dict, opts: RepoOptions, tile_batch: int) 
             "overlap": str(overlap), "max_pixels": str(opts.max_pixels), "tile": str(tile),
             "scale": str(int(manifest["upscale"])), "precision": str(manifest.get("precision", "")),
             "export_build_key": str(manifest.get("build_key", "")),
+            # what the model applies when a request names none (clients show it; the model reads the manifest)
+            "color_fix": str((manifest.get("family") or {}).get("color_fix", "none")),
             "request_timeout_s": f"{opts.request_timeout_s:g}"}
 
 
