@@ -33,7 +33,7 @@ def _stat(path: Path) -> dict[str, int]:
 
 def write_done(out_dir: Path, src: Path, dst: Path, identity: dict[str, Any]) -> None:
     """Record that ``dst`` is the complete output of ``src`` under ``identity`` (export + options)."""
-    from dfosd.core.manifest import write_json_atomic
+    from dfosd.core.atomic import write_json_atomic
 
     write_json_atomic(done_record_path(out_dir, dst), {
         "input": str(Path(src).resolve()), "input_file": _stat(src), "output_file": _stat(dst), **identity})

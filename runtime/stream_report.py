@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import time
 from pathlib import Path
 from typing import Any
 
+from dfosd.core.atomic import atomic_target
 from dfosd.runtime.batch import REPORT_EVERY_S
 
 STATUSES = ("ok", "skipped", "failed", "interrupted")
@@ -52,17 +52,12 @@ class StreamingReport:
         head = {**self.header, "state": state, "pid": os.getpid(),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)),
                 "total_seconds": round(self.seconds(), 3), "summary": self.counts(), **extra}
-        tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.tmp")
-        try:
-            with open(tmp, "w", encoding="utf-8") as out, open(self.spool_path, encoding="utf-8") as spool:
-                out.write(json.dumps(head, indent=2, sort_keys=True)[:-2] + ',\n  "images": [')
-                for n, line in enumerate(spool):
-                    out.write(("\n    " if n == 0 else ",\n    ") + line.rstrip("\n"))
-                out.write("\n  ]\n}\n")
-            os.replace(tmp, self.path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with atomic_target(self.path) as tmp, open(tmp, "w", encoding="utf-8") as out, \
+                open(self.spool_path, encoding="utf-8") as spool:
+            out.write(json.dumps(head, indent=2, sort_keys=True)[:-2] + ',\n  "images": [')
+            for n, line in enumerate(spool):
+                out.write(("\n    " if n == 0 else ",\n    ") + line.rstrip("\n"))
+            out.write("\n  ]\n}\n")
         took = time.perf_counter() - t
         self._next_write = time.perf_counter() + max(REPORT_EVERY_S, 20 * took)
 
