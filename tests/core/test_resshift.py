@@ -7,36 +7,18 @@ upstream saved them, the LR tile, the noise, and z_y, x0 and the SR image of one
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import RESSHIFT_GOLDEN as GOLDEN
 from safetensors.torch import load_file
 
 from dfosd.core.errors import DfosdError
 from dfosd.core.metrics import psnr_uint8
-from dfosd.core.resshift import (CHECKPOINTS, RELEASED_UNET, RELEASED_VQ, SINSR_SCHEDULE, ResShiftOneStep,
-                                 load_strict, schedule_from_yaml, unet_config_from_state, unet_config_from_yaml,
-                                 unwrap_state, vq_config_from_state, vq_config_from_yaml)
+from dfosd.core.resshift import (CHECKPOINTS, RELEASED_UNET, RELEASED_VQ, SINSR_SCHEDULE, load_strict,
+                                 unet_config_from_state, unet_config_from_yaml, unwrap_state, vq_config_from_state,
+                                 vq_config_from_yaml)
 from dfosd.core.resshift_unet import SwinUNet
 from dfosd.core.resshift_vq import VQAutoencoder
-
-GOLDEN = Path(__file__).resolve().parents[1] / "data" / "resshift"
-
-
-@pytest.fixture(scope="session")
-def resshift_golden():
-    """(one-step model built from the state dicts' keys alone, upstream's inputs and outputs, config)."""
-    cfg = json.loads((GOLDEN / "config.json").read_text())
-    unet_state = unwrap_state(load_file(str(GOLDEN / "unet.safetensors")), "unet")
-    vq_state = unwrap_state(load_file(str(GOLDEN / "vq.safetensors")), "vq")
-    unet = SwinUNet(unet_config_from_state(unet_state))
-    load_strict(unet, unet_state, "unet")
-    vq = VQAutoencoder(vq_config_from_state(vq_state))
-    load_strict(vq, vq_state, "vq")
-    model = ResShiftOneStep(unet.eval(), vq.eval(), schedule_from_yaml(cfg["diffusion"]))
-    return model, load_file(str(GOLDEN / "io.safetensors")), cfg
 
 
 def test_one_step_matches_upstream(resshift_golden):
