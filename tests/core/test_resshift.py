@@ -83,3 +83,35 @@ def test_upstream_wrappers_and_bad_state_dicts(resshift_golden):
         unet_config_from_state({"foo": torch.zeros(1)})
     with pytest.raises(DfosdError, match="do not describe the VQ-f4 autoencoder"):
         vq_config_from_state(state)
+
+
+def test_release_files_read_the_upstream_way(resshift_golden, tmp_path):
+    """Pickles as upstream saves them (a state_dict wrapper, DataParallel's module. prefix), read with
+    weights_only; the kind from the file name; the multi-step teachers refused with the reason."""
+    from dfosd.core.resshift_reader import read_resshift
+
+    model, io, _ = resshift_golden
+    unet = {"state_dict": {"module." + k: v.float() for k, v in load_file(str(GOLDEN / "unet.safetensors")).items()}}
+    vq = {k: v.float() for k, v in load_file(str(GOLDEN / "vq.safetensors")).items()}
+    for name in ("SinSR_v1.pth", "resshift_realsrx4_s4_v3.pth", "mine.pth"):
+        torch.save(unet, tmp_path / name)
+    torch.save(vq, tmp_path / "autoencoder_vq_f4.pth")
+    said = []
+    # the tiny architecture comes from the keys; the schedule is SinSR's released one
+    got = read_resshift(tmp_path / "SinSR_v1.pth", tmp_path / "autoencoder_vq_f4.pth", progress=said.append)
+    assert got.family == "sinsr" and "file name SinSR_v1.pth is wyf0912/SinSR's release" in said[0]
+    with torch.no_grad():
+        assert (got.model(io["lr"], io["noise"]) - io["sr"]).abs().max() < 1e-4
+    with pytest.raises(DfosdError, match="multi-step ResShift model \\(4 UNet calls"):
+        read_resshift(tmp_path / "resshift_realsrx4_s4_v3.pth", tmp_path / "autoencoder_vq_f4.pth")
+    with pytest.raises(DfosdError, match="(?s)the keys cannot say which.*--family sinsr"):
+        read_resshift(tmp_path / "mine.pth", tmp_path / "autoencoder_vq_f4.pth")
+    assert read_resshift(tmp_path / "mine.pth", tmp_path / "autoencoder_vq_f4.pth", family="tad-sr").family == "tad-sr"
+    with pytest.raises(DfosdError, match="not the VQ-f4 autoencoder"):
+        read_resshift(tmp_path / "SinSR_v1.pth", tmp_path / "mine.pth")
+    # a pickle that needs code to load is refused, never unpickled
+    import argparse
+
+    torch.save({"state_dict": unet["state_dict"], "args": argparse.Namespace(lr=1)}, tmp_path / "evil.pth")
+    with pytest.raises(DfosdError, match="refused and not unpickled"):
+        read_resshift(tmp_path / "evil.pth", tmp_path / "autoencoder_vq_f4.pth")
