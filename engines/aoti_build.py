@@ -79,7 +79,7 @@ def default_channels_last(device: str) -> bool:
 
 
 def rebuild_command(export_dir: str | Path, device: str) -> str:
-    return f"dfosd aoti-export --engines {shlex.quote(str(export_dir))} --device {device}"
+    return f"dfosd build {shlex.quote(str(export_dir))} --backend aoti --device {device}"
 
 
 def check_device(device: str) -> None:

@@ -273,10 +273,10 @@ def build_engines(export_dir: str | Path, *, progress: Callable[[str], None] = l
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m dfosd.engines.tensorrt_build DIR``: (re)build the plans of an export directory."""
+    """``python -m dfosd.engines.tensorrt_build DIR``: deprecated alias of ``dfosd build DIR --backend tensorrt``."""
     import click
 
-    from dfosd.core.cli_support import say, setup_logging, user_errors
+    from dfosd.core.cli_support import setup_logging, user_errors
 
     @click.command(context_settings={"help_option_names": ["-h", "--help"]})
     @click.argument("export_dir", type=click.Path(file_okay=False, exists=True))
@@ -285,8 +285,11 @@ def main(argv: list[str] | None = None) -> None:
     @click.option("--force", is_flag=True, help="Rebuild plans even when they are current.")
     @user_errors
     def cli(export_dir, workspace_gib, force):
+        from dfosd.engines.build_cli import build, deprecated
+
         setup_logging()
-        build_engines(export_dir, progress=say, workspace_bytes=int(workspace_gib * 2**30), force=force)
+        deprecated("python -m dfosd.engines.tensorrt_build DIR", "dfosd build DIR --backend tensorrt")
+        build(export_dir, "tensorrt", force=force, workspace_gib=workspace_gib)
 
     cli.main(args=argv, prog_name="python -m dfosd.engines.tensorrt_build")
 

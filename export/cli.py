@@ -83,14 +83,10 @@ def main(ckpt, family, prompt, pisa_scales, base, precision, float_precision, ca
                                pisa_scales=scales)
     if base is None:
         say(f"base: {result.manifest['inputs']['base']} (from the checkpoint's metadata)")
-    if backend_cls.name == "tensorrt":
-        from dfosd.engines.tensorrt_build import build_engines  # pragma: no cover - needs TensorRT
+    if backend_cls.prepare_on_export:  # plans / compiled caches now, so the first run does not wait
+        from dfosd.core.manifest import ExportDir
 
-        build_engines(result.out_dir, progress=say)
-    elif backend_cls.name in ("openvino", "openvino-bf16"):
-        from dfosd.engines.openvino_backend import compile_cache
-
-        compile_cache(result.out_dir, progress=say, backend=backend_cls())
+        backend_cls().prepare(ExportDir(result.out_dir, check="none"), progress=say)
     verb = "reused" if result.reused else "wrote"
     if cfg.quantize:
         precision = f"{precision} {'+'.join(cfg.quantize)}, {cfg.float_precision} elsewhere"
