@@ -204,6 +204,26 @@ class ExportDir:
         return str(self.manifest["precision"])
 
     @property
+    def float_precision(self) -> str:
+        """The precision of what is not quantized (the precision itself for float exports)."""
+        return str(self.manifest.get("float_precision") or self.precision)
+
+    @property
+    def inputs(self) -> dict[str, Any]:
+        """What the export was made from: checkpoint path and sha256, base spec and fingerprint, options."""
+        return dict(self.manifest.get("inputs") or {})
+
+    @property
+    def components(self) -> dict[str, dict]:
+        """Part stem -> its manifest entry, every tile batch (``parts(batch)`` for the parsed records)."""
+        return {stem: dict(e) for stem, e in sorted(self.manifest.get("components", {}).items())}
+
+    @property
+    def calibration(self) -> dict[str, Any]:
+        """The 8-bit calibration record (empty for float exports)."""
+        return dict(self.manifest.get("calibration") or {})
+
+    @property
     def family(self) -> dict[str, Any]:
         """The model family's record (exports from before families: DFOSD, no colour fix)."""
         return self.manifest.get("family") or {"name": "dfosd", "color_fix": "none", "deviations": []}

@@ -119,7 +119,7 @@ class AotiBackend(Backend):
         export_dir, contract = export.path, part.contract
         if self._system is None:
             self._system = system_info(self.device)
-        build = check_build(export_dir, self.device, export_manifest=export.manifest, running=self._system)
+        build = check_build(export_dir, self.device, export=export, running=self._system)
         rec = build.get("components", {}).get(contract.stem)
         fix = f"rebuild: {rebuild_command(export_dir, self.device)}"
         if rec is None:

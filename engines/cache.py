@@ -103,8 +103,12 @@ class CacheFolder:
         bad = [n for n in files if (self.folder / n).is_symlink()] or changed_files(self.folder, files,
                                                                                      quick=self.quick)
         if bad:
-            self.log.warning("%s: %s missing, truncated or changed since it was written: rebuilding it",
-                             self.folder, ", ".join(sorted(bad)))
+            damaged = [n for n in bad if (self.folder / n).exists() or (self.folder / n).is_symlink()]
+            # A file that is simply gone (a copy of the export without its cache folder) is built
+            # again quietly; one that is there but not what was written is a damaged cache: say so.
+            (self.log.warning if damaged else self.log.info)(
+                "%s: %s missing, truncated or changed since it was written: rebuilding it", self.folder,
+                ", ".join(sorted(bad)))
             self.forget(entry)
             return None
         return [self.folder / n for n in files]

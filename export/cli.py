@@ -81,16 +81,17 @@ def main(ckpt, family, prompt, pisa_scales, base, precision, float_precision, ca
         cfg = config(precision)
     result = export_checkpoint(ckpt, base, out_dir, cfg, force=force, progress=say, family=family, prompt=prompt,
                                pisa_scales=scales)
-    if base is None:
-        say(f"base: {result.manifest['inputs']['base']} (from the checkpoint's metadata)")
-    if backend_cls.prepare_on_export:  # plans / compiled caches now, so the first run does not wait
-        from dfosd.core.manifest import ExportDir
+    from dfosd.core.manifest import ExportDir
 
-        backend_cls().prepare(ExportDir(result.out_dir, check="none"), progress=say)
+    export = ExportDir(result.out_dir, check="none")  # just written and hashed by the exporter
+    if base is None:
+        say(f"base: {export.inputs.get('base')} (from the checkpoint's metadata)")
+    if backend_cls.prepare_on_export:  # plans / compiled caches now, so the first run does not wait
+        backend_cls().prepare(export, progress=say)
     verb = "reused" if result.reused else "wrote"
     if cfg.quantize:
         precision = f"{precision} {'+'.join(cfg.quantize)}, {cfg.float_precision} elsewhere"
-    say(f"{verb} {len(result.manifest['components'])} ONNX parts ({precision}, tile {tile}, "
+    say(f"{verb} {len(export.components)} ONNX parts ({precision}, tile {tile}, "
         f"batches {list(cfg.batches)}) in {result.out_dir} [{result.seconds:.1f} s]")
     click.echo(str(result.out_dir))
 

@@ -172,14 +172,14 @@ def ensemble_config(model: str, step_models: dict[str, str], contracts: dict[str
     }
 
 
-def python_model_parameters(manifest: dict, opts: RepoOptions, tile_batch: int) -> dict[str, str]:
+def python_model_parameters(export: ExportDir, opts: RepoOptions, tile_batch: int) -> dict[str, str]:
     """What the Python model reads at start-up (and clients read to learn tile, scale, ...)."""
-    tile = int(manifest["tile"])
+    tile = export.tile
     overlap = tile // 4 if opts.overlap is None else opts.overlap
     return {"engines": "engines", "backend": opts.backend, "tile_batch": str(tile_batch),
             "overlap": str(overlap), "max_pixels": str(opts.max_pixels), "tile": str(tile),
-            "scale": str(int(manifest["upscale"])), "precision": str(manifest.get("precision", "")),
-            "export_build_key": str(manifest.get("build_key", "")),
+            "scale": str(export.upscale), "precision": export.precision,
+            "export_build_key": export.build_key,
             "request_timeout_s": f"{opts.request_timeout_s:g}"}
 
 
@@ -387,7 +387,7 @@ def write_repository(export_dir: str | Path, repo_dir: str | Path, opts: RepoOpt
 
 def _write_models(repo: Path, export, by_batch: dict, opts: RepoOptions, tile_batch: int,
                   result: RepoResult) -> None:
-    export_dir, manifest = export.path, export.manifest
+    export_dir = export.path
     n = opts.name
 
     for batch, parts in by_batch.items():
@@ -418,7 +418,7 @@ def _write_models(repo: Path, export, by_batch: dict, opts: RepoOptions, tile_ba
                              ensemble=f"ensemble of the TensorRT plans, tile batch {batch}")
 
     if "python" in opts.kinds:
-        params = python_model_parameters(manifest, opts, tile_batch)
+        params = python_model_parameters(export, opts, tile_batch)
         files = {f"engines/{p.name}": p for p in export_files(export_dir)}
         write_model(repo, n, python_config(n, params, opts), files, opts.link,
                     {"model.py": model_py(opts.site_dirs, opts.path_dirs)})
