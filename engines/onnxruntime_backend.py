@@ -184,7 +184,7 @@ class OnnxRuntimeBackend(Backend):
             if force:
                 self._caches.get(export, self.optimized_identity).forget(part.stem)
             self.load(export, part)
-            progress(f"{self.name}: {part.onnx} optimized into {export.file(OPTIMIZED_DIR)}")
+            progress(f"{self.name}: {part.onnx} optimized graph ready in {export.file(OPTIMIZED_DIR)}")
 
     def describe(self) -> str:
         return f"onnxruntime ({'CUDA' if self.device == 'cuda' else 'CPU'} execution provider, {self.threads} threads)"

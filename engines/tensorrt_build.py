@@ -100,7 +100,7 @@ def plan_jobs(export: "ExportDir | str | Path") -> list[PlanJob]:
         export = ExportDir(export, check="full")  # a plan is built from these very bytes
     jobs = []
     for stem, entry in export.components.items():
-        onnx_path = export.file(entry["onnx"])
+        onnx_path = export.path / entry["onnx"]
         names = [entry["onnx"]] + ([entry["external_data"]] if entry.get("external_data") else [])
         jobs.append(PlanJob(stem=stem, component=entry["component"], batch=int(entry["batch"]),
                             precision=str(entry.get("precision", export.precision)), onnx=onnx_path,

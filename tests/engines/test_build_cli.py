@@ -9,10 +9,6 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-needs_openvino = pytest.mark.skipif(__import__("importlib").util.find_spec("openvino") is None,
-                                    reason="openvino not installed (pip install 'dfosd[openvino]')")
-
-
 @pytest.fixture(autouse=True)
 def one_backend_thread(monkeypatch):
     monkeypatch.setenv("DFOSD_THREADS", "1")
@@ -24,21 +20,25 @@ def _build(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-@needs_openvino
 def test_build_prepares_the_backend_and_reuses_it(tiny_export_fp32, tmp_path):
-    export = shutil.copytree(tiny_export_fp32, tmp_path / "e", ignore=shutil.ignore_patterns("openvino-*"))
-    r = _build(export, "--backend", "openvino")
+    export = shutil.copytree(tiny_export_fp32, tmp_path / "e", ignore=shutil.ignore_patterns("onnxruntime-*"))
+    parts = {f"{p}_b{b}" for p in ("encoder", "unet", "decoder") for b in (1, 2)}  # the tiny export's two batches
+
+    def graphs():
+        return {p.name: p.stat().st_mtime_ns for p in (export / "onnxruntime-optimized").glob("*.opt.onnx")}
+
+    r = _build(export, "--backend", "onnxruntime", "--device", "cpu")
     assert r.exit_code == 0, r.output
-    blobs = {p.name: p.stat().st_mtime_ns for p in (export / "openvino-cache").glob("*.blob")}
-    assert len(blobs) == 3 and r.output.count("openvino: ") == 3
-    records = json.loads((export / "runtime.json").read_text())["records"]["openvino_cache"]["entries"]
-    assert set(records) == {"encoder_b1", "unet_b1", "decoder_b1"}
-    assert _build(export, "--backend", "openvino").exit_code == 0
-    assert {p.name: p.stat().st_mtime_ns for p in (export / "openvino-cache").glob("*.blob")} == blobs
-    r = _build(export, "--backend", "openvino", "--force")
+    built = graphs()
+    assert set(built) == {f"{p}.opt.onnx" for p in parts} and r.output.count("onnxruntime: ") == len(parts)
+    entries = json.loads((export / "runtime.json").read_text())["records"]["onnxruntime_optimized"]["entries"]
+    assert set(entries) == parts
+    assert _build(export, "--backend", "onnxruntime", "--device", "cpu").exit_code == 0
+    assert graphs() == built  # current: loaded, not optimized again
+    r = _build(export, "--backend", "onnxruntime", "--device", "cpu", "--force")
     assert r.exit_code == 0, r.output
-    now = {p.name: p.stat().st_mtime_ns for p in (export / "openvino-cache").glob("*.blob")}
-    assert set(now) == set(blobs) and all(now[n] != blobs[n] for n in now)
+    now = graphs()
+    assert set(now) == set(built) and all(now[n] != built[n] for n in now)
 
 
 def test_build_errors_are_clean(tiny_export_fp32, tmp_path):
