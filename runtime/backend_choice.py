@@ -161,6 +161,12 @@ def time_parts(loaders: dict[str, Callable[[str], object]], contracts: dict, par
     return engines, {name: round(statistics.median(r), 3) for name, r in runs.items()}
 
 
+def _usable_choice(record: object, backends: dict[str, object]) -> bool:
+    """A cached choice names one of the candidate backends for every part."""
+    parts = record.get("parts") if isinstance(record, dict) else None
+    return isinstance(parts, dict) and set(parts) == set(COMPONENTS) and all(v in backends for v in parts.values())
+
+
 def choice_record_key(batch: int) -> str:
     return f"backend_choice_b{batch}"
 
@@ -187,7 +193,11 @@ def measured_choice(export, batch: int, contracts: dict, backends: dict[str, obj
     key = choice_record_key(batch)
     ident = choice_identity(backends, export)
     old = export.runtime_record(key)
-    if not remeasure and isinstance(old, dict) and old.get("identity") == ident and _valid_parts(old.get("parts")):
+    if old and not _usable_choice(old, backends):
+        say(f"auto: the cached choice {key} in {export.path / RUNTIME_RECORDS_NAME} is not a per-part choice "
+            f"among {', '.join(backends)} (edited?); timing again")
+        old = None
+    if not remeasure and old and old.get("identity") == ident:
         plan = BackendPlan(dict(old["parts"]), "auto: per-part choice measured earlier on this machine "
                            f"({old.get('measured', '?')}), cached in {RUNTIME_RECORDS_NAME}",
                            old.get("median_ms", {}) if isinstance(old.get("median_ms"), dict) else {}, True)
@@ -206,11 +216,3 @@ def measured_choice(export, batch: int, contracts: dict, backends: dict[str, obj
                                       "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                       "warmup": warmup, "repeats": repeats})
     return plan, engines
-
-
-def _valid_parts(parts) -> bool:
-    """A recorded choice names a known CPU backend for every part (an edited record is measured anew)."""
-    from dfosd.engines.base import BACKENDS
-
-    return isinstance(parts, dict) and set(parts) == set(COMPONENTS) and all(
-        isinstance(v, str) and v in BACKENDS for v in parts.values())

@@ -155,10 +155,14 @@ def _watch(server, max_restarts: int) -> None:
               help="Python model: queue timeout per request in seconds (0: none).")
 @click.option("--request-timeout", "request_timeout_s", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_TIMEOUT_S,
               show_default=True, help="Python model: seconds after which a request that is not done fails.")
+@click.option("--instances", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Instances of each model (Triton's instance_group count; for GPU models, on each GPU).")
+@click.option("--gpus", default=None, metavar="LIST",
+              help="GPU models' instances go on these devices only, e.g. 0,1 (default: every visible GPU).")
 @click.option("--force", is_flag=True, help="Write into a non-empty folder not made by this command.")
 @user_errors
 def triton_repo_main(export_dir, out_dir, kinds, name, device, python_device, link, backend, tile_batch, overlap,
-                     max_batch, max_pixels, timeout_s, request_timeout_s, force):
+                     max_batch, max_pixels, timeout_s, request_timeout_s, instances, gpus, force):
     """Write a Triton model repository (config.pbtxt + model files) from an export directory."""
     setup_logging(False)
     from dfosd.serving.triton_repo import DEFAULT_MAX_PIXELS, KINDS, RepoOptions, write_repository
@@ -167,7 +171,7 @@ def triton_repo_main(export_dir, out_dir, kinds, name, device, python_device, li
     opts = RepoOptions(name=name, kinds=chosen, device=device, python_device=python_device, link=link,
                        backend=backend, tile_batch=tile_batch, overlap=overlap, max_batch=max_batch,
                        max_pixels=max_pixels or DEFAULT_MAX_PIXELS, queue_timeout_s=timeout_s,
-                       request_timeout_s=request_timeout_s,
+                       request_timeout_s=request_timeout_s, instances=instances, gpus=_gpu_list(gpus),
                        tensorrt_required=kinds is not None and "tensorrt" in chosen)
     result = write_repository(export_dir, out_dir, opts, force=force)
     for model, what in result.models.items():
@@ -175,6 +179,18 @@ def triton_repo_main(export_dir, out_dir, kinds, name, device, python_device, li
     for note in result.notes:
         say(f"note: {note}")
     say(f"wrote {len(result.models)} models to {result.repo}")
+
+
+def _gpu_list(text: str | None) -> tuple[int, ...]:
+    """``--gpus 0,1`` -> (0, 1); anything but device numbers is a user error naming the flag."""
+    from dfosd.core.errors import DfosdError
+
+    if text is None:
+        return ()
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items or not all(t.isdigit() for t in items):
+        raise DfosdError(f"--gpus {text!r}: expected device numbers separated by commas", hint="e.g. --gpus 0,1")
+    return tuple(int(t) for t in items)
 
 
 if __name__ == "__main__":  # pragma: no cover

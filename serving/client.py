@@ -54,13 +54,15 @@ class ModelInfo:
     max_pixels: int
     precision: str
     backend: str
+    color_fix: str = "none"  # what the model applies when a request names none (the family's)
 
     @classmethod
     def from_parameters(cls, params: dict[str, str], model: str) -> "ModelInfo":
         try:
             return cls(tile=int(params["tile"]), scale=int(params["scale"]), overlap=int(params["overlap"]),
                        tile_batch=int(params["tile_batch"]), max_pixels=int(params["max_pixels"]),
-                       precision=params.get("precision", ""), backend=params.get("backend", ""))
+                       precision=params.get("precision", ""), backend=params.get("backend", ""),
+                       color_fix=params.get("color_fix") or "none")
         except (KeyError, ValueError) as exc:
             raise DfosdError(f"model {model!r} is not a dfosd model (its config lacks parameter {exc})",
                              hint="serve it with dfosd-serve, or write the repository with dfosd triton-repo") from None
@@ -112,14 +114,17 @@ class UpscaleClient:
         return (f"Triton server {self.protocol}://{self.address}, model {self.model} "
                 f"({i.backend} backend, {i.precision}, tile {i.tile}, tile batch {i.tile_batch})")
 
-    def infer_array(self, array, *, layout: str = "HWC", overlap: int | None = None):
-        """uint8 numpy [n,H,W,3] (HWC) / [n,3,H,W] (CHW) -> the same layout x scale (numpy)."""
+    def infer_array(self, array, *, layout: str = "HWC", overlap: int | None = None, color_fix: str | None = None):
+        """uint8 numpy [n,H,W,3] (HWC) / [n,3,H,W] (CHW) -> the same layout x scale (numpy); the server
+        applies ``color_fix`` (None: the model's default, ``info.color_fix``)."""
         tc = self._tc
         inp = tc.InferInput(IMAGE_IN, list(array.shape), "UINT8")
         inp.set_data_from_numpy(array)
         params = {"layout": layout}
         if overlap is not None:
             params["overlap"] = int(overlap)
+        if color_fix is not None:
+            params["color_fix"] = color_fix
         try:
             if self.protocol == "http":
                 result = self._client.infer(self.model, [inp], parameters=params,
@@ -130,13 +135,14 @@ class UpscaleClient:
             raise RemoteImageError(f"the server did not upscale this image: {_message(exc)}") from None
         return result.as_numpy(IMAGE_OUT)
 
-    def upscale(self, image, *, overlap: int | None = None):
-        """uint8 torch [3,H,W] -> uint8 torch [3,H*scale,W*scale] (what upscale_tiled returns locally)."""
+    def upscale(self, image, *, overlap: int | None = None, color_fix: str | None = None):
+        """uint8 torch [3,H,W] -> uint8 torch [3,H*scale,W*scale]: what upscale_tiled and then
+        apply_color_fix(color_fix) return locally."""
         import numpy as np
         import torch
 
         array = np.ascontiguousarray(image.numpy())[None]
-        out = self.infer_array(array, layout="CHW", overlap=overlap)
+        out = self.infer_array(array, layout="CHW", overlap=overlap, color_fix=color_fix)
         return torch.from_numpy(np.array(out[0], copy=True))
 
     def close(self) -> None:
@@ -173,8 +179,8 @@ class RemoteRunner:
         self.tile, self.batch, self.scale, self.precision = info.tile, info.tile_batch, info.scale, info.precision
         self.backend = _RemoteBackend(client.describe())
 
-    def upscale(self, rgb, *, overlap: int | None = None):
-        return self.client.upscale(rgb, overlap=overlap)
+    def upscale(self, rgb, *, overlap: int | None = None, color_fix: str | None = None):
+        return self.client.upscale(rgb, overlap=overlap, color_fix=color_fix)
 
 
 def remote_runner(url: str, say=lambda m: None) -> RemoteRunner:

@@ -15,7 +15,8 @@ environment its NumPy path reads input arrays as zeros and returns empty outputs
 (observed here: numpy 2.4.6). DLPack is independent of NumPy's ABI and copies nothing.
 
 Request parameters (optional): ``layout`` = ``HWC`` (default) or ``CHW``; ``overlap`` =
-tile overlap in LR pixels (default from the config). A bad request gets an error
+tile overlap in LR pixels (default from the config); ``color_fix`` = none, adain or
+wavelet (default: the export family's, as dfosd-trt-run). A bad request gets an error
 response naming the problem; the model keeps serving.
 """
 
@@ -86,7 +87,8 @@ class TritonPythonModel:
         raw = request.parameters() if hasattr(request, "parameters") else "{}"
         params = parse_parameters(raw)
         return UpscaleRequest(images, params.get("layout"),
-                              parse_overlap(params.get("overlap"), self.service.default_tiling.overlap))
+                              parse_overlap(params.get("overlap"), self.service.default_tiling.overlap),
+                              params.get("color_fix"))
 
     def _response(self, result):
         import triton_python_backend_utils as pb_utils

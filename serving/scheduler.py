@@ -43,11 +43,12 @@ class RequestTimeout(RequestError):
 class _Pending:
     layout: str
     jobs: list                     # TiledImage per image of the request
+    color_fix: str
     done: Callable[[object], None]  # called once with the output tensor or the exception
     deadline: float
     job_index: int = 0             # next tile to hand out: jobs[job_index], tile tile_index
     tile_index: int = 0
-    outputs: list = field(default_factory=list)
+    outputs: list = field(default_factory=list)  # the finished TiledImages, in order
 
     def has_tiles(self) -> bool:
         return self.job_index < len(self.jobs)
@@ -79,14 +80,14 @@ class FairTileScheduler:
     def submit(self, request: UpscaleRequest, done: Callable[[object], None]) -> None:
         """Queue one request; ``done`` gets its output tensor, or the exception that failed it."""
         try:
-            layout, jobs = self.service._prepare(request)
+            layout, jobs, color_fix = self.service._prepare(request)
         except Exception as exc:  # noqa: BLE001 - a bad request is answered at once
             done(exc)
             return
         with self._cond:
             closing = self._closing
             if not closing:
-                self._pending.append(_Pending(layout, jobs, done, self.clock() + self.timeout_s))
+                self._pending.append(_Pending(layout, jobs, color_fix, done, self.clock() + self.timeout_s))
                 self._cond.notify()
         if closing:
             done(RequestError("the model is shutting down"))
@@ -161,12 +162,19 @@ class FairTileScheduler:
                     continue
                 job.add(i, out[k:k + 1])
                 if job.done == len(job):
-                    p.outputs.append(job.result())
+                    p.outputs.append(job)
                     if len(p.outputs) == len(p.jobs):
                         self._pending.remove(p)
                         finished.append(p)
-        self._deliver([(p, self.service.assemble(p.layout, p.outputs)) for p in finished])
+        self._deliver([(p, self._result(p)) for p in finished])  # the colour fix runs outside the lock
         return True
+
+    def _result(self, p: _Pending):
+        """The request's output (its images finished and colour-fixed), or the exception that failed it."""
+        try:
+            return self.service.assemble(p.layout, [self.service.finish(job, p.color_fix) for job in p.outputs])
+        except Exception as exc:  # noqa: BLE001 - this request fails alone
+            return exc
 
     def _loop(self) -> None:
         while True:

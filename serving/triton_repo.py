@@ -64,7 +64,8 @@ class RepoOptions:
     queue_timeout_s: float = 0.0    # 0: a request may wait in Triton's queue indefinitely (it is short: see scheduler)
     request_timeout_s: float = DEFAULT_TIMEOUT_S  # the Python model fails a request not done this long after it arrived
     max_pixels: int = DEFAULT_MAX_PIXELS
-    instances: int = 1
+    instances: int = 1              # instances of every model (per listed GPU for GPU kinds)
+    gpus: tuple[int, ...] = ()      # GPU instances go on these devices (empty: Triton's default, every GPU)
     python_device: str = "cpu"      # instance kind of the Python model (GPU: one instance per GPU)
     tensorrt_required: bool = False  # set when --kinds names tensorrt explicitly
     site_dirs: tuple[str, ...] = ()  # extra site folders model.py adds (dfosd-serve from a venv)
@@ -87,6 +88,13 @@ class RepoOptions:
             problems.append(f"--max-pixels {self.max_pixels}: must be >= 1")
         if self.instances < 1:
             problems.append(f"--instances {self.instances}: must be >= 1")
+        if any(g < 0 for g in self.gpus) or len(set(self.gpus)) != len(self.gpus):
+            problems.append(f"--gpus {','.join(map(str, self.gpus))}: distinct device numbers >= 0")
+        gpu_models = (self.python_device == "gpu" and "python" in self.kinds) or "tensorrt" in self.kinds \
+            or (self.device == "gpu" and "onnx" in self.kinds)
+        if self.gpus and not gpu_models:
+            problems.append(f"--gpus {','.join(map(str, self.gpus))}: no model of this repository runs on a GPU "
+                            "(use --python-device gpu or --device gpu)")
         if self.request_timeout_s <= 0:
             problems.append(f"--request-timeout {self.request_timeout_s}: must be > 0")
         if self.queue_timeout_s < 0:
@@ -120,11 +128,16 @@ def tensor_config(spec) -> dict:
     return {"name": spec.name, "data_type": Enum(DATA_TYPES[spec.dtype]), "dims": list(spec.shape)}
 
 
-def instance_group(kind: str, count: int = 1) -> list[dict]:
-    return [{"kind": Enum("KIND_GPU" if kind == "gpu" else "KIND_CPU"), "count": count}]
+def instance_group(kind: str, count: int = 1, gpus: tuple[int, ...] = ()) -> list[dict]:
+    """Triton's instance_group: ``count`` instances, on each of ``gpus`` for a GPU kind (Triton's rule)."""
+    group: dict[str, Any] = {"kind": Enum("KIND_GPU" if kind == "gpu" else "KIND_CPU"), "count": count}
+    if kind == "gpu" and gpus:
+        group["gpus"] = list(gpus)
+    return [group]
 
 
-def onnx_config(model: str, entry: dict, contract: ComponentContract, device: str) -> dict:
+def onnx_config(model: str, entry: dict, contract: ComponentContract, device: str, count: int = 1,
+                gpus: tuple[int, ...] = ()) -> dict:
     return {
         "name": model,
         "platform": "onnxruntime_onnx",
@@ -132,11 +145,12 @@ def onnx_config(model: str, entry: dict, contract: ComponentContract, device: st
         "default_model_filename": Path(entry["onnx"]).name,
         "input": [tensor_config(s) for s in contract.inputs],
         "output": [tensor_config(s) for s in contract.outputs],
-        "instance_group": instance_group(device),
+        "instance_group": instance_group(device, count, gpus),
     }
 
 
-def plan_config(model: str, plan: dict, contract: ComponentContract) -> dict:
+def plan_config(model: str, plan: dict, contract: ComponentContract, count: int = 1,
+                gpus: tuple[int, ...] = ()) -> dict:
     return {
         "name": model,
         "platform": "tensorrt_plan",
@@ -147,7 +161,7 @@ def plan_config(model: str, plan: dict, contract: ComponentContract) -> dict:
         "cc_model_filenames": Map({plan["system"]["sm"]: plan["plan"]}),
         "input": [tensor_config(s) for s in contract.inputs],
         "output": [tensor_config(s) for s in contract.outputs],
-        "instance_group": instance_group("gpu"),
+        "instance_group": instance_group("gpu", count, gpus),
         # Static shapes: Triton's TensorRT backend captures each execution in a CUDA graph.
         "optimization": {"cuda": {"graphs": True}},
     }
@@ -180,6 +194,8 @@ def python_model_parameters(export: ExportDir, opts: RepoOptions, tile_batch: in
             "overlap": str(overlap), "max_pixels": str(opts.max_pixels), "tile": str(tile),
             "scale": str(export.upscale), "precision": export.precision,
             "export_build_key": export.build_key,
+            # what the model applies when a request names none (clients show it; the model reads the manifest)
+            "color_fix": str(export.family.get("color_fix", "none")),
             "request_timeout_s": f"{opts.request_timeout_s:g}"}
 
 
@@ -201,7 +217,7 @@ def python_config(model: str, params: dict[str, str], opts: RepoOptions) -> dict
                    "allow_ragged_batch": True}],
         "output": [{"name": IMAGE_OUT, "data_type": Enum("TYPE_UINT8"), "dims": [-1, -1, -1]}],
         "dynamic_batching": dyn,
-        "instance_group": instance_group(opts.python_device, opts.instances),
+        "instance_group": instance_group(opts.python_device, opts.instances, opts.gpus),
         "parameters": Map({k: {"string_value": v} for k, v in params.items()}),
     }
 
@@ -396,7 +412,7 @@ def _write_models(repo: Path, export, by_batch: dict, opts: RepoOptions, tile_ba
         if "onnx" in opts.kinds:
             def onnx_part(name, model):
                 files = {Path(f).name: export_dir / f for f in parts[name].get("files", [parts[name]["onnx"]])}
-                return (onnx_config(model, parts[name], contracts[name], opts.device), files,
+                return (onnx_config(model, parts[name], contracts[name], opts.device, opts.instances, opts.gpus), files,
                         f"onnxruntime_onnx {name}, tile batch {batch}")
 
             _write_chain(repo, result, opts, contracts, onnx_part, suffix="",
@@ -411,7 +427,7 @@ def _write_models(repo: Path, export, by_batch: dict, opts: RepoOptions, tile_ba
             else:
                 def plan_part(name, model, plans=plans):
                     plan = plans[name]
-                    return (plan_config(model, plan, contracts[name]), {plan["plan"]: export_dir / plan["plan"]},
+                    return (plan_config(model, plan, contracts[name], opts.instances, opts.gpus), {plan["plan"]: export_dir / plan["plan"]},
                             f"tensorrt_plan {name}, tile batch {batch}, SM {plan['system']['sm']}")
 
                 _write_chain(repo, result, opts, contracts, plan_part, suffix="_trt",

@@ -7,6 +7,9 @@ tensors and wraps errors into responses.
 A request holds ``n >= 1`` images of one size, ``[n,H,W,3]`` (``layout`` HWC, the
 default) or ``[n,3,H,W]`` (CHW), uint8; the reply has the same layout, x``scale``. The
 tiles of all the requests handed over together are pooled into the engine's tile batches.
+Each finished image gets the colour fix the request names (parameter ``color_fix``), by
+default the export's family's (as ``dfosd-trt-run`` does): the same function of the
+pixels as the local run (``runtime.color_fix.apply_color_fix``), so the bytes are equal.
 """
 
 from __future__ import annotations
@@ -56,6 +59,16 @@ def parse_parameters(raw) -> dict:
     return params
 
 
+def parse_color_fix(value, default: str) -> str:
+    from dfosd.core.vocab import COLOR_FIXES
+
+    if value in (None, ""):
+        return default
+    if not isinstance(value, str) or value not in COLOR_FIXES:
+        raise RequestError(f"parameter color_fix={json_text(value)}: use one of {', '.join(COLOR_FIXES)}")
+    return value
+
+
 def parse_overlap(value, default: int) -> int:
     if value in (None, ""):
         return default
@@ -93,11 +106,12 @@ class UpscaleService:
     pools their tiles into full tile batches; ``upscale`` serves one request.
     """
 
-    def __init__(self, runner, overlap: int, limits: ServiceLimits):
+    def __init__(self, runner, overlap: int, limits: ServiceLimits, color_fix: str = "none"):
         from dfosd.runtime.tiling import TilingConfig
 
         self.runner = runner
         self.limits = limits
+        self.color_fix = parse_color_fix(color_fix, "none")  # the default: the export family's
         self.default_tiling = TilingConfig(tile=runner.tile, overlap=overlap, batch=runner.batch, scale=runner.scale)
         self._windows = {}  # overlap -> blend window
 
@@ -106,8 +120,11 @@ class UpscaleService:
                     overlap: int | None = None, max_pixels: int, say=None) -> "UpscaleService":
         from dfosd.runtime.step import OneStepRunner
 
+        from dfosd.core.manifest import ExportDir
+
         runner = OneStepRunner(export_dir, backend=backend, batch=tile_batch, say=say or (lambda m: None))
-        return cls(runner, runner.tile // 4 if overlap is None else overlap, ServiceLimits(max_pixels))
+        family_fix = ExportDir(export_dir, check="none").family.get("color_fix", "none")
+        return cls(runner, runner.tile // 4 if overlap is None else overlap, ServiceLimits(max_pixels), family_fix)
 
     @property
     def scale(self) -> int:
@@ -132,20 +149,21 @@ class UpscaleService:
                                f"{self.limits.max_pixels} per image", hint="send a smaller image or tile it")
         return h, w
 
-    def upscale(self, images, *, layout: str = "HWC", overlap: int | None = None):
+    def upscale(self, images, *, layout: str = "HWC", overlap: int | None = None, color_fix: str | None = None):
         """uint8 torch tensor [n,H,W,3] / [n,3,H,W] -> the same layout x scale (contiguous, CPU)."""
-        result = self.upscale_many([UpscaleRequest(images, layout, overlap)])[0]
+        result = self.upscale_many([UpscaleRequest(images, layout, overlap, color_fix)])[0]
         if isinstance(result, BaseException):
             raise result
         return result
 
     def _prepare(self, request: "UpscaleRequest"):
-        """(layout, [TiledImage per image]) of a request, or RequestError."""
+        """(layout, [TiledImage per image], colour fix) of a request, or RequestError."""
         import torch
 
         from dfosd.runtime.tiling import TiledImage, blend_window
 
         layout = parse_layout(request.layout)
+        color_fix = parse_color_fix(request.color_fix, self.color_fix)
         images = request.images
         self.check(tuple(images.shape), str(images.dtype).replace("torch.", ""), layout)
         cfg = self.tiling(self.default_tiling.overlap if request.overlap is None else request.overlap)
@@ -155,7 +173,17 @@ class UpscaleService:
         # caller's buffer is gone (the scheduler answers later; Triton reuses a request's memory).
         jobs = [TiledImage((image.permute(2, 0, 1) if layout == "HWC" else image).clone(
                     memory_format=torch.contiguous_format), cfg, self._windows[cfg.overlap]) for image in images]
-        return layout, jobs
+        return layout, jobs, color_fix
+
+    def finish(self, job, color_fix: str):
+        """An image's uint8 output [3,H*s,W*s] once its last tile is blended, colour-fixed as the local
+        run does (``runtime.batch.process_image``): towards the image's own LR pixels."""
+        from dfosd.runtime.color_fix import apply_color_fix
+
+        sr = job.result()
+        if color_fix == "none":
+            return sr
+        return apply_color_fix(sr, job.padded[:, :job.height, :job.width], color_fix, self.scale)
 
     def run_tiles(self, picks):
         """The step on tiles ``picks`` [(TiledImage, tile index), ...] as one tile batch, checked."""
@@ -186,14 +214,14 @@ class UpscaleService:
         its batches fails that request only.
         """
         results: list = [None] * len(requests)
-        prepared = {}  # request index -> (layout, jobs)
+        prepared = {}  # request index -> (layout, jobs, colour fix)
         for r, request in enumerate(requests):
             try:
                 prepared[r] = self._prepare(request)
             except Exception as exc:  # noqa: BLE001 - answered in this request's slot
                 results[r] = exc
         # Every tile of the valid requests, in order: (request index, image job, tile index).
-        queue = [(r, job, i) for r, (_, jobs) in prepared.items() for job in jobs for i in range(len(job))]
+        queue = [(r, job, i) for r, (_, jobs, _) in prepared.items() for job in jobs for i in range(len(job))]
         outs: dict[int, list] = {r: [] for r in prepared}
         pos, batch = 0, self.runner.batch
         while pos < len(queue):
@@ -209,12 +237,12 @@ class UpscaleService:
                 for k, (r, job, i) in enumerate(chunk):
                     job.add(i, out[k:k + 1])
                     if job.done == len(job):
-                        outs[r].append(job.result())
+                        outs[r].append(self.finish(job, prepared[r][2]))
             except Exception as exc:  # noqa: BLE001 - fails the requests with tiles in this batch
                 for r, _, _ in chunk:
                     if results[r] is None:
                         results[r] = exc
-        for r, (layout, _) in prepared.items():
+        for r, (layout, _, _) in prepared.items():
             if results[r] is None:
                 results[r] = self.assemble(layout, outs[r])
         return results
@@ -227,3 +255,4 @@ class UpscaleRequest:
     images: object  # torch.Tensor
     layout: str | None = "HWC"
     overlap: int | None = None
+    color_fix: str | None = None  # None: the service's default (the export family's)

@@ -42,17 +42,13 @@ def upstream_files(tiny_base, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def text_models():
-    from dfosd.core.text import load_text_models
-
-    return load_text_models(TINY)
+def text_models(tiny_text_models):
+    return tiny_text_models
 
 
 @pytest.fixture(scope="module")
-def lr():
-    g = torch.Generator().manual_seed(5)
-    x = torch.nn.functional.interpolate(torch.rand(1, 3, 8, 8, generator=g), size=(TILE, TILE), mode="bicubic")
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+def lr(smooth_lr_tile):
+    return smooth_lr_tile
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -91,6 +87,13 @@ def test_export_matches_upstream_inference(family, upstream_files, tiny_base, te
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "sr" / "dfosd-report.json").read_text())
     assert report["color_fix"] == {"osediff": "adain", "pisa-sr": "adain", "hypir": "wavelet"}[family]
+    # the served model (dfosd-serve's, in-process) applies the same fix by default: the same bytes
+    from dfosd.serving.upscale_service import UpscaleService
+
+    service = UpscaleService.from_export(out.out_dir, backend="onnxruntime", tile_batch=1, max_pixels=TILE * TILE)
+    assert service.color_fix == report["color_fix"]
+    served = service.upscale(lr[0].permute(1, 2, 0)[None].contiguous())[0].numpy()
+    np.testing.assert_array_equal(served, np.array(Image.open(tmp_path / "sr" / "lr.png")))
 
 
 def test_merge_is_what_unmerged_peft_computes(upstream_files, tiny_base, text_models, lr):

@@ -215,6 +215,33 @@ def test_only_chosen_kinds_cpu_instances_and_links(tmp_path):
     assert configs(repo)["sr"].name == "sr"
 
 
+@needs_schema
+def test_instances_and_gpus_through_the_cli(tmp_path):
+    """--instances N on every model, --gpus LIST on the GPU ones, read back with Triton's schema."""
+    from click.testing import CliRunner
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    from dfosd.cli import main
+
+    export = tmp_path / "export"
+    manifest = fake_export(export, batches=(1,))
+    fake_plans(export, manifest, 1)
+    r = CliRunner().invoke(main, ["triton-repo", "--engines", str(export), "--out", str(tmp_path / "repo"),
+                                  "--python-device", "gpu", "--device", "cpu", "--instances", "3", "--gpus", "0,2"])
+    assert r.exit_code == 0, r.output
+    groups = {m: [(pb.ModelInstanceGroup.Kind.Name(g.kind), g.count, list(g.gpus)) for g in c.instance_group]
+              for m, c in configs(tmp_path / "repo").items() if c.platform != "ensemble"}
+    assert groups.pop("dfosd") == [("KIND_GPU", 3, [0, 2])]
+    assert groups.pop("dfosd_unet_b1_trt") == [("KIND_GPU", 3, [0, 2])]
+    assert groups.pop("dfosd_unet_b1") == [("KIND_CPU", 3, [])]  # --gpus is not for CPU instances
+    assert all(g[0][1] == 3 for g in groups.values())
+    for args, message in ((["--gpus", "0,x"], "--gpus '0,x'"), (["--gpus", "1,1"], "distinct device numbers"),
+                          (["--kinds", "python,onnx", "--device", "cpu", "--gpus", "0"], "no model of this repository"),
+                          (["--instances", "0"], "--instances")):
+        r = CliRunner().invoke(main, ["triton-repo", "--engines", str(export), "--out", str(tmp_path / "r2"), *args])
+        assert r.exit_code != 0 and message in r.output and "Traceback" not in r.output, (args, r.output)
+    assert not (tmp_path / "r2").exists()
+
 def test_refusals(tmp_path):
     from dfosd.serving.triton_repo import MARKER, RepoOptions, write_repository
 

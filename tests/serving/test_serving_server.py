@@ -80,7 +80,7 @@ class ServeProcess:
         from dfosd.serving.serve import free_port
 
         self.http, self.grpc, self.metrics = free_port(), free_port(), free_port()
-        self.log = log
+        self.log, self.engines = log, engines
         # No --host: the default (loopback only) is what test_listens_on_loopback_only checks.
         cmd = [sys.executable, "-m", "dfosd.serving.cli", "--engines", str(engines),
                "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics),
@@ -208,6 +208,43 @@ def test_http_hwc_matches_in_process_runtime(server, local):
     out = http_infer(server.http_url, np.stack([p.permute(1, 2, 0).numpy() for p in pair]), {"overlap": 4})
     for got, src in zip(out, pair):
         np.testing.assert_array_equal(got, local(src, overlap=4).permute(1, 2, 0).numpy())
+
+
+def test_every_colour_fix_served_equals_dfosd_trt_run(server, tmp_path):
+    """Issue 21.1: the request's colour fix (and the default: the family's, none for this DFOSD export)
+    gives the bytes dfosd-trt-run writes locally with the same --color-fix, over HTTP and gRPC."""
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from dfosd.runtime.cli import main as run_main
+
+    img = image(27, 41, 60)  # 2x2 tiles: the fix sees the blended image, not tiles
+    Image.fromarray(img.permute(1, 2, 0).numpy()).save(tmp_path / "lr.png")
+    for fix in ("none", "adain", "wavelet"):
+        out = tmp_path / fix
+        r = CliRunner().invoke(run_main, [str(tmp_path / "lr.png"), "--engines", str(server.engines), "--out", str(out),
+                                          "--backend", "onnxruntime", "--batch", str(TILE_BATCH), "--color-fix", fix,
+                                          "--no-progress"])
+        assert r.exit_code == 0, r.output
+        want = np.array(Image.open(out / "lr.png"))
+        got = http_infer(server.http_url, img.permute(1, 2, 0).numpy()[None], {"color_fix": fix})[0]
+        np.testing.assert_array_equal(got, want, err_msg=fix)
+        got = grpc_infer(server.grpc_url, img.numpy()[None], {"layout": "CHW", "color_fix": fix})[0]
+        np.testing.assert_array_equal(got.transpose(1, 2, 0), want, err_msg=fix)
+        if fix == "none":  # the family's default
+            np.testing.assert_array_equal(http_infer(server.http_url, img.permute(1, 2, 0).numpy()[None])[0], want)
+        else:
+            assert not np.array_equal(want, np.array(Image.open(tmp_path / "none" / "lr.png"))), fix
+        # the same through dfosd-trt-run --server (the server fixes, the client does not fix again)
+        r = CliRunner().invoke(run_main, [str(tmp_path / "lr.png"), "--server", server.http_url, "--out",
+                                          str(out / "served"), "--color-fix", fix, "--no-progress"])
+        assert r.exit_code == 0, r.output
+        np.testing.assert_array_equal(np.array(Image.open(out / "served" / "lr.png")), want, err_msg=fix)
+        assert json.loads((out / "served" / "dfosd-report.json").read_text())["color_fix"] == fix
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException, match="color_fix='hsv': use one of none, adain, wavelet"):
+        http_infer(server.http_url, img.permute(1, 2, 0).numpy()[None], {"color_fix": "hsv"})
 
 
 def test_grpc_chw_matches_in_process_runtime(server, local):
@@ -500,7 +537,7 @@ def test_cli_refuses_a_folder_that_is_not_an_export(tmp_path):
     assert r.exit_code == 1 and "no manifest.json" in r.output and "Traceback" not in r.output
 
 
-# ---------------------------------------------------------------- issue 12: nothing lost, a server that tells the truth
+# ---------------------------------------------------------------- nothing lost, a server that tells the truth
 
 
 def test_serve_never_replaces_a_users_folder(tiny_export_fp32, tmp_path):
