@@ -9,6 +9,7 @@ else -> rebuild.
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 import platform
 from importlib import metadata as importlib_metadata
