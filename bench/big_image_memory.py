@@ -1,4 +1,4 @@
-"""Peak memory of ``dfosd-trt-run``'s image path on one big input (issue 12, item 8).
+"""Peak memory of ``dfosd-trt-run``'s image path on one big input.
 
     python -m dfosd.bench.big_image_memory --size 3000 [--tile 128] [--json out.json]
 

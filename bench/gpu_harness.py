@@ -1,7 +1,8 @@
 """The GPU bench's shared state: base, checkpoint, eager models, fp32 references, AOTI builds.
 
 The rows themselves are in ``gpu_rows.py``, the report in ``gpu_report.py``, the
-configuration and command line in ``gpu_bench.py`` (whose docstring describes the rows).
+configuration in ``gpu_config.py``, the command line in ``gpu_bench.py`` (whose docstring
+describes the rows).
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from dfosd.bench.gpu_config import ROW_KINDS
 from dfosd.bench.gpu_report import RESULT_NAME, load_results, write_results
 from dfosd.bench.measure import Memory, Timing, free_memory, time_runs
 from dfosd.bench.results import machine_description
 
 if TYPE_CHECKING:
-    from dfosd.bench.gpu_bench import GpuBenchConfig
+    from dfosd.bench.gpu_config import GpuBenchConfig
 
-from dfosd.bench.gpu_bench import ROW_KINDS
 PLACEHOLDER = (b"dfosd gpu_bench placeholder: contracts-only export, no ONNX graph here. "
                b"Only AOTInductor packages built from this directory's manifest run; re-export for ONNX.\n")
 

@@ -91,7 +91,7 @@ class Memory:
 
 
 # Runs that disagree by more than this (max - min over the median) are called out: on a shared or
-# throttling machine, a ratio of two medians can swing from 3.9x to 1.06x between runs (issue 12.16).
+# throttling machine, a ratio of two medians can swing from 3.9x to 1.06x between runs.
 NOISY_SPREAD = 0.20
 
 

@@ -1,4 +1,4 @@
-"""A small request's latency while a maximal one runs on a dfosd-serve server (issue 12.10).
+"""A small request's latency while a maximal one runs on a dfosd-serve server.
 
     python -m dfosd.bench.serving_fairness --url localhost:8000 [--big 1024] [--out fairness.json]
 

@@ -4,7 +4,7 @@ Light on purpose (no ModelOpt import): the export config validates against it an
 manifest stores ``QuantRecipe.to_dict()``; ``calibration.quantize`` turns it into a
 ModelOpt config.
 
-INT8 (what NVIDIA's diffusion recipes do, notes/model.md): per-channel weights, per-tensor
+INT8 (what NVIDIA's diffusion recipes do): per-channel weights, per-tensor
 activations; SmoothQuant (alpha 0.8) on Linear layers; percentile (or max) calibration
 of the Conv inputs. FP8 E4M3: per-tensor weights and activations, max calibration of the
 Linear inputs and the same Conv choice. Never quantized (ModelOpt name patterns): conv_in,

@@ -12,14 +12,13 @@ lora_rank, lora_alpha (scale = alpha / rank), upscale, vae_latent "mean".
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
+from dfosd.core.atomic import atomic_target
 from dfosd.core.errors import DfosdError, problems_error
-from dfosd.core.manifest import sha256_file, umask_file_mode
+from dfosd.core.manifest import sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -123,8 +122,12 @@ RANDOM_COMMAND = "dfosd checkpoint random --base synthetic:tiny --out lora.safet
 
 
 def check_checkpoint_exists(path: str | Path) -> Path:
-    """The cheap check before anything is imported or loaded: the file is there (any family's format)."""
+    """The cheap check before anything is imported or loaded: the file (or PEFT adapter folder) is there."""
     path = Path(path)
+    if path.is_dir():
+        from dfosd.core.peft_folders import check_adapter_folder
+
+        return check_adapter_folder(path)
     if not path.is_file():
         raise DfosdError(f"checkpoint {path} does not exist",
                          hint=f"{CHECKPOINT_FIX}; to try the pipeline, make a test one: {RANDOM_COMMAND}")
@@ -141,7 +144,7 @@ def check_checkpoint_file(path: str | Path) -> Path:
 
 
 def read_checkpoint(path: str | Path) -> DfosdCheckpoint:
-    """Read and check a checkpoint's own consistency (the base is checked by validate_checkpoint)."""
+    """Read and check a checkpoint's own consistency (the base is checked by srmodel.validate_model)."""
     from safetensors import SafetensorError, safe_open
 
     path = check_checkpoint_file(path)
@@ -199,50 +202,6 @@ def lora_target_modules(unet, targets=DEFAULT_LORA_TARGETS) -> list[str]:
     return names
 
 
-def validate_checkpoint(ckpt: DfosdCheckpoint, base: "Base") -> None:
-    """Every problem between checkpoint and base, in one error, before any work."""
-
-    problems: list[str] = []
-    modules = dict(base.unet.named_modules())
-    meta = ckpt.metadata
-    for name, (a, b) in sorted(ckpt.lora_modules().items()):
-        problem = lora_fit_problem(modules.get(name), a, b, meta.lora_rank, "UNet")
-        if problem:
-            problems.append(f"{name}: {problem}")
-    emb = ckpt.text_embedding
-    width = base.cross_attention_dim
-    if emb.ndim != 3 or emb.shape[0] != 1 or emb.shape[2] != width or not 1 <= emb.shape[1] <= MAX_TOKENS:
-        problems.append(f"text_embedding has shape {tuple(emb.shape)}; expected [1, N<={MAX_TOKENS}, {width}] "
-                        f"(the base UNet's cross_attention_dim is {width})")
-    if not emb.is_floating_point():
-        problems.append(f"text_embedding has dtype {emb.dtype}; expected a float tensor")
-    if problems:
-        where = ckpt.path or "checkpoint"
-        raise problems_error(f"{where} does not fit base {base.spec}", problems,
-                             hint="export with the --base the checkpoint was trained on")
-
-
-def merge_lora(unet, ckpt: DfosdCheckpoint) -> None:
-    """W += (alpha / rank) * B @ A, in place, in fp32 (then cast back).
-
-    Finite factors can still overflow (huge values, or a cast back to a half-precision
-    base): a merged weight that is not finite is refused by name, since it would make
-    every output pixel 0 while export and run report success."""
-    import torch
-
-    modules = dict(unet.named_modules())
-    scale = ckpt.metadata.lora_scale
-    overflow = []
-    with torch.no_grad():
-        for name, (a, b) in ckpt.lora_modules().items():
-            if not merge_lora_factors(modules[name].weight, a, b, scale):
-                overflow.append(f"{name}.weight")
-    if overflow:
-        raise DfosdError(f"{ckpt.path or 'checkpoint'}: merging the LoRA (scale alpha/rank = {scale:g}) gives "
-                         f"NaN or Inf in {len(overflow)} UNet weight(s): {some_names(overflow)}",
-                         hint="the LoRA factors are too large for the base's precision; check the training run")
-
-
 def lora_fit_problem(mod, a, b, rank: int, base_label: str) -> str | None:
     """Why factors ``a`` (lora_A) and ``b`` (lora_B, either None when the file lacks it) of a
     rank-``rank`` LoRA cannot apply to ``mod`` (a module of the base named ``base_label``, None when
@@ -291,16 +250,8 @@ def write_checkpoint(path: str | Path, *, lora: Mapping[str, "torch.Tensor"], te
         key = k if k.startswith(UNET_PREFIX) else UNET_PREFIX + k
         tensors[key] = t.detach().to("cpu").contiguous()
     tensors[EMBEDDING_KEY] = text_embedding.detach().to("cpu").contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata.to_strings())
-        os.chmod(tmp, umask_file_mode())  # mkstemp makes 0600; a checkpoint is shared like any file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_target(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata.to_strings())
     return path
 
 

@@ -30,7 +30,7 @@ def setup_logging(verbose: bool = False) -> None:
                         stream=sys.stderr)
     # diffusers warns on every .to(float16) of a model built from a config; not actionable here, shown
     # with -v. Through its environment variable, read when diffusers is first imported: importing it
-    # here would cost seconds of torch import before the cheap checks of a command (issue 12.13).
+    # here would cost seconds of torch import before the cheap checks of a command.
     if not verbose:
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
         if "diffusers" in sys.modules:  # already imported (in-process callers): set it directly

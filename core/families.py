@@ -128,6 +128,19 @@ FAMILIES: dict[str, Family] = {
                 "decoder output clamped to [-1, 1] before the colour fix (upstream clamps after it)",
             ),
         ),
+        Family(
+            name="omgsr-s", title="OMGSR-S (wuer5/OMGSR)",
+            upstream="wuer5/OMGSR infer/infer_omgsr_s.py, infer/omgsr_s_infer_model.py, train/train_omgsr_s.py, "
+                     "infer_omgsr_s.sh, configs/omgsr_s_512.yml (commit 8996613)",
+            lora_parts=("unet", "vae"), replaced=(), alpha_rule="stored", timestep=273, x0_rule="ddpm",
+            conditioning="prompt", default_prompt="", preprocess="pil-bicubic", color_fix="adain",
+            deviations=COMMON_DEVIATIONS + (
+                "one fixed prompt embedding (default empty, upstream's default) instead of a per-run prompt",
+                "no LANCZOS resize to a multiple of 8 (engine tiles are multiples of 8 already) and no "
+                "up-front resize of images whose short side is under 128 px (upstream's process_size 512 / 4)",
+                "fp32/fp16 instead of upstream's default bf16",
+            ),
+        ),
     )
 }
 

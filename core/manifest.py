@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
-import tempfile
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
+from dfosd.core.atomic import (  # noqa: F401 - re-exported: their one home is core/atomic.py
+    umask_file_mode, write_bytes_atomic, write_json_atomic, write_text_atomic)
 from dfosd.core.errors import DfosdError
 from dfosd.core.vocab import COMPONENTS, MANIFEST_NAME
 
@@ -63,46 +63,6 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def umask_file_mode() -> int:
-    """The mode a plain ``open(path, "w")`` would give a new file: 0o666 less the umask.
-
-    ``tempfile.mkstemp`` always makes 0600; a file renamed into place from it must get
-    this mode, or checkpoints, manifests and reports end up private to their writer."""
-    try:  # Linux >= 4.7 shows the umask without changing it (no race with other threads)
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def write_bytes_atomic(path: Path, data: bytes | str) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename: readers never see half a file.
-    The file gets the user's umask, like any file the user's programs write."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.chmod(tmp, umask_file_mode())  # mkstemp makes 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    write_bytes_atomic(path, text)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:

@@ -33,7 +33,6 @@ from dfosd.core.vocab import COMPONENTS
 
 if TYPE_CHECKING:
     from dfosd.core.bases import Base
-    from dfosd.core.checkpoint import DfosdCheckpoint
     from dfosd.core.srmodel import SRModel
 
 
@@ -212,33 +211,6 @@ class OneStepSR(nn.Module):
     @torch.no_grad()
     def forward(self, lr_image: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.unet(self.encoder(lr_image)))
-
-
-def build_onestep(base: "Base", checkpoint: "DfosdCheckpoint", *, dtype: torch.dtype = torch.float32,
-                  merge: bool = True, copy_unet: bool = True) -> OneStepSR:
-    """Eager one-step model from a base and a checkpoint (LoRA merged into a copy).
-
-    ``copy_unet=False`` merges into ``base.unet`` itself: for callers that own the base
-    and need the memory (a full-size UNet is 3.5 GB in fp32).
-    """
-    import copy
-
-    from dfosd.core.checkpoint import merge_lora, validate_checkpoint
-
-    validate_checkpoint(checkpoint, base)
-    unet = copy.deepcopy(base.unet) if copy_unet else base.unet
-    if merge:
-        merge_lora(unet, checkpoint)
-    vae = base.vae if dtype == torch.float32 else copy.deepcopy(base.vae)
-    unet, vae = unet.to(dtype).eval(), vae.to(dtype).eval()
-    meta = checkpoint.metadata
-    abar = float(alphas_cumprod(base.scheduler_config)[meta.timestep])
-    sf = base.scaling_factor
-    return OneStepSR(
-        EncoderPart(vae, scale=meta.upscale, scaling_factor=sf, dtype=dtype),
-        DenoiserPart(unet, checkpoint.text_embedding, timestep=meta.timestep, alpha_bar=abar, dtype=dtype),
-        DecoderPart(vae, scaling_factor=sf, dtype=dtype),
-    ).eval()
 
 
 def build_from_model(base: "Base", model: "SRModel", *, dtype: torch.dtype = torch.float32, copy: bool = True,

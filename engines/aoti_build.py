@@ -21,7 +21,7 @@ command that rebuilds it, instead of failing (or crashing on an illegal instruct
 inside the loader.
 
 Precision: ``fp32`` compiles the fp32 parts; ``fp16`` compiles the parts built with
-``build_onestep(..., dtype=torch.float16)``: half-precision networks with the fp32
+``build_from_model(..., dtype=torch.float16)``: half-precision networks with the fp32
 islands of ``core/onestep.py`` (uint8<->float, bicubic resize, latent scaling, the x0
 step, clamping) and fp32 part boundaries, so the contracts are the same in both.
 
@@ -308,7 +308,7 @@ def export_aoti(export_dir: str | Path, *, device: str, precision: str | None = 
 
     Reads the export's manifest for tile, batches, precision, base and checkpoint (the
     checkpoint is re-read and checked against the recorded sha256), rebuilds the parts
-    with ``build_onestep`` and compiles them. ``precision`` defaults to the export's
+    with ``build_from_model`` and compiles them. ``precision`` defaults to the export's
     (its float precision for int8/fp8 exports); ``channels_last`` to on for CUDA.
     Reuses the packages when the inputs, options, software and system are unchanged.
 
@@ -344,13 +344,8 @@ def export_aoti(export_dir: str | Path, *, device: str, precision: str | None = 
     from dfosd.core.onestep import build_from_model
 
     dtype = torch.float16 if precision == "fp16" else torch.float32
-    if not own_base and dtype == torch.float32:
-        # build_onestep shares the VAE in fp32; .to(device)/channels_last below must not touch the caller's.
-        import copy
-        import dataclasses
-
-        base_model = dataclasses.replace(base_model, vae=copy.deepcopy(base_model.vae))
-    # A base loaded here is ours alone: merge the LoRA in place (a full-size UNet copy is 3.5 GB).
+    # A base loaded here is ours alone: merge the LoRA in place (a full-size UNet copy is 3.5 GB); a
+    # caller's base is copied whole (UNet and VAE), so .to(device)/channels_last below never touch it.
     model = build_from_model(base_model, checkpoint, dtype=dtype, copy=not own_base).to(device)
     del base_model
     if channels_last:

@@ -146,6 +146,8 @@ def export_inputs(base_spec: str, base_fp: str | None, model, cfg: ExportConfig)
     if family is not None and family.name != "dfosd":  # what an upstream checkpoint bakes besides its tensors
         inputs["family"] = family.name
         inputs["prompt"] = model.prompt
+        if model.timestep != family.timestep:  # --timestep
+            inputs["timestep"] = model.timestep
     if cfg.quant is not None:
         from dfosd.calibration.data import file_list_sha256
 
@@ -168,7 +170,8 @@ def reusable(out_dir: Path, key: str) -> dict | None:
 def export_checkpoint(ckpt_path: str | Path, base_spec: str | None, out_dir: str | Path, cfg: ExportConfig, *,
                       force: bool = False, progress: Callable[[str], None] = log.info, base: "Base | None" = None,
                       part_exporter: Callable[..., dict] | None = None, family: str | None = None,
-                      prompt: str | None = None, pisa_scales: tuple[float, float] | None = None) -> ExportResult:
+                      prompt: str | None = None, pisa_scales: tuple[float, float] | None = None,
+                      timestep: int | None = None) -> ExportResult:
     """Replace layers and merge the LoRA, trace every part for every tile batch, write the manifest.
 
     ``ckpt_path``: any checkpoint ``dfosd.core.readers`` reads (dfosd format 1/2, osediff.pkl,
@@ -178,6 +181,7 @@ def export_checkpoint(ckpt_path: str | Path, base_spec: str | None, out_dir: str
     ``part_exporter``: writes one float part, with ``onnx_export.export_part``'s signature
     and return value (the default); quantized parts always go through the Q/DQ writer.
     ``family``/``prompt``: override the detected family, the prompt encoded once (prompt families).
+    ``timestep``: replaces the family's fixed timestep (upstream checkpoints; recorded as a deviation).
     ``pisa_scales``: PiSA-SR's adjustable two-pass UNet (lambda_pix, lambda_sem) instead of both sets merged.
     """
     from dfosd.core.bases import base_fingerprint, load_base
@@ -194,6 +198,8 @@ def export_checkpoint(ckpt_path: str | Path, base_spec: str | None, out_dir: str
     # when the export is not reused (the embedding is not part of the build key: the prompt is)
     model_file = read_model(ckpt_path, family=family, base_spec=base_spec, prompt=prompt, progress=progress,
                             base=base, encode=False)
+    if timestep is not None:
+        model_file = model_file.with_timestep(timestep)
     base_spec = base_spec or model_file.base_model
     inputs = export_inputs(base_spec, base_fingerprint(base_spec), model_file, cfg)
     if pisa_scales is not None:
@@ -220,7 +226,7 @@ def export_checkpoint(ckpt_path: str | Path, base_spec: str | None, out_dir: str
     from dfosd.export.onnx_export import export_part
     from dfosd.export.ownership import clear_stale, writing
 
-    # NOTE (lead): the eager model is always built and traced in fp32; fp16 is made on the ONNX
+    # The eager model is always built and traced in fp32; fp16 is made on the ONNX
     # graph by export_part(precision="fp16") with fp32 islands (see export/onnx_export.py). Tracing
     # torch half modules on the CPU took >5 min for the full-size encoder alone. Quantized parts
     # may still build their own half copy if ModelOpt needs it.

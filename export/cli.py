@@ -10,13 +10,17 @@ from dfosd.engines.base import BACKEND_CHOICES
 
 
 @click.command(name="export", context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--ckpt", "ckpt", required=True, type=click.Path(dir_okay=False),
+@click.option("--ckpt", "ckpt", required=True, type=click.Path(),
               help="Checkpoint: DFOSD lora.safetensors, a `dfosd convert` model, osediff.pkl, pisa_sr.pkl, "
-                   "HYPIR_sd2.pth, or a diffusers/kohya UNet LoRA (family detected from the keys).")
+                   "HYPIR_sd2.pth, an OMGSR-S folder (unet_lora_adapter/ + vae_encoder_lora_adapter/), a PEFT "
+                   "adapter folder, or a diffusers/kohya UNet LoRA (family detected from the keys).")
 @click.option("--family", default=None, type=click.Choice(FAMILY_NAMES + REFUSED_FAMILY_NAMES),
               help="Override the family detected from the checkpoint's keys.")
 @click.option("--prompt", default=None,
               help="Prompt families: the prompt encoded once into the engine [default: the family's, empty].")
+@click.option("--timestep", default=None, type=click.IntRange(0, 999),
+              help="Upstream checkpoints: the fixed timestep baked into the UNet [default: the family's, e.g. "
+                   "OMGSR-S 273] (recorded as a deviation when it differs).")
 @click.option("--pisa-scales", default=None,
               help="PiSA-SR: LAMBDA_PIX,LAMBDA_SEM builds its adjustable two-pass UNet (two weight sets, two UNet "
                    "calls per tile) instead of merging both LoRA sets.")
@@ -49,15 +53,15 @@ from dfosd.engines.base import BACKEND_CHOICES
 @click.option("--force", is_flag=True, help="Rebuild even when the manifest says the artifacts are current.")
 @click.option("-v", "--verbose", is_flag=True)
 @user_errors
-def main(ckpt, family, prompt, pisa_scales, base, precision, float_precision, calib_data, calib_count, quantize, conv_calibration, out_dir, tile,
+def main(ckpt, family, prompt, timestep, pisa_scales, base, precision, float_precision, calib_data, calib_count, quantize, conv_calibration, out_dir, tile,
          batches, opset, backend, force, verbose):
-    """Export a one-step SR checkpoint (DFOSD, OSEDiff, PiSA-SR, HYPIR) to static-shape ONNX (and engines)."""
+    """Export a one-step SR checkpoint (DFOSD, OSEDiff, PiSA-SR, HYPIR, OMGSR-S) to static-shape ONNX (and engines)."""
     setup_logging(verbose)
     from dfosd.core.checkpoint import check_checkpoint_exists
     from dfosd.engines.base import auto_precision, select_backend
     from dfosd.export.artifacts import ExportConfig, export_checkpoint
 
-    # Cheap checks first (issue 12.13): options and files, before any heavy import or work.
+    # Cheap checks first: options and files, before any heavy import or work.
     def config(precision):
         return ExportConfig.from_options(precision=precision, tile=tile, batches=parse_int_list(batches, "--batch"),
                                          opset=opset, float_precision=float_precision, calib_data=calib_data,
@@ -80,7 +84,7 @@ def main(ckpt, family, prompt, pisa_scales, base, precision, float_precision, ca
         say(f"precision auto: {precision}, because {reason}")
         cfg = config(precision)
     result = export_checkpoint(ckpt, base, out_dir, cfg, force=force, progress=say, family=family, prompt=prompt,
-                               pisa_scales=scales)
+                               pisa_scales=scales, timestep=timestep)
     if base is None:
         say(f"base: {result.manifest['inputs']['base']} (from the checkpoint's metadata)")
     if backend_cls.name == "tensorrt":

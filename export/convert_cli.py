@@ -14,7 +14,7 @@ FAMILY_CHOICES = list(FAMILY_NAMES + REFUSED_FAMILY_NAMES)  # the refused ones a
 
 
 @click.command(name="convert", context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("src", type=click.Path(dir_okay=False))
+@click.argument("src", type=click.Path())
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False),
               help="The format-2 model file to write (.safetensors).")
 @click.option("--family", type=click.Choice(FAMILY_CHOICES), default=None,
@@ -23,16 +23,20 @@ FAMILY_CHOICES = list(FAMILY_NAMES + REFUSED_FAMILY_NAMES)  # the refused ones a
               help="Base whose tokenizer + text encoder encode the prompt (and whose UNet names kohya keys). "
                    "[default: stabilityai/stable-diffusion-2-1-base]")
 @click.option("--prompt", default=None, help="Prompt encoded once into the model [default: the family's, empty].")
+@click.option("--timestep", default=None, type=click.IntRange(0, 999),
+              help="Replace the family's fixed timestep (e.g. OMGSR-S 273); recorded as a deviation.")
 @click.option("--force", is_flag=True, help="Overwrite --out even if it is not a format-2 file dfosd convert wrote.")
 @click.option("-v", "--verbose", is_flag=True)
 @user_errors
-def convert_main(src, out, family, base, prompt, force, verbose):
-    """Convert SRC (osediff.pkl, pisa_sr.pkl, HYPIR_sd2.pth, a diffusers/kohya LoRA, dfosd format 1) into one
+def convert_main(src, out, family, base, prompt, timestep, force, verbose):
+    """Convert SRC (osediff.pkl, pisa_sr.pkl, HYPIR_sd2.pth, an OMGSR-S or PEFT adapter folder, a diffusers/kohya
+    LoRA, dfosd format 1) into one
     safe dfosd format-2 file that every later command reads."""
     setup_logging(verbose)
+    from dfosd.core.bases import load_base
     from dfosd.core.errors import DfosdError
-    from dfosd.core.readers import read_model
-    from dfosd.core.srmodel import write_model
+    from dfosd.core.readers import read_model, with_encoded_prompt
+    from dfosd.core.srmodel import validate_model, write_model
 
     out_path = Path(out)
     if out_path.suffix != ".safetensors":
@@ -43,7 +47,14 @@ def convert_main(src, out, family, base, prompt, force, verbose):
     if out_path.exists() and not force and not _is_converted_file(out_path):
         raise DfosdError(f"{out} exists and is not a file dfosd convert wrote (dfosd format 2); not overwriting it",
                          hint="choose another --out, or pass --force")
-    model = read_model(src, family=family, base_spec=base, prompt=prompt, progress=say)
+    # the checks dfosd-export makes, in its order: the file's own, then against the base it names
+    model = read_model(src, family=family, base_spec=base, prompt=prompt, progress=say, encode=False)
+    if timestep is not None:
+        model = model.with_timestep(timestep)
+    say(f"loading base {base or model.base_model} to check the model fits it (as dfosd-export does)")
+    base_model = load_base(base or model.base_model)
+    model = with_encoded_prompt(model, say)
+    validate_model(model, base_model)
     write_model(out_path, model)
     say(f"wrote {out} (dfosd format 2, family {model.family.name}, {len(model.lora_sets)} LoRA set(s), "
         f"{len(model.replacements)} replaced tensor(s))")
@@ -60,7 +71,7 @@ def _is_converted_file(path: Path) -> bool:
 
 
 @click.command(name="inspect", context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file", type=click.Path())
 @click.option("--family", type=click.Choice(FAMILY_CHOICES), default=None,
               help="Override the family detected from the keys.")
 @click.option("--base", default=None, help="Base for prompt encoding of upstream files (as convert).")

@@ -83,7 +83,7 @@ def _fold_inputs(model) -> set[str]:
 
 
 def verbose_logging() -> bool:
-    """-v (setup_logging(True)) shows the third-party warnings hidden by default (issue 12.14)."""
+    """-v (setup_logging(True)) shows the third-party warnings hidden by default."""
     return logging.getLogger("dfosd").isEnabledFor(logging.DEBUG)
 
 
@@ -203,7 +203,7 @@ def to_fp16(model, scopes: tuple[str, ...]):
     model = infer_shapes(model)  # the converter decides casts from inferred types
     light, stripped = _weightless(model)
     # The converter warns once per tensor it clamps (a real checkpoint: dozens of lines); they are
-    # collected into one summary line, and listed with -v (issue 12.14).
+    # collected into one summary line, and listed with -v.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         light = _convert_graph_fp16(light, scopes)

@@ -156,6 +156,12 @@ def time_parts(loaders: dict[str, Callable[[str], object]], contracts: dict, par
     return engines, {name: round(statistics.median(r), 3) for name, r in runs.items()}
 
 
+def _usable_choice(record: object, backends: dict[str, object]) -> bool:
+    """A cached choice names one of the candidate backends for every part."""
+    parts = record.get("parts") if isinstance(record, dict) else None
+    return isinstance(parts, dict) and set(parts) == set(COMPONENTS) and all(v in backends for v in parts.values())
+
+
 def choice_record_key(batch: int) -> str:
     return f"backend_choice_b{batch}"
 
@@ -181,6 +187,10 @@ def measured_choice(export_dir: Path, manifest: dict, batch: int, contracts: dic
     key = choice_record_key(batch)
     ident = choice_identity(backends, manifest)
     old = runtime_record(manifest, key)
+    if old and not _usable_choice(old, backends):
+        say(f"auto: the cached choice {key} in {Path(export_dir) / 'manifest.json'} is not a per-part choice "
+            f"among {', '.join(backends)} (edited?); timing again")
+        old = None
     if not remeasure and old and old.get("identity") == ident:
         plan = BackendPlan(dict(old["parts"]), "auto: per-part choice measured earlier on this machine "
                            f"({old.get('measured', '?')}), cached in the manifest", old.get("median_ms", {}), True)

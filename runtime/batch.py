@@ -192,6 +192,29 @@ class RunReport:
             self.write("running")
 
 
+def check_tile(tile: int | None, engines_tile: int) -> None:
+    if tile is not None and tile != engines_tile:
+        raise DfosdError(f"--tile {tile} differs from the engines' tile {engines_tile} (engines have static shapes)",
+                         hint=f"omit --tile, or re-export with dfosd-export --tile {tile}")
+
+
+def local_upscaler(export_dir, backend, batch: int | None, tile: int | None, overlap: int | None,
+                   say: Callable[[str], None]):
+    """(runner, tiling, upscale(rgb, sink, progress)) on engines loaded here: what ``process_image``
+    takes. The local CLI and each ``--ray`` worker build it the same way, so images are the same."""
+    from dfosd.runtime.step import OneStepRunner
+    from dfosd.runtime.tiling import TilingConfig, upscale_tiled
+
+    runner = OneStepRunner(export_dir, backend=backend, batch=batch, say=say)
+    check_tile(tile, runner.tile)
+    tcfg = TilingConfig(tile=runner.tile, overlap=runner.tile // 4 if overlap is None else overlap,
+                        batch=runner.batch, scale=runner.scale)
+
+    def upscale(rgb, sink, progress):
+        return upscale_tiled(rgb, runner, tcfg, sink=sink, progress=progress)
+    return runner, tcfg, upscale
+
+
 def _failure(exc: BaseException) -> str:
     if isinstance(exc, DfosdError):
         return exc.message + (f" (fix: {exc.hint})" if exc.hint else "")

@@ -51,11 +51,20 @@ TILE_BAR_MIN_CALLS = 4  # a per-tile progress bar for images that take more engi
 @click.option("--max-pixels", type=click.IntRange(1), default=DEFAULT_MAX_PIXELS, show_default=True,
               help="Refuse inputs with more pixels than this, read from the header before decoding "
                    "(the default is about 2 GiB at the run's ~88 bytes per input pixel).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              help="Run on a Ray cluster (pip install 'dfosd[ray]'): ADDRESS from `ray start` (HOST:PORT), auto, or "
+                   "none to start or join one on this machine. Put it after INPUTS. Resumable: the same command "
+                   "again skips images whose output is complete and current.")
+@click.option("--ray-actors", type=click.IntRange(1), default=None,
+              help="Ray workers, each holding one set of engines (default: one per GPU for a GPU backend, else "
+                   "the cluster's CPUs / --ray-cpus-per-actor).")
+@click.option("--ray-cpus-per-actor", type=click.IntRange(1), default=1, show_default=True,
+              help="CPUs (engine threads) per Ray worker of a CPU backend.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.option("-v", "--verbose", is_flag=True)
 @user_errors
 def main(inputs, export_dir, out_dir, backend, batch, tile, overlap, color_fix, fmt, quality, skip_existing,
-         report, server, max_pixels, progress, verbose):
+         report, server, max_pixels, ray_address, ray_actors, ray_cpus_per_actor, progress, verbose):
     """Upscale INPUT... (files, folders searched recursively, or glob patterns) x4.
 
     Grayscale inputs give grayscale outputs; alpha is carried over bicubic-resized (not
@@ -63,6 +72,15 @@ def main(inputs, export_dir, out_dir, backend, batch, tile, overlap, color_fix, 
     GIFs are read by their first frame. --out must not be, or be inside, an input folder.
     """
     setup_logging(verbose)
+    if ray_address is not None:
+        if server is not None:
+            raise click.UsageError("--ray and --server are two ways to run: pass one")
+        from dfosd.runtime.ray_cli import ray_main
+
+        return ray_main(inputs, address=ray_address, actors=ray_actors, cpus_per_actor=ray_cpus_per_actor,
+                        export_dir=export_dir, out_dir=out_dir, backend=backend, batch=batch, tile=tile,
+                        overlap=overlap, color_fix=color_fix, fmt=fmt, quality=quality, skip_existing=skip_existing,
+                        report=report, max_pixels=max_pixels, progress=progress)
     # Everything up to the report is cheap and torch-free: inputs, --out, the report, the
     # export's manifest. A mistake there is reported in well under a second, before any model.
     from dfosd.core.errors import DfosdError
@@ -149,35 +167,25 @@ def _names(items, limit: int = 5) -> str:
 def _make_upscaler(export_dir, backend, batch, tile, overlap, server, color_fix=None):
     """(runner, tiling, upscale(rgb, sink, progress)) for local engines or a server (which also applies
     ``color_fix``, None: its model's default; locally ``process_image`` applies it)."""
-    from dfosd.core.errors import DfosdError
+    from dfosd.runtime.batch import check_tile, local_upscaler
     from dfosd.runtime.tiling import TilingConfig
 
-    if server is not None:
-        from dfosd.serving.client import local_only_options, remote_runner
+    if server is None:
+        return local_upscaler(export_dir, backend, batch, tile, overlap, say)
+    from dfosd.serving.client import local_only_options, remote_runner
 
-        local_only_options(click.get_current_context(), ("export_dir", "backend", "batch"))
-        runner = remote_runner(server, say)  # same attributes as OneStepRunner: tile, batch, scale, ...
-    else:
-        from dfosd.runtime.step import OneStepRunner
-
-        runner = OneStepRunner(export_dir, backend=backend, batch=batch, say=say)
-    if tile is not None and tile != runner.tile:
-        raise DfosdError(f"--tile {tile} differs from the engines' tile {runner.tile} (engines have static shapes)",
-                         hint=f"omit --tile, or re-export with dfosd-export --tile {tile}")
+    local_only_options(click.get_current_context(), ("export_dir", "backend", "batch"))
+    runner = remote_runner(server, say)  # same attributes as OneStepRunner: tile, batch, scale, ...
+    check_tile(tile, runner.tile)
     tcfg = TilingConfig(tile=runner.tile, overlap=runner.tile // 4 if overlap is None else overlap,
                         batch=runner.batch, scale=runner.scale)
-    if server is not None:
-        def upscale(rgb, sink, progress):
-            sr = runner.upscale(rgb, overlap=tcfg.overlap, color_fix=color_fix)  # the server tiles, blends, fixes
-            if sink is None:
-                return sr
-            sink(0, sr)
-            return None
-    else:
-        from dfosd.runtime.tiling import upscale_tiled
 
-        def upscale(rgb, sink, progress):
-            return upscale_tiled(rgb, runner, tcfg, sink=sink, progress=progress)
+    def upscale(rgb, sink, progress):
+        sr = runner.upscale(rgb, overlap=tcfg.overlap, color_fix=color_fix)  # the server tiles, blends, fixes
+        if sink is None:
+            return sr
+        sink(0, sr)
+        return None
     return runner, tcfg, upscale
 
 

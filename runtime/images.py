@@ -18,8 +18,6 @@ half-written image that a later ``--skip-existing`` run would take for a finishe
 from __future__ import annotations
 
 import contextlib
-import os
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from dfosd.core.atomic import atomic_target
 from dfosd.core.errors import DfosdError, ImageInputError
 from dfosd.runtime.inputs import OUTPUT_FORMATS
 
@@ -326,17 +325,7 @@ def save_image_atomic(image: Image.Image, path: Path, fmt: str, quality: int = 9
     if image.info.get("icc_profile"):
         params["icc_profile"] = image.info["icc_profile"]
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as fh:
+    with atomic_target(path, fsync=True) as tmp:  # the rename must not outlive the data in a crash
+        with open(tmp, "wb") as fh:
             image.save(fh, format=pil_format, **params)
-            fh.flush()
-            os.fsync(fh.fileno())  # the rename must not outlive the data in a crash
-        os.replace(tmp, path)
-    except BaseException:  # KeyboardInterrupt too: never leave the temp file behind
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
     return notes

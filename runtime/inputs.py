@@ -37,7 +37,7 @@ def _is_hidden(rel: Path) -> bool:
     return any(part.startswith(".") for part in rel.parts)
 
 
-def _not_image_reason(path: Path) -> str:
+def not_image_reason(path: Path) -> str:
     return f"not an image file name ({path.suffix or 'no suffix'}; read: {', '.join(sorted(IMAGE_SUFFIXES))})"
 
 
@@ -52,7 +52,7 @@ def _scan_folder(folder: Path) -> tuple[list[tuple[Path, Path]], list[tuple[Path
         if is_image_name(path):
             found.append((path, rel))
         else:
-            skipped.append((path, _not_image_reason(path)))
+            skipped.append((path, not_image_reason(path)))
     return sorted(found, key=lambda pr: pr[1].parts), sorted(skipped)
 
 
@@ -62,10 +62,10 @@ def _expand_glob(pattern: str) -> tuple[list[tuple[Path, Path]], list[tuple[Path
     paths = sorted(Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True))
     files = [p for p in paths if p.is_file()]
     return ([(p, Path(p.name)) for p in files if is_image_name(p)],
-            [(p, _not_image_reason(p)) for p in files if not is_image_name(p)])
+            [(p, not_image_reason(p)) for p in files if not is_image_name(p)])
 
 
-def _inside(path: Path, folder: Path) -> bool:
+def is_inside(path: Path, folder: Path) -> bool:
     """Whether resolved ``path`` is ``folder`` or below it (both resolved)."""
     return path == folder or folder in path.parents
 
@@ -112,7 +112,7 @@ def collect_inputs(inputs: Sequence[str], out_dir: str | Path | None = None) -> 
             found, other = _expand_glob(raw)
             skipped += other
             if out_r is not None:
-                inside = [(src, rel) for src, rel in found if _inside(src.resolve(), out_r)]
+                inside = [(src, rel) for src, rel in found if is_inside(src.resolve(), out_r)]
                 skipped += [(src, f"inside --out {out_dir}: outputs are never read as inputs") for src, _ in inside]
                 found = [pr for pr in found if pr not in inside]
             if not found:
@@ -146,7 +146,7 @@ def check_output_folder(inputs: Sequence[str], pairs: Sequence[tuple[Path, Path]
     out_r = Path(out_dir).expanduser().resolve()
     folders = [(raw, Path(raw).expanduser().resolve()) for raw in inputs if Path(raw).expanduser().is_dir()]
     for raw, folder in folders:
-        if _inside(out_r, folder):
+        if is_inside(out_r, folder):
             where = "is the input folder" if out_r == folder else "is inside the input folder"
             raise DfosdError(f"--out {out_dir} {where} {raw}: outputs would overwrite inputs of the same name, "
                              "and a later run would upscale its own outputs again",
@@ -158,7 +158,7 @@ def check_output_folder(inputs: Sequence[str], pairs: Sequence[tuple[Path, Path]
             raise DfosdError(f"the output for {src} would be written over the input {sources[dst]}",
                              hint="pass an --out that holds no inputs")
         for raw, folder in folders:
-            if _inside(dst, folder):
+            if is_inside(dst, folder):
                 raise DfosdError(f"the output for {src} ({dst}) would land inside the input folder {raw}, "
                                  "where a later run would read it as an input", hint=f"pass an --out outside {raw}")
 

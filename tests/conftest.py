@@ -51,6 +51,24 @@ def tiny_ckpt(tiny_base, tmp_path_factory):
     return write_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "lora.safetensors", tiny_base)
 
 
+@pytest.fixture(scope="session")
+def tiny_text_models():
+    """The tiny base's (locally built) CLIP tokenizer and text encoder: upstream-way references encode prompts."""
+    from dfosd.core.text import load_text_models
+
+    return load_text_models(TINY)
+
+
+@pytest.fixture(scope="session")
+def smooth_lr_tile():
+    """A smooth 32x32 uint8 LR tile (bicubic up from 8x8 noise, seed 5): family parity tests' input."""
+    import torch
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.nn.functional.interpolate(torch.rand(1, 3, 8, 8, generator=g), size=(TILE, TILE), mode="bicubic")
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
 def _export(tiny_ckpt, tmp_path_factory, precision, batches):
     from dfosd.export.artifacts import ExportConfig, export_checkpoint
 
@@ -115,10 +133,10 @@ def fp8_export(tiny_ckpt, calib_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_eager(tiny_base, tiny_ckpt):
-    from dfosd.core.checkpoint import read_checkpoint
-    from dfosd.core.onestep import build_onestep
+    from dfosd.core.onestep import build_from_model
+    from dfosd.core.readers import read_model
 
-    return build_onestep(tiny_base, read_checkpoint(tiny_ckpt))
+    return build_from_model(tiny_base, read_model(tiny_ckpt))  # the route dfosd-export takes
 
 
 @pytest.fixture(scope="session")

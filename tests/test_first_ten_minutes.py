@@ -55,13 +55,15 @@ def test_checkpoint_random_writes_a_checkpoint_that_fits_its_base(tmp_path, tiny
     from click.testing import CliRunner
 
     from dfosd.cli import main
-    from dfosd.core.checkpoint import read_checkpoint, validate_checkpoint
+    from dfosd.core.checkpoint import read_checkpoint
+    from dfosd.core.readers import read_model
+    from dfosd.core.srmodel import validate_model
 
     out = tmp_path / "lora.safetensors"
     r = CliRunner().invoke(main, ["checkpoint", "random", "--base", "synthetic:tiny", "--out", str(out), "--rank", "2"])
     assert r.exit_code == 0, r.output
     ckpt = read_checkpoint(out)
-    validate_checkpoint(ckpt, tiny_base)  # fits the base it was made for
+    validate_model(read_model(out), tiny_base)  # fits the base it was made for
     assert ckpt.metadata.lora_rank == 2 and ckpt.metadata.base_model == "synthetic:tiny"
     assert "not super-resolved" in r.output and f"dfosd-export --ckpt {out}" in r.output
     before = out.read_bytes()

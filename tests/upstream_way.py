@@ -242,3 +242,43 @@ def run_pisa_adjustable(path, base, lr_uint8, text_models, scales, prompt=""):
         eps = scales[0] * eps_pix + scales[1] * (eps_sem - eps_pix)
         out = vae.decode((z - eps) / vae.config.scaling_factor).sample.clamp(-1, 1)
     return (out + 1) * 127.5
+
+
+# ---- OMGSR-S (wuer5/OMGSR train/train_omgsr_s.py set_unet_lora / set_vae_encoder_lora, save_pretrained;
+#      infer/omgsr_s_infer_model.py: PeftModel.from_pretrained on the UNet and on vae.encoder) ----------
+
+OMGSR_TARGETS = ["conv1", "conv2", "conv_in", "conv_shortcut", "conv", "conv_out", "to_k", "to_q", "to_v", "to_out.0"]
+
+
+def write_omgsr(folder, base, unet_rank=8, vae_rank=4, vae_alpha=None, seed=3):
+    """OMGSR-S's release folder: PeftModel(..., adapter_name=...) on the UNet and on vae.encoder, both
+    save_pretrained into ``folder`` (peft puts a non-default adapter in a sub-folder of its name).
+    Upstream sets lora_alpha = rank; ``vae_alpha`` other than the rank checks the scale is read from the file."""
+    from peft import LoraConfig, PeftModel
+
+    gen = torch.Generator().manual_seed(seed)
+    for module, rank, alpha, name in ((base.unet, unet_rank, unet_rank, "unet_lora_adapter"),
+                                      (base.vae.encoder, vae_rank, vae_alpha or vae_rank, "vae_encoder_lora_adapter")):
+        cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=OMGSR_TARGETS, init_lora_weights="gaussian")
+        wrapped = PeftModel(copy.deepcopy(module), cfg, adapter_name=name)
+        _randomize(wrapped, lambda n: "lora" in n, gen, std=0.06)
+        wrapped.save_pretrained(str(folder))
+    return folder
+
+
+def run_omgsr(folder, base, lr_uint8, text_models, prompt="", timestep=273):
+    """OMGSR_S_Infer's untiled path with the adapters left unmerged: PIL resize x4 (LANCZOS to a multiple of
+    8 is the identity here), latent x scaling_factor (the mean, not a sample), UNet at the mid timestep,
+    x0 = (z - sqrt(1 - abar_t) eps) / sqrt(abar_t) with abar from the base's DDPMScheduler, decode, clamp."""
+    from peft import PeftModel
+
+    unet = PeftModel.from_pretrained(copy.deepcopy(base.unet), str(folder / "unet_lora_adapter")).eval()
+    vae = copy.deepcopy(base.vae).eval()
+    vae.encoder = PeftModel.from_pretrained(vae.encoder, str(folder / "vae_encoder_lora_adapter")).eval()
+    abar = _scheduler(base).alphas_cumprod[timestep]
+    emb = encode_prompt(*text_models, prompt)
+    with torch.no_grad():
+        latent = vae.encode(pil_upscale(lr_uint8, 4)).latent_dist.mode() * vae.config.scaling_factor
+    out = _unet_vae_decode(unet, vae, latent, emb, timestep,
+                           lambda eps, z: (z - (1 - abar).sqrt() * eps) / abar.sqrt())
+    return (out + 1) * 127.5

@@ -13,18 +13,16 @@ with ``torch.load(weights_only=True)``: no pickled code is executed on resume.
 
 from __future__ import annotations
 
-import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from dfosd.core.atomic import atomic_target
 from dfosd.core.errors import DfosdError, problems_error
-from dfosd.core.manifest import umask_file_mode
 
 STATE_FORMAT = "dfosd-train-state/1"
 STATE_DIR = "states"
@@ -90,16 +88,8 @@ def restore_rng(rng: dict[str, Any]) -> None:
 def save_state(path: Path, state: dict[str, Any], *, keep: int | None = None) -> Path:
     """Atomic write; then delete all but the ``keep`` newest states in the same folder."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_target(path) as tmp:
         torch.save({"format": STATE_FORMAT, **state}, tmp)
-        os.chmod(tmp, umask_file_mode())  # mkstemp makes 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     if keep is not None:
         for _, old in list_states(path.parent)[:-keep]:
             if old != path:

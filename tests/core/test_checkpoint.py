@@ -6,13 +6,17 @@ from safetensors.torch import save_file
 
 from dfosd.core.checkpoint import (
     CheckpointMetadata,
-    merge_lora,
     random_lora,
     read_checkpoint,
-    validate_checkpoint,
     write_checkpoint,
 )
 from dfosd.core.errors import DfosdError
+from dfosd.core.srmodel import from_format1, merge_into, validate_model
+
+
+def validate_checkpoint(ckpt, base):
+    """A format-1 checkpoint checked against a base as export checks it."""
+    validate_model(from_format1(ckpt), base)
 
 
 def _meta(**kw):
@@ -110,7 +114,7 @@ def test_merge_matches_peft_forward(tiny_base):
     lora, emb = random_lora(tiny_base, rank=4, alpha=8, lora_std=0.1)
     ck = DfosdCheckpoint(lora=lora, text_embedding=emb, metadata=_meta(lora_alpha=8))
     merged = copy.deepcopy(tiny_base.unet)
-    merge_lora(merged, ck)
+    merge_into(from_format1(ck), merged, None)  # export's merge
     peft_unet = copy.deepcopy(tiny_base.unet)
     targets = sorted({k.rsplit(".lora_", 1)[0] for k in lora})
     inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=targets), peft_unet)
@@ -125,7 +129,7 @@ def test_merge_matches_peft_forward(tiny_base):
     assert (a - base_out).abs().max() > 1e-3, "the LoRA must change the UNet"
 
 
-# ----------------------------------------------------------------------------- issue 12: non-finite, umask
+# ----------------------------------------------------------------------------- non-finite, umask
 
 def test_nan_lora_alpha_in_metadata_is_refused(tiny_base, tmp_path):
     lora, emb = random_lora(tiny_base, rank=4)
@@ -167,9 +171,9 @@ def test_merge_refuses_a_weight_that_overflows(tiny_base):
     lora[name.replace("lora_A", "lora_B")] = torch.full_like(lora[name.replace("lora_A", "lora_B")], 1e30)
     ck = DfosdCheckpoint(lora=lora, text_embedding=emb, metadata=_meta())
     with pytest.raises(DfosdError) as exc:
-        merge_lora(copy.deepcopy(tiny_base.unet), ck)
+        merge_into(from_format1(ck), copy.deepcopy(tiny_base.unet), None)
     module = name[: -len(".lora_A.weight")]
-    assert f"NaN or Inf in 1 UNet weight(s): {module}.weight" in str(exc.value)
+    assert f"NaN or Inf in 1 weight(s): unet.{module}.weight" in str(exc.value)
 
 
 def test_files_get_the_users_umask(tiny_base, tmp_path):

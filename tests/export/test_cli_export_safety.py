@@ -1,4 +1,4 @@
-"""dfosd-export against a hostile user (issue 12): never delete or overwrite what dfosd did not
+"""dfosd-export against a hostile user: never delete or overwrite what dfosd did not
 write (item 2), and never export NaN/Inf weights (item 5). Real tiny exports through CliRunner."""
 
 from __future__ import annotations

@@ -42,17 +42,13 @@ def upstream_files(tiny_base, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def text_models():
-    from dfosd.core.text import load_text_models
-
-    return load_text_models(TINY)
+def text_models(tiny_text_models):
+    return tiny_text_models
 
 
 @pytest.fixture(scope="module")
-def lr():
-    g = torch.Generator().manual_seed(5)
-    x = torch.nn.functional.interpolate(torch.rand(1, 3, 8, 8, generator=g), size=(TILE, TILE), mode="bicubic")
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+def lr(smooth_lr_tile):
+    return smooth_lr_tile
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -14,16 +14,16 @@ import pytest
 EXPORT_ENCODER = """
 from pathlib import Path
 from dfosd.core.bases import load_base
-from dfosd.core.checkpoint import read_checkpoint
 from dfosd.core.cli_support import setup_logging
 from dfosd.core.contracts import Geometry, component_contracts
-from dfosd.core.onestep import build_onestep
+from dfosd.core.onestep import build_from_model
+from dfosd.core.readers import read_model
 from dfosd.export.onnx_export import export_part
 setup_logging({verbose})
 base = load_base("synthetic:tiny")
 geo = Geometry(tile=32, batch=1, upscale=4, vae_scale_factor=base.vae_scale_factor,
                latent_channels=base.latent_channels)
-model = build_onestep(base, read_checkpoint({ckpt!r}))
+model = build_from_model(base, read_model({ckpt!r}))
 export_part(model.part("encoder"), component_contracts(geo)["encoder"], Path({out!r}) / "encoder_b1.onnx")
 """
 

@@ -1,4 +1,4 @@
-"""dfosd-trt-run against a hostile user (issue 12): nothing lost, nothing silent, big images.
+"""dfosd-trt-run against a hostile user: nothing lost, nothing silent, big images.
 
 Real tiny exports (ONNX Runtime, CPU) through click's CliRunner; the interrupt and the memory
 bound run in a subprocess, since they need a real signal and a fresh process's peak memory.

@@ -376,7 +376,7 @@ def test_save_too_large_for_format_is_a_clear_write_error(tmp_path):
         save_image_atomic(Image.new("RGB", (4, 4)), tmp_path / "x.gif", "gif")
 
 
-# ----------------------------------------------------------------------------- issue 12: hostile inputs
+# ----------------------------------------------------------------------------- hostile inputs
 
 def _png_header_only(width: int, height: int) -> bytes:
     """A PNG that declares width x height RGB pixels and holds a few bytes of (zero) data:

@@ -370,7 +370,7 @@ def test_cli_refuses_a_folder_that_is_not_an_export(tmp_path):
     assert r.exit_code == 1 and "no manifest.json" in r.output and "Traceback" not in r.output
 
 
-# ---------------------------------------------------------------- issue 12: nothing lost, a server that tells the truth
+# ---------------------------------------------------------------- nothing lost, a server that tells the truth
 
 
 def test_serve_never_replaces_a_users_folder(tiny_export_fp32, tmp_path):

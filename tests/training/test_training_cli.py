@@ -149,7 +149,9 @@ def test_dump_pairs(photo_dir, tmp_path):
 
 def test_train_from_a_config_file_with_overrides(photo_dir, tmp_path):
     from dfosd.core.bases import load_base
-    from dfosd.core.checkpoint import read_checkpoint, validate_checkpoint
+    from dfosd.core.checkpoint import read_checkpoint
+    from dfosd.core.readers import read_model
+    from dfosd.core.srmodel import validate_model
 
     f = tmp_path / "train.toml"
     f.write_text(f'base = "{TINY}"\ndata = "{photo_dir}"\nsteps = 50\ncrop = 64\nbatch_size = 2\nrank = 4\n'
@@ -159,7 +161,7 @@ def test_train_from_a_config_file_with_overrides(photo_dir, tmp_path):
     assert r.exit_code == 0, r.output
     assert "trained 2 step(s)" in r.output
     ckpt = read_checkpoint(out)
-    validate_checkpoint(ckpt, load_base(TINY))
+    validate_model(read_model(out), load_base(TINY))
     assert ckpt.metadata.extra["dfosd_train_step"] == "2" and ckpt.text_embedding.shape[1] == 4
     assert (tmp_path / "out" / "lora-train" / "train_log.csv").read_text().count("\n") == 3  # header + 2 steps
     r = _invoke(["--config", f, "--steps", "3", "--out", out, "--no-progress", "--resume",

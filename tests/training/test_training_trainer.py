@@ -58,8 +58,10 @@ def full_run(photo_dir, tmp_path_factory):
 
 def test_generator_is_the_onestep_step_and_saves_the_checkpoint_spec(tmp_path):
     from dfosd.core.bases import load_base
-    from dfosd.core.checkpoint import lora_target_modules, read_checkpoint, validate_checkpoint
-    from dfosd.core.onestep import DecoderPart, DenoiserPart, EncoderPart, build_onestep
+    from dfosd.core.checkpoint import lora_target_modules, read_checkpoint
+    from dfosd.core.onestep import DecoderPart, DenoiserPart, EncoderPart, build_from_model
+    from dfosd.core.readers import read_model
+    from dfosd.core.srmodel import validate_model
     from dfosd.training.generator import OneStepGenerator
 
     base = load_base(TINY)
@@ -76,7 +78,7 @@ def test_generator_is_the_onestep_step_and_saves_the_checkpoint_spec(tmp_path):
     path = gen.save(tmp_path / "lora.safetensors")
     ckpt = read_checkpoint(path)
     reference_base = load_base(TINY)  # clean UNet (gen's has the LoRA injected)
-    validate_checkpoint(ckpt, reference_base)
+    validate_model(read_model(path), reference_base)
     assert {k.rsplit(".lora_", 1)[0] for k in ckpt.lora} == set(lora_target_modules(reference_base.unet))
     m = ckpt.metadata
     assert (m.base_model, m.timestep, m.lora_rank, m.lora_alpha, m.upscale, m.vae_latent) == (TINY, 999, 4, 8.0, 4,
@@ -84,7 +86,7 @@ def test_generator_is_the_onestep_step_and_saves_the_checkpoint_spec(tmp_path):
     lr = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours, _ = gen(lr)
-        merged = build_onestep(reference_base, ckpt).sr_float(lr)  # what dfosd-export traces
+        merged = build_from_model(reference_base, read_model(path)).sr_float(lr)  # what dfosd-export traces
     assert ours.shape == (2, 3, 64, 64)
     assert float((ours - merged).abs().max()) < 1e-4
 
@@ -193,9 +195,9 @@ def test_resume_with_other_settings_is_refused(full_run):
 
 def test_trained_checkpoint_exports_and_runs_on_onnxruntime(full_run, tmp_path):
     from dfosd.core.bases import load_base
-    from dfosd.core.checkpoint import read_checkpoint
     from dfosd.core.metrics import max_abs_diff
-    from dfosd.core.onestep import build_onestep
+    from dfosd.core.onestep import build_from_model
+    from dfosd.core.readers import read_model
     from dfosd.export.artifacts import ExportConfig, export_checkpoint
     from dfosd.runtime.step import OneStepRunner
 
@@ -205,7 +207,7 @@ def test_trained_checkpoint_exports_and_runs_on_onnxruntime(full_run, tmp_path):
     photo = torch.from_numpy(skd.astronaut()[::16, ::16][:32, :32].copy()).permute(2, 0, 1)[None].contiguous()
     got = runner(photo)
     assert got.shape == (1, 3, 128, 128) and got.dtype == torch.uint8
-    ref = build_onestep(load_base(TINY), read_checkpoint(result.out))(photo)
+    ref = build_from_model(load_base(TINY), read_model(result.out))(photo)
     assert max_abs_diff(got.numpy(), ref.numpy()) <= 2
 
 
