@@ -65,21 +65,23 @@ class Sampler:
 
     def __init__(self, serve_pid: int):
         self.serve_pid = serve_pid
+        self._triton: list[int] = []  # looked up once per attack: a scan of /proc is not cheap
         self.peak = {"dfosd-serve": 0.0, "tritonserver": 0.0}
         self._stop = threading.Event()
 
     def triton_pids(self) -> list[int]:
         return [p for p in _children(self.serve_pid) if _comm(p) not in ("python3", "python")]
 
-    def now(self) -> dict[str, float]:
-        return {"dfosd-serve": rss_mb([self.serve_pid]), "tritonserver": rss_mb(self.triton_pids())}
+    def now(self, triton: list[int] | None = None) -> dict[str, float]:
+        return {"dfosd-serve": rss_mb([self.serve_pid]), "tritonserver": rss_mb(triton or self.triton_pids())}
 
     def __enter__(self):
-        self.peak = self.now()
+        self._triton = self.triton_pids()
+        self.peak = self.now(self._triton)
 
         def loop():
             while not self._stop.is_set():
-                for k, v in self.now().items():
+                for k, v in self.now(self._triton).items():
                     self.peak[k] = max(self.peak[k], v)
                 time.sleep(0.02)
 
@@ -164,7 +166,7 @@ def measure(address: str, serve_pid: int, model: str = "dfosd", many: int = 32, 
                 t.start()
             for t in threads:
                 t.join()
-        time.sleep(0.5)
+        time.sleep(0.2)
         result["attacks"][name] = {
             "answers": sorted({f"{s}: {text}" for s, text in answers}), "seconds": round(time.monotonic() - t0, 2),
             "peak_mb": {k: round(v, 1) for k, v in sampler.peak.items()},

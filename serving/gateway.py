@@ -225,7 +225,9 @@ class Gateway:
         from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 
         self._budget = _Budget(self.limits.inflight_bytes)
-        self._session = ClientSession(connector=TCPConnector(limit=self.limits.max_requests),
+        # force_close: no idle keep-alive connection to tritonserver, which would hold up its shutdown
+        # (--exit-timeout) for nothing; a loopback connect per request costs well under a millisecond.
+        self._session = ClientSession(connector=TCPConnector(limit=self.limits.max_requests, force_close=True),
                                       timeout=ClientTimeout(total=self.limits.request_timeout_s),
                                       auto_decompress=False)
         app = web.Application(client_max_size=self.limits.header_bytes)
