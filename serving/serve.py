@@ -6,7 +6,11 @@ use the binary and its backend directly (not pytriton's Python API): the model i
 dfosd's own ``model.py`` in a repository written by ``triton_repo``, so what runs here is
 what a production Triton would run.
 
-Process handling:
+tritonserver listens on 127.0.0.1 only (HTTP on a private port, gRPC, metrics); the network
+reaches the model through dfosd-serve's front (``gateway``), and the management APIs need the
+admin key (Triton's restricted-API flags; a random key when none is given).
+
+Process handling (the Linux parts live in ``processes``):
 
 - a work folder holds the model repository and a ``backends/python`` folder with
   links to the backend library and to the stub built for *this* Python's version;

@@ -245,7 +245,11 @@ def test_listens_on_loopback_only_by_default(server):
             if state == "0A":  # LISTEN
                 addr, port = local.rsplit(":", 1)
                 bound.setdefault(int(port, 16), set()).add(addr)
-    for port in (server.http, server.grpc, server.metrics):
+    server.watch()
+    internal = [int(a.split("=", 1)[1]) for p in server.seen if "bin/tritonserver" in _cmdline(p)
+                for a in _cmdline(p).split() if a.startswith("--http-port=")]
+    assert internal and server.http not in internal  # tritonserver's own HTTP is behind the front
+    for port in (server.http, server.grpc, server.metrics, *internal):
         # 127.0.0.1 (IPv4, or IPv4-mapped in tcp6 as gRPC binds it), nothing else
         assert bound.get(port) and bound[port] <= {"0100007F", "0000000000000000FFFF00000100007F"}, (port, bound)
 
