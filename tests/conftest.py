@@ -16,6 +16,7 @@ import pytest
 TINY = "synthetic:tiny"
 TILE = 32  # LR pixels: 128x128 output, 16x16 latent with the tiny VAE
 CALIB_COUNT = 8
+RESSHIFT_GOLDEN = Path(__file__).resolve().parent / "data" / "resshift"  # upstream SinSR's outputs (README there)
 CALIB_PHOTOS = ("astronaut", "coffee", "chelsea")  # int8/fp8 calibration photos (scikit-image)
 
 
@@ -49,6 +50,30 @@ def tiny_ckpt(tiny_base, tmp_path_factory):
     from dfosd.core.checkpoint import write_random_checkpoint
 
     return write_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "lora.safetensors", tiny_base)
+
+
+@pytest.fixture(scope="session")
+def resshift_golden():
+    """(one-step model built from the state dicts' keys alone, upstream's inputs and outputs, config)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from dfosd.core.resshift import (ResShiftOneStep, load_strict, schedule_from_yaml, unet_config_from_state,
+                                     unwrap_state, vq_config_from_state)
+    from dfosd.core.resshift_unet import SwinUNet
+    from dfosd.core.resshift_vq import VQAutoencoder
+
+    GOLDEN = RESSHIFT_GOLDEN
+    cfg = json.loads((GOLDEN / "config.json").read_text())
+    unet_state = unwrap_state(load_file(str(GOLDEN / "unet.safetensors")), "unet")
+    vq_state = unwrap_state(load_file(str(GOLDEN / "vq.safetensors")), "vq")
+    unet = SwinUNet(unet_config_from_state(unet_state))
+    load_strict(unet, unet_state, "unet")
+    vq = VQAutoencoder(vq_config_from_state(vq_state))
+    load_strict(vq, vq_state, "vq")
+    model = ResShiftOneStep(unet.eval(), vq.eval(), schedule_from_yaml(cfg["diffusion"]))
+    return model, load_file(str(GOLDEN / "io.safetensors")), cfg
 
 
 @pytest.fixture(scope="session")
