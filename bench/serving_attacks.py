@@ -124,14 +124,14 @@ def _binary_header(shape, declared: int) -> bytes:
                                    "parameters": {"binary_data_size": declared}}]}).encode()
 
 
-def attacks(model: str = "dfosd", many: int = 32, big: int = BIG) -> dict:
+def attacks(model: str = "dfosd", many: int = 32, big: int = BIG, bomb_mib: int = 1024) -> dict:
     infer = f"/v2/models/{model}/infer"
     nested = b"[" * 150000 + b"]" * 150000
     big_head = _binary_header([1, 10000, 10000, 3], big)
     small_claim = _binary_header([1, 16, 16, 3], 16 * 16 * 3)
     json_h = {"Content-Type": "application/json"}
     co = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip framing
-    bomb = b"".join(co.compress(bytes(1 << 24)) for _ in range(64)) + co.flush()
+    bomb = b"".join(co.compress(bytes(1 << 20)) for _ in range(bomb_mib)) + co.flush()
     bin_h = lambda h: {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(h))}
     binary = (infer, len(big_head) + big, bin_h(big_head), big_head, b"\0")
     return {
@@ -143,16 +143,17 @@ def attacks(model: str = "dfosd", many: int = 32, big: int = BIG) -> dict:
         "big binary body x 4 at once": [binary] * 4,
         f"big binary body x {many} at once": [binary] * many,
         "big JSON body": [(infer, big, json_h, b'{"inputs": [', b" ")],
-        "gzip bomb (1 GiB of zeros in 1 MB) x 4 at once": [(infer, len(bomb), {**json_h, "Content-Encoding": "gzip"},
+        f"gzip bomb ({bomb_mib} MiB of zeros in {len(bomb) >> 10} KiB) x 4 at once": [(infer, len(bomb), {**json_h, "Content-Encoding": "gzip"},
                                                             bomb, b"")] * 4,
     }
 
 
-def measure(address: str, serve_pid: int, model: str = "dfosd", many: int = 32, big: int = BIG) -> dict:
+def measure(address: str, serve_pid: int, model: str = "dfosd", many: int = 32, big: int = BIG,
+            bomb_mib: int = 1024) -> dict:
     sampler = Sampler(serve_pid)
     triton_before = sampler.triton_pids()
     result = {"big_body_bytes": big, "before_mb": sampler.now(), "attacks": {}}
-    for name, requests in attacks(model, many, big).items():
+    for name, requests in attacks(model, many, big, bomb_mib).items():
         answers = [None] * len(requests)
 
         def one(i, req):
