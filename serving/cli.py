@@ -130,7 +130,7 @@ def _front(opts, server):
     from dfosd.serving.gateway import Gateway, GatewayLimits
     from dfosd.serving.triton_repo import DEFAULT_MAX_PIXELS
 
-    scale = int(ExportDir(opts.export_dir, check="none").manifest.get("upscale", 4))
+    scale = ExportDir(opts.export_dir, check="none").upscale
     limits = GatewayLimits(model=opts.model_name, max_pixels=opts.max_pixels or DEFAULT_MAX_PIXELS,
                            max_batch=opts.max_batch, scale=scale, admin_key=opts.admin_key,
                            request_timeout_s=opts.request_timeout_s + 60)
