@@ -246,7 +246,8 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
 
 def _engine_candidates(cfg: BenchConfig, prec: str, folder: Path, x, candidates: dict, say) -> dict:
     """One runner per backend; the per-part row ("auto") reuses their engines, part by part."""
-    from dfosd.runtime.backend_choice import CPU_CANDIDATES, measured_choice
+    from dfosd.engines.base import backend_class
+    from dfosd.runtime.backend_choice import measured_choice
     from dfosd.runtime.step import OneStepRunner
 
     singles = {}
@@ -254,12 +255,12 @@ def _engine_candidates(cfg: BenchConfig, prec: str, folder: Path, x, candidates:
         runner = OneStepRunner(folder, backend=backend, batch=cfg.batch, say=say)
         candidates[f"{runner.backend.name} {prec}"] = (runner.backend.name, prec, runner.backend.device,
                                                        lambda runner=runner: runner(x))
-        if runner.backend.name in CPU_CANDIDATES:  # auto's candidates: the exact ones
+        if backend_class(runner.backend.name).cpu_auto_candidate:  # auto's candidates: the exact ones
             singles[runner.backend.name] = runner
     if "auto" not in cfg.backends or len(singles) < 2:
         return {}
     first = next(iter(singles.values()))
-    plan, _ = measured_choice(folder, first.manifest, first.batch, first.contracts,
+    plan, _ = measured_choice(first.export, first.batch, first.contracts,
                               {n: r.backend for n, r in singles.items()},
                               lambda b, part: singles[b.name].engines[part], say=say, remeasure=True,
                               repeats=cfg.part_repeats)

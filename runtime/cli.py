@@ -30,7 +30,7 @@ TILE_BAR_MIN_CALLS = 4  # a per-tile progress bar for images that take more engi
 @click.option("--backend", default="auto", show_default=True, metavar="|".join(BACKEND_CHOICES),
               help="Engine backend, or one per part (encoder=openvino,unet=onnxruntime,decoder=openvino). auto: "
                    "TensorRT on a GPU; on a CPU the fastest of ONNX Runtime and OpenVINO per part, measured once "
-                   "and cached in the export's manifest. openvino-bf16: OpenVINO computing in bf16 on a CPU with "
+                   "and cached in the export's runtime.json. openvino-bf16: OpenVINO computing in bf16 on a CPU with "
                    "AMX or AVX512-BF16 (several times faster, approximate; auto never picks it).")
 @click.option("--batch", type=int, default=None, help="Tile batch to use (one the export built; default: largest).")
 @click.option("--tile", type=int, default=None,

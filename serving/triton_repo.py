@@ -33,10 +33,10 @@ from typing import Any
 
 from dfosd.core.contracts import ComponentContract
 from dfosd.core.errors import DfosdError, problems_error
-from dfosd.core.manifest import ExportDir, changed_files, write_text_atomic
-from dfosd.core.vocab import COMPONENTS, IMAGE_IN, IMAGE_OUT, MANIFEST_NAME, plan_manifest_name, plan_name
+from dfosd.core.manifest import ExportDir, write_text_atomic
+from dfosd.core.vocab import COMPONENTS, IMAGE_IN, IMAGE_OUT, MANIFEST_NAME, plan_manifest_name
 from dfosd.core.vocab import stem as part_stem
-from dfosd.engines.tensorrt_common import rebuild_command
+from dfosd.engines.tensorrt_common import plan_problems, rebuild_command
 from dfosd.serving.pbtxt import Enum, Map, to_pbtxt
 from dfosd.serving.scheduler import DEFAULT_TIMEOUT_S
 
@@ -186,16 +186,16 @@ def ensemble_config(model: str, step_models: dict[str, str], contracts: dict[str
     }
 
 
-def python_model_parameters(manifest: dict, opts: RepoOptions, tile_batch: int) -> dict[str, str]:
+def python_model_parameters(export: ExportDir, opts: RepoOptions, tile_batch: int) -> dict[str, str]:
     """What the Python model reads at start-up (and clients read to learn tile, scale, ...)."""
-    tile = int(manifest["tile"])
+    tile = export.tile
     overlap = tile // 4 if opts.overlap is None else opts.overlap
     return {"engines": "engines", "backend": opts.backend, "tile_batch": str(tile_batch),
             "overlap": str(overlap), "max_pixels": str(opts.max_pixels), "tile": str(tile),
-            "scale": str(int(manifest["upscale"])), "precision": str(manifest.get("precision", "")),
-            "export_build_key": str(manifest.get("build_key", "")),
+            "scale": str(export.upscale), "precision": export.precision,
+            "export_build_key": export.build_key,
             # what the model applies when a request names none (clients show it; the model reads the manifest)
-            "color_fix": str((manifest.get("family") or {}).get("color_fix", "none")),
+            "color_fix": str(export.family.get("color_fix", "none")),
             "request_timeout_s": f"{opts.request_timeout_s:g}"}
 
 
@@ -321,9 +321,10 @@ def prepare_repo_dir(repo: Path, force: bool, planned: set[str] = frozenset()) -
 # ---------------------------------------------------------------- TensorRT plans
 
 
-def read_plans(export_dir: Path, manifest: dict, parts: dict[str, dict],
+def read_plans(export: ExportDir, parts: dict[str, dict],
                contracts: dict[str, ComponentContract]) -> tuple[dict[str, dict] | None, list[str]]:
     """The plan manifests of one tile batch's three parts, or (None, why) when they are absent/unusable."""
+    export_dir = export.path
     plans, problems = {}, []
     for name in COMPONENTS:
         stem = contracts[name].stem
@@ -340,13 +341,9 @@ def read_plans(export_dir: Path, manifest: dict, parts: dict[str, dict],
             ("output", s.name, s.dtype, s.shape) for s in contracts[name].outputs}
         if io != want:
             problems.append(f"{plan.get('plan', stem)} has I/O {sorted(io)}, the export's contract is {sorted(want)}")
-        if plan.get("export_build_key") != manifest.get("build_key"):
-            problems.append(f"{plan.get('plan', stem)} was built from an earlier export of this directory")
         if not plan.get("system", {}).get("sm"):
             problems.append(f"{path.name} does not record the GPU compute capability (system.sm)")
-        plan_file = plan.get("plan")
-        if not plan_file or changed_files(export_dir, {plan_file: plan.get("plan_file", {})}, quick=True):
-            problems.append(f"{plan_file or plan_name(stem)} is missing or changed since it was built")
+        problems += plan_problems(export, parts[name]["onnx"], plan)  # the TensorRT backend's own rule
         plans[name] = plan
     return (None, problems) if problems else (plans, [])
 
@@ -406,7 +403,7 @@ def write_repository(export_dir: str | Path, repo_dir: str | Path, opts: RepoOpt
 
 def _write_models(repo: Path, export, by_batch: dict, opts: RepoOptions, tile_batch: int,
                   result: RepoResult) -> None:
-    export_dir, manifest = export.path, export.manifest
+    export_dir = export.path
     n = opts.name
 
     for batch, parts in by_batch.items():
@@ -421,7 +418,7 @@ def _write_models(repo: Path, export, by_batch: dict, opts: RepoOptions, tile_ba
             _write_chain(repo, result, opts, contracts, onnx_part, suffix="",
                          ensemble=f"ensemble of the ONNX parts, tile batch {batch}")
         if "tensorrt" in opts.kinds:
-            plans, why = read_plans(export_dir, manifest, parts, contracts)
+            plans, why = read_plans(export, parts, contracts)
             if plans is None:
                 if opts.tensorrt_required or (why and not why[0].startswith("no TensorRT plan")):
                     raise problems_error(f"cannot add the TensorRT plans of tile batch {batch}", why,
@@ -437,7 +434,7 @@ def _write_models(repo: Path, export, by_batch: dict, opts: RepoOptions, tile_ba
                              ensemble=f"ensemble of the TensorRT plans, tile batch {batch}")
 
     if "python" in opts.kinds:
-        params = python_model_parameters(manifest, opts, tile_batch)
+        params = python_model_parameters(export, opts, tile_batch)
         files = {f"engines/{p.name}": p for p in export_files(export_dir)}
         write_model(repo, n, python_config(n, params, opts), files, opts.link,
                     {"model.py": model_py(opts.site_dirs, opts.path_dirs)})

@@ -63,7 +63,8 @@ def fake_plans(folder: Path, manifest: dict, batch: int, sm="9.0", **override) -
               for mode, key in (("input", "inputs"), ("output", "outputs")) for t in c[key]]
         record = {"format": 1, "kind": "dfosd-tensorrt-plan", "stem": stem, "component": e["component"],
                   "batch": batch, "plan": plan.name, "plan_file": file_record(plan),
-                  "export_build_key": manifest["build_key"], "io": io,
+                  "export_build_key": manifest["build_key"], "io": io, "onnx": e["onnx"],
+                  "onnx_files": {n: r for n, r in manifest["files"].items() if n in (e["onnx"], e["onnx"] + ".data")},
                   "system": {"tensorrt": "10.16.0", "tensorrt_major": 10, "gpu": "NVIDIA H100", "sm": sm,
                              "cuda": "13.0", "cuda_major": 13}}
         record.update(override)
@@ -267,8 +268,8 @@ def test_refusals(tmp_path):
     with pytest.raises(DfosdError, match="no manifest.json"):
         write_repository(tmp_path / "nothing", tmp_path / "r3")
 
-    fake_plans(export, manifest, batch=1, export_build_key="an-older-export")
-    with pytest.raises(DfosdError, match="earlier export"):
+    fake_plans(export, manifest, batch=1, onnx_files={"unet_b1.onnx": {"sha256": "0" * 64}})
+    with pytest.raises(DfosdError, match="built from another"):
         write_repository(export, tmp_path / "r4")
     fake_plans(export, manifest, batch=1)
     (export / "unet_b1.plan").write_bytes(b"changed after the build")
