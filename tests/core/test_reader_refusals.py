@@ -11,7 +11,6 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-import upstream_way as uw
 from conftest import TINY
 from dfosd.cli import main
 from dfosd.core.errors import DfosdError
@@ -24,9 +23,8 @@ def _threads(one_torch_thread):
 
 
 @pytest.fixture(scope="module")
-def osediff_dict(tiny_base, tmp_path_factory):
-    path = uw.write_osediff(tmp_path_factory.mktemp("osediff") / "osediff.pkl", tiny_base)
-    return torch.load(path, weights_only=True)
+def osediff_dict(osediff_pkl):
+    return torch.load(osediff_pkl, weights_only=True)
 
 
 def _refused(path, match, **kw):

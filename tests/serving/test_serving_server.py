@@ -475,8 +475,10 @@ def test_trt_run_with_server_reuses_the_cli(server, local, tmp_path):
         assert torch.equal(got, local(a))
         assert Image.open(out / "sub" / "gray.png").mode == "L"
         assert not list(out.rglob(".*"))  # no temporary files left
-    r = CliRunner().invoke(main, [str(src / "a.png"), "--server", server.http_url, "--backend", "onnxruntime"])
+    r = CliRunner().invoke(main, [str(src / "a.png"), "--server", server.http_url, "--backend", "onnxruntime",
+                                  "--out", str(tmp_path / "never")])
     assert r.exit_code == 1 and "do not apply with --server" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "never").exists()  # a run that never started leaves no output folder
 
 
 def test_loadgen_measures_the_server(server, tmp_path):
