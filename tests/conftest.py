@@ -46,6 +46,14 @@ def tiny_base():
 
 
 @pytest.fixture(scope="session")
+def osediff_pkl(tiny_base, tmp_path_factory):
+    """An osediff.pkl written the upstream way (tests/upstream_way.py) for the tiny base; read-only."""
+    import upstream_way as uw
+
+    return uw.write_osediff(tmp_path_factory.mktemp("osediff") / "osediff.pkl", tiny_base)
+
+
+@pytest.fixture(scope="session")
 def tiny_ckpt(tiny_base, tmp_path_factory):
     from dfosd.core.checkpoint import write_random_checkpoint
 
