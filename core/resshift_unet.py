@@ -117,16 +117,18 @@ def shift_mask(h: int, w: int, ws: int, shift: int) -> torch.Tensor:
     anything) and the column slices on the H axis, so the labels vary along H only; its windows are
     then flattened column-major (``permute(0, 2, 3, 1)``). Trained weights saw exactly that mask,
     so it is reproduced as is."""
-    img = torch.zeros(1, 1, h, w)
+    import numpy as np  # a constant: made in numpy so tracing records one tensor, not the slicing
+
+    img = np.zeros((1, 1, h, w), dtype=np.float32)
     cnt = 0
     for hs in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
         for vs in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
             img[:, hs, vs, :] = cnt
             cnt += 1
-    win = img.view(1, 1, h // ws, ws, w // ws, ws).permute(0, 2, 4, 3, 5, 1).reshape(-1, ws, ws, 1)
-    labels = win.permute(0, 2, 3, 1).reshape(-1, ws * ws)
-    diff = labels.unsqueeze(1) - labels.unsqueeze(2)
-    return torch.where(diff != 0, torch.tensor(-100.0), torch.tensor(0.0))
+    win = img.reshape(1, 1, h // ws, ws, w // ws, ws).transpose(0, 2, 4, 3, 5, 1).reshape(-1, ws, ws, 1)
+    labels = win.transpose(0, 2, 3, 1).reshape(-1, ws * ws)
+    diff = labels[:, None, :] - labels[:, :, None]
+    return torch.from_numpy(np.where(diff != 0, -100.0, 0.0).astype(np.float32))
 
 
 class WindowAttention(nn.Module):

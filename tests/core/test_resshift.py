@@ -7,36 +7,18 @@ upstream saved them, the LR tile, the noise, and z_y, x0 and the SR image of one
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import RESSHIFT_GOLDEN as GOLDEN
 from safetensors.torch import load_file
 
 from dfosd.core.errors import DfosdError
 from dfosd.core.metrics import psnr_uint8
-from dfosd.core.resshift import (CHECKPOINTS, RELEASED_UNET, RELEASED_VQ, SINSR_SCHEDULE, ResShiftOneStep,
-                                 load_strict, schedule_from_yaml, unet_config_from_state, unet_config_from_yaml,
-                                 unwrap_state, vq_config_from_state, vq_config_from_yaml)
+from dfosd.core.resshift import (CHECKPOINTS, RELEASED_UNET, RELEASED_VQ, SINSR_SCHEDULE, load_strict,
+                                 unet_config_from_state, unet_config_from_yaml, unwrap_state, vq_config_from_state,
+                                 vq_config_from_yaml)
 from dfosd.core.resshift_unet import SwinUNet
 from dfosd.core.resshift_vq import VQAutoencoder
-
-GOLDEN = Path(__file__).resolve().parents[1] / "data" / "resshift"
-
-
-@pytest.fixture(scope="session")
-def resshift_golden():
-    """(one-step model built from the state dicts' keys alone, upstream's inputs and outputs, config)."""
-    cfg = json.loads((GOLDEN / "config.json").read_text())
-    unet_state = unwrap_state(load_file(str(GOLDEN / "unet.safetensors")), "unet")
-    vq_state = unwrap_state(load_file(str(GOLDEN / "vq.safetensors")), "vq")
-    unet = SwinUNet(unet_config_from_state(unet_state))
-    load_strict(unet, unet_state, "unet")
-    vq = VQAutoencoder(vq_config_from_state(vq_state))
-    load_strict(vq, vq_state, "vq")
-    model = ResShiftOneStep(unet.eval(), vq.eval(), schedule_from_yaml(cfg["diffusion"]))
-    return model, load_file(str(GOLDEN / "io.safetensors")), cfg
 
 
 def test_one_step_matches_upstream(resshift_golden):
@@ -101,3 +83,35 @@ def test_upstream_wrappers_and_bad_state_dicts(resshift_golden):
         unet_config_from_state({"foo": torch.zeros(1)})
     with pytest.raises(DfosdError, match="do not describe the VQ-f4 autoencoder"):
         vq_config_from_state(state)
+
+
+def test_release_files_read_the_upstream_way(resshift_golden, tmp_path):
+    """Pickles as upstream saves them (a state_dict wrapper, DataParallel's module. prefix), read with
+    weights_only; the kind from the file name; the multi-step teachers refused with the reason."""
+    from dfosd.core.resshift_reader import read_resshift
+
+    model, io, _ = resshift_golden
+    unet = {"state_dict": {"module." + k: v.float() for k, v in load_file(str(GOLDEN / "unet.safetensors")).items()}}
+    vq = {k: v.float() for k, v in load_file(str(GOLDEN / "vq.safetensors")).items()}
+    for name in ("SinSR_v1.pth", "resshift_realsrx4_s4_v3.pth", "mine.pth"):
+        torch.save(unet, tmp_path / name)
+    torch.save(vq, tmp_path / "autoencoder_vq_f4.pth")
+    said = []
+    # the tiny architecture comes from the keys; the schedule is SinSR's released one
+    got = read_resshift(tmp_path / "SinSR_v1.pth", tmp_path / "autoencoder_vq_f4.pth", progress=said.append)
+    assert got.family == "sinsr" and "file name SinSR_v1.pth is wyf0912/SinSR's release" in said[0]
+    with torch.no_grad():
+        assert (got.model(io["lr"], io["noise"]) - io["sr"]).abs().max() < 1e-4
+    with pytest.raises(DfosdError, match="multi-step ResShift model \\(4 UNet calls"):
+        read_resshift(tmp_path / "resshift_realsrx4_s4_v3.pth", tmp_path / "autoencoder_vq_f4.pth")
+    with pytest.raises(DfosdError, match="(?s)the keys cannot say which.*--family sinsr"):
+        read_resshift(tmp_path / "mine.pth", tmp_path / "autoencoder_vq_f4.pth")
+    assert read_resshift(tmp_path / "mine.pth", tmp_path / "autoencoder_vq_f4.pth", family="tad-sr").family == "tad-sr"
+    with pytest.raises(DfosdError, match="not the VQ-f4 autoencoder"):
+        read_resshift(tmp_path / "SinSR_v1.pth", tmp_path / "mine.pth")
+    # a pickle that needs code to load is refused, never unpickled
+    import argparse
+
+    torch.save({"state_dict": unet["state_dict"], "args": argparse.Namespace(lr=1)}, tmp_path / "evil.pth")
+    with pytest.raises(DfosdError, match="refused and not unpickled"):
+        read_resshift(tmp_path / "evil.pth", tmp_path / "autoencoder_vq_f4.pth")
