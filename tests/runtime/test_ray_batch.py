@@ -182,6 +182,13 @@ def test_refusals_before_any_work(tiny_export_fp32, photos, tmp_path):
     r = CliRunner().invoke(main, [str(photos), str(photos / "sub"), "--engines", str(tiny_export_fp32), "--out",
                                   str(tmp_path / "o2"), "--ray"])
     assert r.exit_code == 1 and "upscaled twice" in r.output and not (tmp_path / "o2").exists(), r.output
+    (tmp_path / "empty").mkdir()
+    r = CliRunner().invoke(main, [str(tmp_path / "empty"), str(tmp_path / "nothing.png"), "--engines",
+                                  str(tiny_export_fp32), "--out", str(tmp_path / "o3"), "--ray"])
+    assert r.exit_code == 1 and "no input images found" in r.output and "nothing.png" in r.output, r.output
+    r = CliRunner().invoke(main, [str(photos), "--engines", str(tiny_export_fp32), "--out", str(tmp_path / "o4"),
+                                  "--backend", "bogus", "--ray"])
+    assert r.exit_code == 1 and "bogus" in r.output and not (tmp_path / "o4").exists(), r.output
 
 
 def test_without_ray_the_message_says_how_to_install_it(tiny_export_fp32, photos, tmp_path):
