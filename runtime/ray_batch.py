@@ -118,7 +118,8 @@ def start_workers(ray, n: int | None, cpus: int, backend: str, kwargs: dict, say
     from ray.exceptions import RayActorError
 
     res = ray.cluster_resources()
-    gpu = backend == "tensorrt" or "tensorrt" in backend.split(",")[0] or (backend == "auto" and res.get("GPU", 0) > 0)
+    # A GPU backend: TensorRT (for any part), or auto on a cluster with GPUs (auto picks TensorRT there).
+    gpu = "tensorrt" in backend or (backend == "auto" and res.get("GPU", 0) > 0)
     if n is None:
         n = max(1, int(res.get("GPU", 0)) if gpu else int(res.get("CPU", 1)) // max(cpus, 1))
     worker_cls = ray.remote(num_cpus=cpus, num_gpus=1 if gpu else 0, max_restarts=MAX_RESTARTS,
