@@ -87,18 +87,19 @@ def ray_main(inputs, *, address, actors, cpus_per_actor, export_dir, out_dir, ba
         ray, seconds = None, rep.seconds()
         try:
             ray = connect(address, say)
-            workers, infos = start_workers(
-                ray, actors, cpus_per_actor, backend,
-                {"export_dir": str(Path(export_dir).resolve()), "batch": batch, "tile": tile, "overlap": overlap,
-                 "opts": opts, "out_dir": str(out.resolve())}, say)
-            first = infos[0]
-            rep.header.update(backend=first["backend"], precision=first["precision"], backend_plan=first["plan"],
-                              tiling=first["tiling"],
-                              ray={"address": address or "local", "nodes": len({i["node"] for i in infos}),
-                                   "workers": [{"pid": i["pid"], "node": i["node"]} for i in infos],
-                                   "max_restarts": MAX_RESTARTS, "max_task_retries": MAX_TASK_RETRIES})
-            rep.write("running")
-            seconds = run_on_ray(ray, workers, items, rep, progress)
+            with stop_on_signals():  # again: ray.init put its own SIGTERM handler (sys.exit) in place of ours
+                workers, infos = start_workers(
+                    ray, actors, cpus_per_actor, backend,
+                    {"export_dir": str(Path(export_dir).resolve()), "batch": batch, "tile": tile, "overlap": overlap,
+                     "opts": opts, "out_dir": str(out.resolve())}, say)
+                first = infos[0]
+                rep.header.update(backend=first["backend"], precision=first["precision"], backend_plan=first["plan"],
+                                  tiling=first["tiling"],
+                                  ray={"address": address or "local", "nodes": len({i["node"] for i in infos}),
+                                       "workers": [{"pid": i["pid"], "node": i["node"]} for i in infos],
+                                       "max_restarts": MAX_RESTARTS, "max_task_retries": MAX_TASK_RETRIES})
+                rep.write("running")
+                seconds = run_on_ray(ray, workers, items, rep, progress)
             state = "complete"
         except (KeyboardInterrupt, Interrupted) as exc:
             state, code, seconds = "interrupted", exit_code_for(exc), rep.seconds() - seconds
