@@ -92,16 +92,18 @@ class UpscaleWorker:
 
 
 def connect(address: str | None, say: Callable[[str], None]):
-    """ray.init for ``--ray [ADDRESS]``: no address (or ``local``) starts or joins a Ray on this machine."""
+    """ray.init for ``--ray [ADDRESS]``, with Ray's own meanings: no address joins the Ray running on this
+    machine or starts one; ``local`` always starts a new one, private to this run; ``auto`` or HOST:PORT join."""
     import ray
 
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
-    addr = None if address in (None, "", "local") else address
+    addr = address or None
     try:
         try:  # starting one here: a small object store (only paths and records cross it)
-            ray.init(address=addr, **kwargs, **({"object_store_memory": LOCAL_OBJECT_STORE} if addr is None else {}))
+            starts = addr in (None, "local")
+            ray.init(address=addr, **kwargs, **({"object_store_memory": LOCAL_OBJECT_STORE} if starts else {}))
         except ValueError as exc:  # ray.init found a running cluster to join: its store is its own
-            if addr is not None or "existing cluster" not in str(exc):
+            if addr == "local" or "existing cluster" not in str(exc):
                 raise
             ray.init(address=addr, **kwargs)
     except (ConnectionError, ValueError, RuntimeError) as exc:
@@ -150,7 +152,10 @@ def run_on_ray(ray, workers: list, items: Iterable, rep, progress: bool) -> floa
     t0 = time.perf_counter()
 
     def collect_one() -> None:
-        [ref], _ = ray.wait(list(in_flight), num_returns=1)
+        ready: list = []
+        while not ready:  # in short waits: a stop signal's handler runs between them
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+        ref = ready[0]
         src, i = in_flight.pop(ref)
         unfinished[i] -= 1
         try:
