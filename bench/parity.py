@@ -56,8 +56,7 @@ def parity_report(exports: Mapping[str, str | Path], reference: "OneStepSR", pho
     rows, eager = [], {}
     for label, export_dir in exports.items():
         runner = OneStepRunner(export_dir, backend="onnxruntime")
-        manifest = runner.manifest
-        calib = manifest.get("calibration", {})
+        calib = runner.export.calibration
         data = load_tiles(photos, runner.tile, max_tiles)
         if calib.get("file_list_sha256") == data.sha256:
             raise DfosdError(f"{photos} is the calibration folder of {export_dir}: parity needs held-out photos")
@@ -66,7 +65,7 @@ def parity_report(exports: Mapping[str, str | Path], reference: "OneStepSR", pho
             eager[key] = _eager(reference, data.tiles, runner.batch)
         out = torch.cat([runner(t) for t in data.tiles.split(runner.batch)])
         diff = (out.int() - eager[key].int()).abs()
-        rows.append(ParityRow(label, str(manifest["precision"]), tuple(calib.get("components", ())),
+        rows.append(ParityRow(label, runner.precision, tuple(calib.get("components", ())),
                               int(data.tiles.shape[0]), psnr_uint8(out, eager[key]), int(diff.max()),
                               float(diff.float().mean())))
     return rows

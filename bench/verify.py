@@ -149,7 +149,7 @@ def eager_model(export: "ExportDir", say: Callable[[str], None]):
     from dfosd.core.onestep import build_from_model
     from dfosd.core.readers import read_model_as_exported
 
-    inputs = export.manifest["inputs"]
+    inputs = export.inputs
     ckpt_path = Path(inputs["checkpoint"])
     if not ckpt_path.is_file():
         raise DfosdError(f"{export.path}: its checkpoint {ckpt_path} is gone, so there is no eager reference",
@@ -215,7 +215,7 @@ def open_export(export_dir: str | Path) -> "ExportDir":
     from dfosd.core.manifest import ExportDir
 
     export = ExportDir(export_dir)
-    if any(c.get("placeholder") for c in export.manifest["components"].values()):
+    if any(c.get("placeholder") for c in export.components.values()):
         raise DfosdError(f"{export.path} is a contracts-only export (GPU bench): it holds no ONNX graphs to verify",
                          hint="verify a directory written by dfosd export")
     return export

@@ -9,16 +9,18 @@ else -> rebuild.
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 import platform
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from dfosd.core.atomic import (  # noqa: F401 - re-exported: their one home is core/atomic.py
     umask_file_mode, write_bytes_atomic, write_json_atomic, write_text_atomic)
 from dfosd.core.errors import DfosdError
-from dfosd.core.vocab import COMPONENTS, MANIFEST_NAME
+from dfosd.core.vocab import COMPONENTS, MANIFEST_NAME, RUNTIME_RECORDS_KIND, RUNTIME_RECORDS_NAME
 
 MANIFEST_FORMAT = 1
 
@@ -104,6 +106,19 @@ def changed_files(folder: Path, files: dict[str, dict[str, Any]], *, quick: bool
     return bad
 
 
+@dataclass(frozen=True)
+class PartRecord:
+    """One part of one tile batch as the manifest records it, parsed once: what a backend loads."""
+    component: str
+    batch: int
+    onnx: str  # its ONNX file's name in the export folder
+    contract: Any  # ComponentContract
+
+    @property
+    def stem(self) -> str:
+        return self.contract.stem
+
+
 class ExportDir:
     """The one reader of an export directory: its manifest, its files' integrity, and its
     parts, contracts and file paths per tile batch.
@@ -117,6 +132,7 @@ class ExportDir:
         if check not in ("quick", "full", "none"):
             raise ValueError(f"check={check!r}: choose quick, full or none")
         self.path = Path(path)
+        self.check = check
         self.manifest = read_manifest(self.path)
         if check != "none":
             changed = changed_files(self.path, self.files, quick=check == "quick")
@@ -149,6 +165,26 @@ class ExportDir:
         return str(self.manifest["precision"])
 
     @property
+    def float_precision(self) -> str:
+        """The precision of what is not quantized (the precision itself for float exports)."""
+        return str(self.manifest.get("float_precision") or self.precision)
+
+    @property
+    def inputs(self) -> dict[str, Any]:
+        """What the export was made from: checkpoint path and sha256, base spec and fingerprint, options."""
+        return dict(self.manifest.get("inputs") or {})
+
+    @property
+    def components(self) -> dict[str, dict]:
+        """Part stem -> its manifest entry, every tile batch (``parts(batch)`` for the parsed records)."""
+        return {stem: dict(e) for stem, e in sorted(self.manifest.get("components", {}).items())}
+
+    @property
+    def calibration(self) -> dict[str, Any]:
+        """The 8-bit calibration record (empty for float exports)."""
+        return dict(self.manifest.get("calibration") or {})
+
+    @property
     def family(self) -> dict[str, Any]:
         """The model family's record (exports from before families: DFOSD, no colour fix)."""
         return self.manifest.get("family") or {"name": "dfosd", "color_fix": "none", "deviations": []}
@@ -172,8 +208,68 @@ class ExportDir:
                              hint=f"pass --batch {have[0] if have else 1}, or re-export with --batch {batch}")
         return {name: found[name] for name in COMPONENTS}
 
-    def contracts(self, batch: int) -> dict:
-        """Part -> ``ComponentContract`` for one tile batch, in pipeline order."""
+    def parts(self, batch: int) -> dict[str, PartRecord]:
+        """Part -> its frozen record for one tile batch, in pipeline order (parsed once)."""
         from dfosd.core.contracts import ComponentContract
 
-        return {name: ComponentContract.from_dict(e["contract"]) for name, e in self.entries(batch).items()}
+        cache = self.__dict__.setdefault("_parts", {})
+        if int(batch) not in cache:
+            cache[int(batch)] = {name: PartRecord(name, int(batch), str(e["onnx"]),
+                                                  ComponentContract.from_dict(e["contract"]))
+                                 for name, e in self.entries(batch).items()}
+        return dict(cache[int(batch)])
+
+    def all_parts(self) -> list[PartRecord]:
+        """Every part of every complete tile batch."""
+        return [p for b in self.complete_batches() for p in self.parts(b).values()]
+
+    def contracts(self, batch: int) -> dict:
+        """Part -> ``ComponentContract`` for one tile batch, in pipeline order."""
+        return {name: p.contract for name, p in self.parts(batch).items()}
+
+    # ------------------------------------------------------------ runtime records
+
+    def runtime_records(self) -> dict[str, Any]:
+        """What runtimes recorded here (``runtime.json``): caches and measured choices, by key.
+        An unreadable or foreign file reads as no records (the caches are then rebuilt)."""
+        try:
+            data = json.loads((self.path / RUNTIME_RECORDS_NAME).read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(data, dict) or data.get("kind") != RUNTIME_RECORDS_KIND:
+            return {}
+        records = data.get("records")
+        return records if isinstance(records, dict) else {}
+
+    def runtime_record(self, key: str) -> Any:
+        return self.runtime_records().get(key)
+
+    def write_runtime_record(self, key: str, record: Any) -> bool:
+        """Store (``None``: drop) one runtime record; see ``update_runtime_record``."""
+        return self.update_runtime_record(key, lambda _old: record)
+
+    def update_runtime_record(self, key: str, update: Callable[[Any], Any]) -> bool:
+        """Replace one runtime record by ``update(its current value)`` (``None``: drop it),
+        atomically: read-modify-write under a lock on the folder, so what other processes
+        recorded meanwhile survives. ``manifest.json`` is never touched. False when the
+        folder cannot be written (the record is then simply not kept)."""
+        import fcntl
+
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            records = dict(self.runtime_records())
+            record = update(records.get(key))
+            if record is None:
+                records.pop(key, None)
+            else:
+                records[key] = record
+            write_json_atomic(self.path / RUNTIME_RECORDS_NAME, {"kind": RUNTIME_RECORDS_KIND, "records": records})
+        except OSError:
+            return False
+        finally:
+            os.close(fd)  # closing releases the lock
+        return True

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dfosd.core.errors import problems_error
-from dfosd.core.vocab import COMPONENTS, EXPORT_KIND, FLOAT_PRECISIONS, PRECISIONS
+from dfosd.core.vocab import COLOR_FIXES, COMPONENTS, EXPORT_KIND, FLOAT_PRECISIONS, PRECISIONS
 from dfosd.core.vocab import stem as part_stem
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -70,6 +70,16 @@ def _check_component(stem: str, entry: Any, data: dict, problems: list[str]) -> 
     return name, batch
 
 
+def _check_family(data: dict, problems: list[str]) -> None:
+    """The family record the runtime applies per image (colour fix): checked once here, not
+    found broken image by image."""
+    family = data.get("family")
+    if family is not None and not isinstance(family, dict):
+        problems.append(f"family is a {type(family).__name__}, expected an object")
+    elif family is not None and family.get("color_fix", "none") not in COLOR_FIXES:
+        problems.append(f"family.color_fix {family.get('color_fix')!r} is not one of {', '.join(COLOR_FIXES)}")
+
+
 def check_export_manifest(data: Any, path: Path) -> None:
     """Raise one DfosdError listing every problem of an export manifest read from ``path``."""
     problems: list[str] = []
@@ -107,6 +117,7 @@ def check_export_manifest(data: Any, path: Path) -> None:
     if missing:
         problems.append(f"no component entries for {', '.join(missing)} (batches {batches})")
     _check_file_records(data.get("files"), problems)
+    _check_family(data, problems)
     if problems:
         raise problems_error(f"{path} is not a valid dfosd export manifest (edited?)", problems,
                              hint="re-run dfosd-export into this folder to rewrite it")

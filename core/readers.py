@@ -1,7 +1,7 @@
 """Read any supported checkpoint into an ``SRModel``: detect the family from the keys, say why.
 
-Containers: safetensors, or a pickle (``torch.save``) loaded ONLY with
-``torch.load(weights_only=True)``. A pickle that needs more than tensors and plain containers
+Containers (``core/containers.py``): safetensors, or a pickle (``torch.save``) loaded ONLY with
+``torch.load(weights_only=True)``; a pickle that needs more than tensors and plain containers
 is refused and never unpickled.
 
 Layouts
@@ -18,14 +18,15 @@ Layouts
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from dfosd.core.containers import is_tensor, load_raw, safetensors_metadata  # noqa: F401 - re-exported
 from dfosd.core.errors import DfosdError, problems_error
 from dfosd.core.families import NOT_SUPPORTED, Family, get_family, lora_alpha
+from dfosd.core.lora_files import read_diffusers_sets, read_kohya_sets
 from dfosd.core.srmodel import LoraSet, SRModel, parse_format2
 
 if TYPE_CHECKING:
@@ -43,57 +44,35 @@ class Detected:
     reason: str
 
 
-def load_raw(path: Path) -> tuple[dict, dict]:
-    """(tensors or plain containers, safetensors header) of a file, never running pickled code."""
-    if not path.is_file():
-        raise DfosdError(f"checkpoint {path} does not exist")
-    with open(path, "rb") as f:
-        head = f.read(9)
-    # safetensors: an 8-byte little-endian header length, then the JSON header
-    looks_safetensors = len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (1 << 30)
-    if path.suffix == ".safetensors" or looks_safetensors:
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise DfosdError(f"checkpoint {path} is not a readable safetensors file: {exc}") from exc
-    return _load_pickle(path), {}
+def _rank(raw: dict, key: str, problems: list[str]) -> int | None:
+    """A rank field as the upstream saver wrote it (a Python int; LoraConfig(r=...) takes nothing else)."""
+    v = raw.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        problems.append(f"{key} is {v!r}; expected a positive integer (a LoRA rank)" if key in raw
+                        else f"{key} is missing (the LoRA rank the upstream loader reads)")
+        return None
+    return v
 
 
-def safetensors_metadata(path: Path) -> dict:
-    """The header metadata of a safetensors file, without reading its tensors ({} when it is not one)."""
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except Exception:  # noqa: BLE001 - not a (readable) safetensors file
+def _state_dict(raw: dict, key: str, problems: list[str]) -> dict:
+    """``raw[key]`` when it is a dict of name -> tensor, else {} and the problem."""
+    v = raw.get(key, {})
+    if not isinstance(v, dict):
+        problems.append(f"{key} is a {type(v).__name__}, expected a dict of name -> tensor")
         return {}
+    odd = sorted(str(k) for k, t in v.items() if not isinstance(k, str) or not is_tensor(t))
+    if odd:
+        problems.append(f"{key}: {len(odd)} entr(ies) that are not name -> tensor, e.g. {odd[0]}")
+        return {k: t for k, t in v.items() if isinstance(k, str) and is_tensor(t)}
+    return v
 
 
-def _load_pickle(path: Path) -> dict:
-    import pickle
-
-    import torch
-
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()
-        detail = next((line for line in first if "Unsupported" in line or "global" in line.lower()), first[0] if first else "")
-        raise DfosdError(
-            f"checkpoint {path} is a pickle that needs more than tensors to load; it was refused and not "
-            f"unpickled ({detail.strip()})",
-            hint="pickles can run code when loaded: convert it with its own project's code in a sandbox to "
-                 "safetensors, or ask its authors for a tensors-only file") from None
-    except Exception as exc:  # torch raises many types for files that are not checkpoints at all
-        raise DfosdError(f"checkpoint {path} is neither safetensors nor a torch.save pickle: "
-                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
-    if not isinstance(obj, dict):
-        raise DfosdError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict of tensors")
-    return obj
+def _module_list(raw: dict, key: str, problems: list[str]) -> list[str]:
+    v = raw.get(key, [])
+    if not isinstance(v, (list, tuple)) or not all(isinstance(m, str) for m in v):
+        problems.append(f"{key} is not a list of module names")
+        return []
+    return list(v)
 
 
 def detect(raw: dict, meta: dict) -> Detected:
@@ -111,7 +90,7 @@ def detect(raw: dict, meta: dict) -> Detected:
     if {"unet_lora_encoder_modules", "rank_unet", "state_dict_unet"} <= keys:
         return Detected("osediff", "osediff", "dict with unet_lora_encoder/decoder/others_modules, rank_unet, "
                                               "state_dict_unet and state_dict_vae (OSEDiff's save_model)")
-    tensor_keys = [k for k in keys if _is_tensor(raw[k])]
+    tensor_keys = [k for k in keys if is_tensor(raw[k])]
     if any(k.startswith(("transformer.", "transformer_blocks.")) or "context_embedder" in k for k in tensor_keys):
         return Detected("sd3", "tsd-sr", "transformer_blocks/context_embedder keys: an SD3 (MMDiT) model, as TSD-SR")
     if tensor_keys and all(PEFT_KEY.match(k) and PEFT_KEY.match(k)["adapter"] == "default" for k in tensor_keys):
@@ -122,12 +101,6 @@ def detect(raw: dict, meta: dict) -> Detected:
     if any(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in tensor_keys):
         return Detected("diffusers", meta.get("family"), "<module>.lora_A/B.weight keys (diffusers/PEFT layout)")
     return Detected("unknown", None, "")
-
-
-def _is_tensor(x) -> bool:
-    import torch
-
-    return isinstance(x, torch.Tensor)
 
 
 def _peft_sets(state: dict, part: str, ranks: dict[str, int], family: Family, problems: list[str],
@@ -157,8 +130,14 @@ def _peft_sets(state: dict, part: str, ranks: dict[str, int], family: Family, pr
     return sets, replaced
 
 
-def _check_listed(sets: list[LoraSet], listed: dict[str, list], problems: list[str]) -> None:
-    """The module lists saved next to the weights must name exactly the adapted modules."""
+def _check_listed(sets: list[LoraSet], listed: dict[str, list], problems: list[str], state: dict) -> None:
+    """The module lists saved next to the weights must name exactly the adapted modules (the
+    upstream loaders make an adapter for every listed module and copy its weights by name)."""
+    present = {m["adapter"] for m in map(PEFT_KEY.match, state) if m}
+    for name, modules in listed.items():
+        if modules and name not in present:
+            problems.append(f"adapter {name}: {len(set(modules))} module(s) listed, but the file holds no weights "
+                            "for them (the upstream loader would fail)")
     for s in sets:
         want = set(listed.get(s.name, ()))
         have = set(s.factors)
@@ -169,18 +148,27 @@ def _check_listed(sets: list[LoraSet], listed: dict[str, list], problems: list[s
 
 
 def _osediff(raw: dict, family: Family, problems: list[str]):
-    unet_sets, replaced = _peft_sets(raw["state_dict_unet"], "unet", {}, family, problems)
-    rank_unet, rank_vae = int(raw["rank_unet"]), int(raw.get("rank_vae", raw["rank_unet"]))
+    unet_sets, replaced = _peft_sets(_state_dict(raw, "state_dict_unet", problems), "unet", {}, family, problems)
+    rank_unet = _rank(raw, "rank_unet", problems)
     for s in unet_sets:
-        if s.rank != rank_unet:
+        if rank_unet is not None and s.rank != rank_unet:
             problems.append(f"unet.{s.name}: rank {s.rank} but rank_unet is {rank_unet}")
-    vae_sets, vae_replaced = _peft_sets(raw.get("state_dict_vae", {}), "vae", {}, family, problems)
+    vae_listed = _module_list(raw, "vae_lora_encoder_modules", problems)
+    if vae_listed and "state_dict_vae" not in raw:
+        # OSEDiff's load_ckpt adds a VAE adapter for the listed modules and copies each one's LoRA
+        # from state_dict_vae: without it, upstream fails; exporting without them would be another model
+        problems.append(f"vae_lora_encoder_modules lists {len(set(vae_listed))} VAE-encoder module(s) but the "
+                        "file has no state_dict_vae (their LoRA weights)")
+    vae_sets, vae_replaced = _peft_sets(_state_dict(raw, "state_dict_vae", problems), "vae", {}, family, problems)
+    rank_vae = _rank(raw, "rank_vae", problems) if vae_sets or vae_listed else None
     for s in vae_sets:
-        if s.rank != rank_vae:
+        if rank_vae is not None and s.rank != rank_vae:
             problems.append(f"vae.{s.name}: rank {s.rank} but rank_vae is {rank_vae}")
-    listed = {f"default_{k}": raw.get(f"unet_lora_{k}_modules", []) for k in ("encoder", "decoder", "others")}
-    _check_listed(unet_sets, listed, problems)
-    _check_listed(vae_sets, {"default_encoder": raw.get("vae_lora_encoder_modules", [])}, problems)
+    listed = {f"default_{k}": _module_list(raw, f"unet_lora_{k}_modules", problems)
+              for k in ("encoder", "decoder", "others")}
+    _check_listed(unet_sets, listed, problems, _state_dict(raw, "state_dict_unet", []))
+    if "state_dict_vae" in raw:
+        _check_listed(vae_sets, {"default_encoder": vae_listed}, problems, _state_dict(raw, "state_dict_vae", []))
     missing = [r for r in family.replaced if r not in replaced]
     if missing:
         problems.append(f"retrained layer(s) missing: {', '.join(missing)} (OSEDiff saves conv_in.base_layer)")
@@ -190,92 +178,21 @@ def _osediff(raw: dict, family: Family, problems: list[str]):
 def _pisa(raw: dict, family: Family, problems: list[str]):
     ranks = {}
     for g in ("pix", "sem"):
+        rank = _rank(raw, f"lora_rank_unet_{g}", problems)
         for k in ("encoder", "decoder", "others"):
-            ranks[f"default_{k}_{g}"] = int(raw[f"lora_rank_unet_{g}"])
-    sets, replaced = _peft_sets(raw["state_dict_unet"], "unet", ranks, family, problems,
+            if rank is not None:
+                ranks[f"default_{k}_{g}"] = rank
+    sets, replaced = _peft_sets(_state_dict(raw, "state_dict_unet", problems), "unet", ranks, family, problems,
                                 groups=lambda a: a.rsplit("_", 1)[-1])
     for s in sets:
         if s.group not in family.lora_groups:
             problems.append(f"unet.{s.name}: adapter is neither _pix nor _sem")
         if int(next(iter(s.factors.values()))[0].shape[0]) != s.rank:
             problems.append(f"unet.{s.name}: lora_A rank differs from lora_rank_unet_{s.group} ({s.rank})")
-    listed = {f"default_{k}_{g}": raw.get(f"unet_lora_{k}_modules_{g}", [])
+    listed = {f"default_{k}_{g}": _module_list(raw, f"unet_lora_{k}_modules_{g}", problems)
               for g in ("pix", "sem") for k in ("encoder", "decoder", "others")}
-    _check_listed(sets, listed, problems)
+    _check_listed(sets, listed, problems, _state_dict(raw, "state_dict_unet", []))
     return sets, replaced
-
-
-def _diffusers(raw: dict, meta: dict, problems: list[str]) -> list[LoraSet]:
-    mods: dict[str, list] = {}
-    for key, t in raw.items():
-        k = key
-        for prefix in ("unet.", "base_model.model."):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
-        m = re.match(r"^(.+)\.lora_([AB])\.weight$", k)
-        if not m or key.startswith(("text_encoder.", "te.")):
-            problems.append(f"unexpected tensor {key} (only UNet LoRA factors are read)")
-            continue
-        mods.setdefault(m[1], [None, None])["AB".index(m[2])] = t
-    stated = _stated_alpha(meta)
-    return _sets_by_rank(mods, "diffusers", problems, lambda rank: stated if stated is not None else float(rank))
-
-
-def _stated_alpha(meta: dict) -> float | None:
-    for key in ("lora_alpha", "alpha"):
-        if key in meta:
-            return float(meta[key])
-    blob = meta.get("lora_adapter_metadata")
-    if blob:
-        try:
-            data = json.loads(blob)
-            for k, v in data.items():
-                if k.endswith("lora_alpha"):
-                    return float(v)
-        except (ValueError, AttributeError):
-            pass
-    return None
-
-
-def _kohya(raw: dict, base: "Base", problems: list[str]) -> list[LoraSet]:
-    names = {("lora_unet_" + n.replace(".", "_")): n for n, _ in base.unet.named_modules() if n}
-    mods: dict[str, list] = {}
-    alphas = {}
-    for key, t in raw.items():
-        stem, _, rest = key.partition(".")
-        if rest == "alpha":
-            alphas[stem] = float(t)
-            continue
-        if not stem.startswith("lora_unet_") or rest not in ("lora_down.weight", "lora_up.weight"):
-            problems.append(f"unexpected tensor {key} (only lora_unet_*.lora_down/lora_up/alpha are read)")
-            continue
-        if stem not in names:
-            problems.append(f"{stem}: names no module of the base UNet")
-            continue
-        mods.setdefault(stem, [None, None])[0 if rest == "lora_down.weight" else 1] = t
-    folded = {}
-    for stem, ab in mods.items():
-        if None in ab:
-            continue
-        rank = int(ab[0].shape[0])
-        # kohya's scale is per module (alpha / rank); fold it into lora_B so one set per rank keeps it
-        scale = alphas.get(stem, float(rank)) / rank
-        folded[names[stem]] = [ab[0], ab[1] * scale]
-    half = [s for s, ab in mods.items() if None in ab]
-    if half:
-        problems.append(f"{len(half)} module(s) with only one of lora_down/lora_up, e.g. {half[0]}")
-    return _sets_by_rank(folded, "kohya", problems, lambda rank: float(rank))
-
-
-def _sets_by_rank(mods: dict, prefix: str, problems: list[str], alpha_of) -> list[LoraSet]:
-    by_rank: dict[int, dict] = {}
-    for name, ab in mods.items():
-        if None in ab:
-            problems.append(f"{name}: only one of lora_A/lora_B")
-            continue
-        by_rank.setdefault(int(ab[0].shape[0]), {})[name] = (ab[0], ab[1])
-    return [LoraSet(part="unet", name=f"{prefix}_r{r}", rank=r, alpha=alpha_of(r), group="main", factors=f)
-            for r, f in sorted(by_rank.items())]
 
 
 def read_model(path: str | Path, *, family: str | None = None, base_spec: str | None = None,
@@ -322,17 +239,22 @@ def read_model(path: str | Path, *, family: str | None = None, base_spec: str | 
     if fam.conditioning != "prompt":
         problems.append(f"family {fam.name} needs a learned embedding, which a {found.layout} checkpoint does not hold")
     replaced: dict = {}
-    if found.layout == "osediff":
-        sets, replaced = _osediff(raw, fam, problems)
-    elif found.layout == "pisa-sr":
-        sets, replaced = _pisa(raw, fam, problems)
-    elif found.layout == "hypir":
-        sets, replaced = _peft_sets(raw, "unet", {}, fam, problems)
-    elif found.layout == "diffusers":
-        sets = _diffusers(raw, meta, problems)
-    else:  # kohya: module names are resolved against the base
+    if found.layout == "kohya":  # module names are resolved against the base
         base = base or _load_base(base_spec or DEFAULT_FAMILY_BASE, progress)
-        sets = _kohya(raw, base, problems)
+    try:
+        if found.layout == "osediff":
+            sets, replaced = _osediff(raw, fam, problems)
+        elif found.layout == "pisa-sr":
+            sets, replaced = _pisa(raw, fam, problems)
+        elif found.layout == "hypir":
+            sets, replaced = _peft_sets(raw, "unet", {}, fam, problems)
+        elif found.layout == "diffusers":
+            sets = read_diffusers_sets(raw, meta, problems)
+        else:
+            sets = read_kohya_sets(raw, base, problems)
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, RuntimeError) as exc:
+        # the checks above name the cases seen; anything else malformed is still the file's fault
+        problems.append(f"malformed contents ({type(exc).__name__}: {exc})")
     if found.family and family and found.family != family and found.layout in ("osediff", "pisa-sr", "hypir"):
         progress(f"note: the keys are {found.family}'s layout; building it as {fam.name} because of --family")
     if problems:

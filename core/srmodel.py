@@ -189,12 +189,17 @@ def parse_format2(path: Path, meta: Mapping[str, str], tensors: dict, sha256: st
         raise problems_error(f"model file {path}", [f"missing metadata: {', '.join(missing)}"])
     try:
         family = get_family(meta["family"])
-        headers = json.loads(meta["lora_sets"])
+        headers = _set_headers(json.loads(meta["lora_sets"]))
         prompt = json.loads(meta["prompt"])
         source = json.loads(meta.get("source", "{}"))
         timestep, upscale = int(meta["timestep"]), int(meta["upscale"])
     except (ValueError, DfosdError) as exc:
-        raise problems_error(f"model file {path}", [f"unreadable metadata: {exc}"]) from exc
+        raise problems_error(f"model file {path}", [f"unreadable metadata: {exc}"],
+                             hint="re-create it with `dfosd convert`") from None
+    if prompt is not None and not isinstance(prompt, str) or not isinstance(source, dict):
+        raise problems_error(f"model file {path}", ["unreadable metadata: prompt is not a string or null, or "
+                                                    "source is not a JSON object"],
+                             hint="re-create it with `dfosd convert`")
     emb = tensors.pop(EMBEDDING_KEY, None)
     if emb is None:
         problems.append(f"tensor {EMBEDDING_KEY!r} is missing")
@@ -220,8 +225,8 @@ def parse_format2(path: Path, meta: Mapping[str, str], tensors: dict, sha256: st
         if half:
             problems.append(f"set {h['part']}.{h['name']}: {len(half)} module(s) with only one factor, e.g. {half[0]}")
         try:
-            sets.append(LoraSet(part=h["part"], name=h["name"], rank=int(h["rank"]), alpha=float(h["alpha"]),
-                                group=h.get("group", "main"), factors={m: (ab[0], ab[1]) for m, ab in mods.items()}))
+            sets.append(LoraSet(part=h["part"], name=h["name"], rank=h["rank"], alpha=h["alpha"],
+                                group=h["group"], factors={m: (ab[0], ab[1]) for m, ab in mods.items()}))
         except DfosdError as exc:
             problems.append(exc.message)
     if problems:
@@ -230,6 +235,28 @@ def parse_format2(path: Path, meta: Mapping[str, str], tensors: dict, sha256: st
                    text_embedding=emb, timestep=timestep, x0_rule=meta["x0_rule"], preprocess=meta["preprocess"],
                    color_fix=meta["color_fix"], upscale=upscale, prompt=prompt, source=source, path=path,
                    sha256=sha256)
+
+
+def _set_headers(headers) -> list[dict]:
+    """The ``lora_sets`` header, checked: a list of {part, name, rank, alpha[, group]} with a
+    positive integer rank and a number alpha (ValueError naming the first bad entry)."""
+    if not isinstance(headers, list):
+        raise ValueError(f"lora_sets is a JSON {type(headers).__name__}, expected a list of LoRA set records")
+    out = []
+    for i, h in enumerate(headers):
+        ok = isinstance(h, dict) and isinstance(h.get("part"), str) and isinstance(h.get("name"), str) \
+            and isinstance(h.get("group", "main"), str) and isinstance(h.get("rank"), int) \
+            and not isinstance(h.get("rank"), bool) and isinstance(h.get("alpha"), (int, float)) \
+            and not isinstance(h.get("alpha"), bool)
+        if not ok:
+            raise ValueError(f"lora_sets[{i}] = {h!r} is not a record of part, name (strings), rank (an integer) "
+                             "and alpha (a number)")
+        out.append({**h, "alpha": float(h["alpha"]), "group": h.get("group", "main")})
+    return out
+
+
+def _not_float(tensors: Mapping[str, "torch.Tensor"]) -> list[str]:
+    return sorted(k for k, t in tensors.items() if not t.is_floating_point())
 
 
 def validate_model(model: SRModel, base: "Base") -> None:
@@ -255,8 +282,11 @@ def validate_model(model: SRModel, base: "Base") -> None:
     tensors.update({f"replacement {k}": t for k, t in model.replacements.items()})
     if model.text_embedding is not None:
         tensors["text_embedding"] = model.text_embedding
-    from dfosd.core.checkpoint import non_finite_names, some_names
+    from dfosd.core.checkpoint import non_finite_names
 
+    integral = _not_float(tensors)
+    if integral:  # an integer embedding or factor is not a trained weight (and would be cast silently)
+        problems.append(f"{len(integral)} tensor(s) are not floating point: {some_names(integral)}")
     nonfinite = non_finite_names(tensors)
     if nonfinite:  # a diverged training run: export and run would succeed with every output pixel 0
         problems.append(f"{len(nonfinite)} tensor(s) hold NaN or Inf values: {some_names(nonfinite)}")

@@ -24,6 +24,10 @@ IMAGE_IN, IMAGE_OUT = LR_IMAGE, SR_IMAGE  # what clients send and get back
 
 # Artifact files of an export directory.
 MANIFEST_NAME = "manifest.json"
+# What runtimes recorded in an export (caches, measured backend choices): beside the manifest,
+# never in it, so the export's own record is only ever written by dfosd-export.
+RUNTIME_RECORDS_NAME = "runtime.json"
+RUNTIME_RECORDS_KIND = "dfosd-runtime-records"
 EXPORT_KIND = "dfosd-export"  # the manifest's "kind"
 EXPORT_IN_PROGRESS_KIND = "dfosd-export-in-progress"  # the kind of the record of an export being written
 ONNX_SUFFIX = ".onnx"

@@ -28,8 +28,10 @@ from pathlib import Path
 
 from dfosd.core.contracts import ComponentContract
 from dfosd.core.errors import DfosdError
-from dfosd.core.manifest import changed_files
-from dfosd.engines.base import Backend, ComponentEngine, cuda_available
+from dfosd.core.manifest import ExportDir, PartRecord, changed_files
+from dfosd.engines.base import Backend, ComponentEngine, check_build_options, cuda_available
+
+AOTI_BUILD_OPTIONS = ("precision", "channels_last", "max_autotune", "ckpt", "base")
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,7 @@ def _load_package(path: Path, device: str):
 
 class AotiBackend(Backend):
     name = "aoti"
+    reads_onnx = False  # it runs its own packages, recorded in manifest.aoti.json
 
     def __init__(self, device: str | None = None):
         if device is None:
@@ -96,24 +99,39 @@ class AotiBackend(Backend):
         return True, (f"AOTInductor packages (torch {torch.__version__}) on the CPU; "
                       "needs packages built by dfosd aoti-export --device cpu")
 
-    def load(self, export_dir: Path, entry: dict, contract: ComponentContract,
-             manifest: dict | None = None) -> AotiComponent:
+    def prepare(self, export: ExportDir, *, progress=log.info, force: bool = False, **options) -> None:
+        """Compile every part into a package for this device (engines/aoti_build.py); ``options``:
+        precision, channels_last, max_autotune, ckpt, base (as ``export_aoti`` takes them)."""
+        from dfosd.engines.aoti_build import export_aoti
+
+        check_build_options(self.name, options, AOTI_BUILD_OPTIONS)
+        given = {k: v for k, v in options.items() if v is not None}
+        result = export_aoti(export.path, device=self.device, force=force, progress=progress,
+                             **{k: bool(v) if k == "max_autotune" else v for k, v in given.items()})
+        b = result.build
+        progress(f"{'reused' if result.reused else 'wrote'} {len(b['components'])} AOTInductor packages "
+                 f"({b['precision']}, {self.device}{', channels_last' if b['channels_last'] else ''}, batches "
+                 f"{b['batches']}) in {result.export_dir} [{result.seconds:.1f} s]; run them with --backend aoti")
+
+    def load(self, export: ExportDir, part: PartRecord) -> AotiComponent:
         from dfosd.engines.aoti_build import check_build, rebuild_command, system_info
 
-        export_dir = Path(export_dir)
+        export_dir, contract = export.path, part.contract
         if self._system is None:
             self._system = system_info(self.device)
-        build = check_build(export_dir, self.device, export_manifest=manifest, running=self._system)
+        build = check_build(export_dir, self.device, export=export, running=self._system)
         rec = build.get("components", {}).get(contract.stem)
-        fix = f"rebuild: {rebuild_command(export_dir, self.device)} --force"
+        fix = f"rebuild: {rebuild_command(export_dir, self.device)}"
         if rec is None:
             raise DfosdError(f"{export_dir} has no {self.device} AOTInductor package for {contract.stem} "
                              f"(it has {', '.join(sorted(build.get('components', {}))) or 'none'})", hint=fix)
         if ComponentContract.from_dict(rec["contract"]) != contract:
             raise DfosdError(f"{rec['package']} was compiled for another contract than {contract.stem}'s", hint=fix)
         package = export_dir / rec["package"]
-        if changed_files(export_dir, {rec["package"]: build["files"].get(rec["package"], {})}, quick=True):
-            raise DfosdError(f"{package} is missing or changed since it was built", hint=fix)
+        if changed_files(export_dir, {rec["package"]: build["files"].get(rec["package"], {})},
+                         quick=export.check != "full"):
+            # dfosd build rebuilds it without --force: its reuse check hashes every package
+            raise DfosdError(f"{package} is missing or changed (truncated, edited) since it was built", hint=fix)
         try:
             model = _load_package(package, self.device)
         except Exception as exc:  # the loader raises RuntimeError with the C++ message

@@ -64,7 +64,7 @@ from dfosd.core.manifest import (
     source_fingerprint,
     write_json_atomic,
 )
-from dfosd.core.vocab import AOTI_MANIFEST_NAME, COMPONENTS, FLOAT_PRECISIONS, PACKAGE_SUFFIX, package_name
+from dfosd.core.vocab import AOTI_MANIFEST_NAME, FLOAT_PRECISIONS, PACKAGE_SUFFIX, package_name
 from dfosd.engines.machine import cpu_model
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def default_channels_last(device: str) -> bool:
 
 
 def rebuild_command(export_dir: str | Path, device: str) -> str:
-    return f"dfosd aoti-export --engines {shlex.quote(str(export_dir))} --device {device}"
+    return f"dfosd build {shlex.quote(str(export_dir))} --backend aoti --device {device}"
 
 
 def check_device(device: str) -> None:
@@ -149,7 +149,7 @@ def read_aoti_manifest(export_dir: str | Path) -> dict[str, Any] | None:
     return data
 
 
-def check_build(export_dir: str | Path, device: str, *, export_manifest: dict | None = None,
+def check_build(export_dir: str | Path, device: str, *, export: ExportDir | None = None,
                 running: dict | None = None) -> dict[str, Any]:
     """The manifest section of ``device``'s packages, once it is known to fit this system and export.
 
@@ -167,8 +167,8 @@ def check_build(export_dir: str | Path, device: str, *, export_manifest: dict | 
     build = aoti["builds"][device]
     running = system_info(device) if running is None else running
     problems = system_mismatches(build.get("system", {}), running)
-    export_manifest = ExportDir(export_dir, check="none").manifest if export_manifest is None else export_manifest
-    if build.get("export_build_key") != export_manifest.get("build_key"):
+    export = ExportDir(export_dir, check="none") if export is None else export
+    if build.get("export_build_key") != export.build_key:
         problems.append("built from an earlier export of this directory (its manifest.json changed since)")
     if problems:
         raise problems_error(f"the {device} AOTInductor packages in {export_dir} do not fit", problems,
@@ -226,10 +226,10 @@ def compile_part(module, contract: ComponentContract, package: Path, *, device: 
     return {"export_seconds": round(t1 - t0, 2), "compile_seconds": round(time.perf_counter() - t1, 2)}
 
 
-def _build_inputs(manifest: dict, device: str, precision: str, channels_last: bool, max_autotune: bool,
+def _build_inputs(export: ExportDir, device: str, precision: str, channels_last: bool, max_autotune: bool,
                   system: dict) -> dict[str, Any]:
     return {
-        "export_build_key": manifest["build_key"],
+        "export_build_key": export.build_key,
         "device": device,
         "precision": precision,
         "channels_last": channels_last,
@@ -240,34 +240,33 @@ def _build_inputs(manifest: dict, device: str, precision: str, channels_last: bo
     }
 
 
-def _resolve_precision(manifest: dict, precision: str | None, progress: Callable[[str], None]) -> str:
+def _resolve_precision(export: ExportDir, precision: str | None, progress: Callable[[str], None]) -> str:
     if precision is not None:
         if precision not in AOTI_PRECISIONS:
             raise DfosdError(f"--precision {precision!r}: AOTInductor packages are {' or '.join(AOTI_PRECISIONS)}",
                              hint="int8/fp8 engines come from the Q/DQ ONNX export through TensorRT")
         return precision
-    exported = str(manifest.get("precision", "fp32"))
+    exported = export.precision
     if exported in AOTI_PRECISIONS:
         return exported
-    fallback = str(manifest.get("float_precision") or "fp16")
+    fallback = export.float_precision
     progress(f"the export is {exported}; AOTInductor does not quantize: compiling {fallback} "
              "(the export's float precision)")
     return fallback if fallback in AOTI_PRECISIONS else "fp16"
 
 
-def _load_inputs(manifest: dict, export_dir: Path, base_spec: str | None, ckpt_path: str | Path | None,
-                 base_model=None):
+def _load_inputs(export: ExportDir, base_spec: str | None, ckpt_path: str | Path | None, base_model=None):
     """Base and checkpoint the export was made from, checked against what its manifest recorded."""
     from dfosd.core.bases import load_base
     from dfosd.core.readers import read_model_as_exported
     from dfosd.core.srmodel import validate_model
 
-    inputs = manifest.get("inputs", {})
+    export_dir, inputs = export.path, export.inputs
     ckpt_path = Path(ckpt_path if ckpt_path is not None else inputs.get("checkpoint", ""))
     if not ckpt_path.is_file():
         raise DfosdError(f"the checkpoint this export was made from ({ckpt_path}) is not here",
                          hint="pass it with --ckpt PATH (the same lora.safetensors)")
-    ckpt = read_model_as_exported(ckpt_path, manifest)  # any family the export read
+    ckpt = read_model_as_exported(ckpt_path, export.manifest)  # any family the export read
     if ckpt.sha256 != inputs.get("checkpoint_sha256"):
         raise DfosdError(f"{ckpt_path} is not the checkpoint {export_dir} was exported from (sha256 differs)",
                          hint="pass the export's checkpoint with --ckpt, or re-export this checkpoint first")
@@ -319,7 +318,7 @@ def export_aoti(export_dir: str | Path, *, device: str, precision: str | None = 
 
     t0 = time.perf_counter()
     export_dir = Path(export_dir)
-    manifest = ExportDir(export_dir, check="none").manifest  # the packages are built from the checkpoint
+    export = ExportDir(export_dir, check="none")  # the packages are built from the checkpoint
     check_device(device)
     notes: list[str] = []
 
@@ -327,10 +326,10 @@ def export_aoti(export_dir: str | Path, *, device: str, precision: str | None = 
         notes.append(msg)
         progress(msg)
 
-    precision = _resolve_precision(manifest, precision, say)
+    precision = _resolve_precision(export, precision, say)
     channels_last = default_channels_last(device) if channels_last is None else bool(channels_last)
     system = system_info(device)
-    inputs = _build_inputs(manifest, device, precision, channels_last, max_autotune, system)
+    inputs = _build_inputs(export, device, precision, channels_last, max_autotune, system)
     key = build_key(inputs)
     old = (read_aoti_manifest(export_dir) or {"builds": {}})["builds"].get(device)
     if not force and old and old.get("build_key") == key and not changed_files(export_dir, old.get("files", {})):
@@ -339,8 +338,8 @@ def export_aoti(export_dir: str | Path, *, device: str, precision: str | None = 
 
     own_base = base_model is None
     if own_base:
-        progress(f"loading base {manifest.get('inputs', {}).get('base') if base is None else base}")
-    base_model, checkpoint = _load_inputs(manifest, export_dir, base, ckpt, base_model)
+        progress(f"loading base {export.inputs.get('base') if base is None else base}")
+    base_model, checkpoint = _load_inputs(export, base, ckpt, base_model)
     from dfosd.core.onestep import build_from_model
 
     dtype = torch.float16 if precision == "fp16" else torch.float32
@@ -352,16 +351,15 @@ def export_aoti(export_dir: str | Path, *, device: str, precision: str | None = 
         model = model.to(memory_format=torch.channels_last)  # 4-D weights only; boundaries stay NCHW
     configs = inductor_configs(device, max_autotune=max_autotune)
     components, files = {}, {}
-    for stem, entry in sorted(manifest["components"].items(), key=lambda kv: (kv[1]["batch"],
-                                                                             COMPONENTS.index(kv[1]["component"]))):
-        contract = ComponentContract.from_dict(entry["contract"])
+    for part in export.all_parts():
+        stem, contract = part.stem, part.contract
         name = package_name(stem, device)
         progress(f"compiling {name} ({precision}{', channels_last' if channels_last else ''}"
                  f"{', max-autotune' if max_autotune else ''})")
-        info = compile_part(model.part(entry["component"]), contract, export_dir / name, device=device,
+        info = compile_part(model.part(part.component), contract, export_dir / name, device=device,
                             configs=configs)
         files[name] = file_record(export_dir / name)
-        components[stem] = {"component": entry["component"], "batch": int(entry["batch"]), "package": name,
+        components[stem] = {"component": part.component, "batch": part.batch, "package": name,
                             "precision": precision, "contract": contract.to_dict(), **info}
         progress(f"  {name}: export {info['export_seconds']:.1f} s, compile {info['compile_seconds']:.1f} s")
     del model
@@ -374,8 +372,8 @@ def export_aoti(export_dir: str | Path, *, device: str, precision: str | None = 
         **inputs,
         "checkpoint_sha256": checkpoint.sha256,
         "inductor_configs": configs,
-        "tile": manifest["tile"],
-        "batches": list(manifest["batches"]),
+        "tile": export.tile,
+        "batches": list(export.batches),
         "components": components,
         "files": files,
         "notes": notes,

@@ -1,10 +1,10 @@
-"""``dfosd aoti-export``: compile an export's parts into AOTInductor packages for one device."""
+"""``dfosd aoti-export``: deprecated alias of ``dfosd build DIR --backend aoti`` (engines/build_cli.py)."""
 
 from __future__ import annotations
 
 import click
 
-from dfosd.core.cli_support import say, setup_logging, user_errors
+from dfosd.core.cli_support import setup_logging, user_errors
 from dfosd.core.vocab import FLOAT_PRECISIONS
 
 
@@ -27,22 +27,14 @@ from dfosd.core.vocab import FLOAT_PRECISIONS
 @click.option("-v", "--verbose", is_flag=True)
 @user_errors
 def main(export_dir, device, precision, channels_last, max_autotune, ckpt, base, force, verbose):
-    """Compile every part and tile batch of an export to <part>_b<batch>.<device>.pt2 (AOTInductor)."""
+    """Deprecated alias of `dfosd build DIR --backend aoti` (same options)."""
     setup_logging(verbose)
-    from dfosd.engines.base import cuda_available
-    from dfosd.engines.aoti_build import export_aoti
+    from dfosd.engines.build_cli import build, deprecated
 
-    if device is None:
-        device = "cuda" if cuda_available() else "cpu"
-        say(f"device: {device}")
-    result = export_aoti(export_dir, device=device, precision=precision, channels_last=channels_last,
-                         max_autotune=max_autotune, force=force, base=base, ckpt=ckpt, progress=say)
-    b = result.build
-    verb = "reused" if result.reused else "wrote"
-    say(f"{verb} {len(b['components'])} AOTInductor packages ({b['precision']}, {device}"
-        f"{', channels_last' if b['channels_last'] else ''}, batches {b['batches']}) in {result.export_dir} "
-        f"[{result.seconds:.1f} s]; run them with --backend aoti")
-    click.echo(str(result.export_dir))
+    deprecated("dfosd aoti-export --engines DIR", "dfosd build DIR --backend aoti")
+    build(export_dir, "aoti", device=device, force=force, precision=precision, channels_last=channels_last,
+          max_autotune=max_autotune or None, ckpt=ckpt, base=base)
+    click.echo(str(export_dir))
 
 
 if __name__ == "__main__":  # pragma: no cover

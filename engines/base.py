@@ -11,21 +11,21 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from abc import ABC, abstractmethod
-from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 from dfosd.core.contracts import ComponentContract
 from dfosd.core.errors import DfosdError
+from dfosd.core.manifest import ExportDir, PartRecord
 
-# openvino-bf16: OpenVINO computing the same graph in bf16 (approximate; never chosen by auto).
-BACKENDS = ("onnxruntime", "openvino", "openvino-bf16", "tensorrt", "aoti")
-BACKEND_CHOICES = ("auto",) + BACKENDS
-# name -> (module, its attribute holding the backend class)
+# The registry: backend name -> (module, its attribute holding the backend class). A new backend is
+# one module with its Backend class plus one line here; everything else asks the class.
 _MODULES = {"onnxruntime": ("dfosd.engines.onnxruntime_backend", "BACKEND"),
             "openvino": ("dfosd.engines.openvino_backend", "BACKEND"),
             "openvino-bf16": ("dfosd.engines.openvino_backend", "BF16_BACKEND"),
             "tensorrt": ("dfosd.engines.tensorrt_backend", "BACKEND"),
             "aoti": ("dfosd.engines.aoti_backend", "BACKEND")}
+BACKENDS = tuple(_MODULES)
+BACKEND_CHOICES = ("auto",) + BACKENDS
 
 
 class ComponentEngine(ABC):
@@ -71,11 +71,26 @@ class ComponentEngine(ABC):
 
 
 class Backend(ABC):
+    """One way of running an export's parts, owning its whole life: whether it is usable here
+    (``availability``), what it builds from an export ahead of the first run (``prepare``:
+    plans, compiled caches, packages), the export precision it runs fast
+    (``preferred_precision``), and loading one part (``load``). A new backend is one module
+    with such a class plus its line in ``_MODULES``."""
     name: str = ""
     #: True when run() only enqueues GPU work on the current stream, so it can be captured.
     capturable: bool = False
     #: How to make an unusable backend usable (shown with the error).
     install_hint: str = "use --backend onnxruntime (or auto)"
+    #: Whether it runs the export's ONNX files (which must then have hash records); False: its own packages.
+    reads_onnx: bool = True
+    #: Whether dfosd-export --backend NAME prepares it right away (``prepare``); else the first run does.
+    prepare_on_export: bool = False
+    #: ``auto`` on a CPU machine times the CPU backends that compute the export's own numbers.
+    cpu_auto_candidate: bool = False
+    #: Faster on some CPUs but approximate: a sentence saying what (offered by name, never picked by auto).
+    approximate: str | None = None
+    #: Packages whose versions a measured choice between backends is valid for.
+    packages: tuple[str, ...] = ()
 
     def __init__(self, device: str):
         self.device = device
@@ -85,14 +100,37 @@ class Backend(ABC):
     def availability(cls) -> tuple[bool, str]:
         """(usable here?, why) without side effects beyond imports."""
 
+    @classmethod
+    def preferred_precision(cls) -> tuple[str, str]:
+        """``--precision auto``: the export precision this backend runs fast here, and why."""
+        device = cls().device  # CUDA where the backend can use it, else the CPU
+        if device == "cuda":
+            return "fp16", f"{cls.name} runs on a CUDA GPU, where fp16 is the fast path"
+        return "fp32", (f"{cls.name} runs on the CPU, which has no fast fp16 kernels (fp16 was slower than fp32 "
+                        "on a 2-core AMD EPYC, BENCHMARKS.md); pass --precision fp16 to export for a GPU elsewhere")
+
+    def prepare(self, export: ExportDir, *, progress: Callable[[str], None] = print, force: bool = False,
+                **options) -> None:
+        """Build what this backend runs from ``export`` ahead of the first run (``dfosd build``);
+        ``force``: rebuild even what is current. Backends with nothing to build say so."""
+        check_build_options(self.name, options, ())
+        progress(f"{self.name}: nothing to build ahead; it runs {export.path}'s ONNX files as they are")
+
     @abstractmethod
-    def load(self, export_dir: Path, entry: dict, contract: ComponentContract,
-             manifest: dict | None = None) -> ComponentEngine:
-        """Load one part from its manifest entry. ``manifest``: the export's manifest.json as the
-        caller already read it (None: the backend reads it where it needs it)."""
+    def load(self, export: ExportDir, part: PartRecord) -> ComponentEngine:
+        """Load one part of ``export`` (its files checked as ``export`` was opened)."""
 
     def describe(self) -> str:
         return f"{self.name} on {self.device}"
+
+
+def check_build_options(backend: str, options: dict, known: tuple[str, ...]) -> None:
+    """Refuse build options another backend takes (``dfosd build --backend X --workspace-gib ...``)."""
+    unknown = sorted(k for k, v in options.items() if v is not None and k not in known)
+    if unknown:
+        flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
+        raise DfosdError(f"{flags} {'does' if len(unknown) == 1 else 'do'} not apply to --backend {backend}",
+                         hint=f"drop {flags}, or choose the backend {'it belongs' if len(unknown) == 1 else 'they belong'} to")
 
 
 def cuda_available() -> bool:
@@ -142,12 +180,4 @@ def select_backend(name: str = "auto") -> tuple[type[Backend], str]:
 
 def auto_precision(backend_cls: type[Backend]) -> tuple[str, str]:
     """``--precision auto``: the export precision the chosen backend runs fast, and a sentence saying why."""
-    if backend_cls.name == "tensorrt":
-        return "fp16", "TensorRT runs on a CUDA GPU, where fp16 is the fast path"
-    if backend_cls.name == "openvino-bf16":
-        return "fp32", "openvino-bf16 computes the fp32 graph in bf16 (bf16 keeps fp32's range; fp16 files would not)"
-    device = backend_cls().device  # onnxruntime / aoti: CUDA where they can use it, else the CPU
-    if device == "cuda":
-        return "fp16", f"{backend_cls.name} runs on a CUDA GPU, where fp16 is the fast path"
-    return "fp32", (f"{backend_cls.name} runs on the CPU, which has no fast fp16 kernels (fp16 was slower than fp32 "
-                    "on a 2-core AMD EPYC, BENCHMARKS.md); pass --precision fp16 to export for a GPU elsewhere")
+    return backend_cls.preferred_precision()

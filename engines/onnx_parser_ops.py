@@ -183,5 +183,5 @@ def check_onnx_file(path: str | Path) -> list[str]:
 
 def check_export(export: "ExportDir") -> dict[str, list[str]]:
     """Problems per ONNX graph of an export directory (every part of every tile batch)."""
-    names = sorted(entry["onnx"] for entry in export.manifest["components"].values())
+    names = sorted(entry["onnx"] for entry in export.components.values())
     return {name: check_onnx_file(export.file(name)) for name in names}

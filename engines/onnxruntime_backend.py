@@ -8,18 +8,47 @@ on the CPU as on the GPU.
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 from pathlib import Path
+
 from dfosd.core.contracts import ComponentContract
 from dfosd.core.errors import DfosdError
-from dfosd.engines.base import Backend, ComponentEngine, cuda_available
-from dfosd.engines.machine import RuntimeCache, cpu_threads, machine_identity
+from dfosd.core.manifest import ExportDir, PartRecord
+from dfosd.engines.base import Backend, ComponentEngine, check_build_options, cuda_available
+from dfosd.engines.cache import CacheFolder, CacheFolders
+from dfosd.engines.machine import cpu_threads, machine_identity
 
 log = logging.getLogger(__name__)
 
 # CPU only: graphs optimized at ORT_ENABLE_ALL hold CPU-specific layouts (NCHWc), so they are
-# kept per export with the CPU identity and ORT version, and rebuilt when either changes.
+# kept per export with the CPU identity and ORT version, and rebuilt when either changes
+# (engines/cache.py: each file recorded with its hash and checked at load).
 OPTIMIZED_DIR = "onnxruntime-optimized"
 OPTIMIZED_RECORD = "onnxruntime_optimized"
+
+
+def _optimized_names(stem: str) -> list[str]:
+    return [f"{stem}.opt.onnx", f"{stem}.opt.onnx.data"]  # the graph first: it is what is loaded
+
+
+def _stage_optimized(opts, cache: CacheFolder, stem: str) -> Path:
+    """Have ORT write the optimized graph into a private staging folder inside the cache: the
+    files reach their names only by rename, so a half-written graph is never loaded."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{stem}.staging.", dir=cache.folder))
+    graph, data = _optimized_names(stem)
+    opts.optimized_model_filepath = str(staging / graph)
+    opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", data)
+    opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    return staging
+
+
+def _place_optimized(staging: Path, cache: CacheFolder, stem: str) -> list[str]:
+    """Move the staged files into the cache (data before graph) and return their names."""
+    names = [n for n in _optimized_names(stem) if (staging / n).is_file()]
+    for name in sorted(names, key=lambda n: n.endswith(".opt.onnx")):
+        (staging / name).replace(cache.path(name))
+    return names
 
 
 def _providers() -> list[str]:
@@ -60,6 +89,8 @@ class OrtComponent(ComponentEngine):
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
+    cpu_auto_candidate = True
+    packages = ("onnxruntime", "onnxruntime-gpu")
 
     def __init__(self, device: str | None = None, *, threads: int = 0, save_optimized: bool = True):
         if device is None:
@@ -69,8 +100,7 @@ class OnnxRuntimeBackend(Backend):
         # on a GPU the CPU threads only run the few CPU-side nodes.
         self.threads = threads or cpu_threads()
         self.save_optimized = save_optimized
-        self._cache = RuntimeCache(OPTIMIZED_DIR, OPTIMIZED_RECORD,
-                                   ("*.opt.onnx", "*.opt.onnx.data", "*.opt.tmp.onnx"), log)
+        self._caches = CacheFolders(OPTIMIZED_DIR, OPTIMIZED_RECORD, log)
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
@@ -97,56 +127,64 @@ class OnnxRuntimeBackend(Backend):
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return opts
 
-    def optimized_record(self, manifest: dict) -> dict:
+    def optimized_identity(self, export: ExportDir) -> dict:
         import onnxruntime as ort
 
         # The graphs' own hashes too: an optimized graph is a copy of its ONNX, and must go when that
         # file changes even if the export's build key did not (a file replaced by hand).
-        sources = {name: rec.get("sha256") for name, rec in sorted(manifest.get("files", {}).items())}
-        return {"onnxruntime": ort.__version__, "machine": machine_identity(), "build_key": manifest.get("build_key"),
+        sources = {name: rec.get("sha256") for name, rec in sorted(export.files.items())}
+        return {"onnxruntime": ort.__version__, "machine": machine_identity(), "build_key": export.build_key,
                 "sources": sources, "options": {"level": "ORT_ENABLE_ALL", "intra_op_threads": self.threads}}
 
-    def _optimized_path(self, export_dir: Path, entry: dict, manifest: dict | None) -> tuple[Path | None, bool]:
-        """(where the optimized graph of this part lives, whether it is there and current)."""
-        if self.device != "cpu" or not self.save_optimized:
-            return None, False
-        folder = self._cache.folder(export_dir, self.optimized_record, manifest)
-        if folder is None:
-            return None, False
-        path = folder / f"{Path(entry['onnx']).stem}.opt.onnx"
-        return path, path.is_file()
-
-    def load(self, export_dir: Path, entry: dict, contract: ComponentContract,
-             manifest: dict | None = None) -> OrtComponent:
+    def load(self, export: ExportDir, part: PartRecord) -> OrtComponent:
         import onnxruntime as ort
 
-        path = Path(export_dir) / entry["onnx"]
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device == "cuda" else [
             "CPUExecutionProvider"]
-        optimized, current = self._optimized_path(export_dir, entry, manifest)
-        opts = self.session_options()
-        try:
-            if current:
-                # Optimized here before, for this CPU and ORT: load it as it is (graph
+        cache = None
+        if self.device == "cpu" and self.save_optimized:
+            cache = self._caches.get(export, self.optimized_identity)
+            if cache.lookup(part.stem) is not None:
+                optimized = cache.path(_optimized_names(part.stem)[0])
+                # Optimized here before, for this CPU and ORT, and intact: load it as it is (graph
                 # optimization of the full-size UNet is most of its load time).
+                opts = self.session_options()
                 opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-                return OrtComponent(ort.InferenceSession(str(optimized), opts, providers=providers), contract,
-                                    self.device)
-            tmp = None
-            if optimized is not None:
-                tmp = optimized.with_name(optimized.name.replace(".opt.onnx", ".opt.tmp.onnx"))
-                opts.optimized_model_filepath = str(tmp)
-                opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                              optimized.name + ".data")
-                opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
-                                              "1024")
+                try:
+                    return OrtComponent(ort.InferenceSession(str(optimized), opts, providers=providers),
+                                        part.contract, self.device)
+                except Exception as exc:  # recorded and intact, yet unloadable: rebuilt like a damaged one
+                    log.warning("%s: onnxruntime could not load it (%s): rebuilding it", optimized,
+                                str(exc).strip().splitlines()[0])
+                    cache.forget(part.stem)
+        path = export.file(part.onnx)
+        opts = self.session_options()
+        staging = None
+        try:
+            if cache is not None and cache.usable:
+                staging = _stage_optimized(opts, cache, part.stem)
             session = ort.InferenceSession(str(path), opts, providers=providers)
-            if tmp is not None and tmp.is_file():
-                tmp.replace(optimized)  # the rename commits it: a half-written graph is never loaded
+            if staging is not None:
+                cache.commit(part.stem, _place_optimized(staging, cache, part.stem))
         except Exception as exc:  # ORT raises its own exception types for bad files
-            raise DfosdError(f"onnxruntime could not load {optimized if current else path}: {exc}",
+            raise DfosdError(f"onnxruntime could not load {path}: {exc}",
                              hint="re-run dfosd-export to rewrite the directory") from exc
-        return OrtComponent(session, contract, self.device)
+        finally:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+        return OrtComponent(session, part.contract, self.device)
+
+    def prepare(self, export: ExportDir, *, progress=log.info, force: bool = False, **options) -> None:
+        """On the CPU: write every part's optimized graph now (else the first run does)."""
+        check_build_options(self.name, options, ())
+        if self.device != "cpu" or not self.save_optimized:
+            progress(f"{self.name}: nothing to build ahead on {self.device}; it runs the ONNX files as they are")
+            return
+        for part in export.all_parts():
+            if force:
+                self._caches.get(export, self.optimized_identity).forget(part.stem)
+            self.load(export, part)
+            progress(f"{self.name}: {part.onnx} optimized graph ready in {export.file(OPTIMIZED_DIR)}")
 
     def describe(self) -> str:
         return f"onnxruntime ({'CUDA' if self.device == 'cuda' else 'CPU'} execution provider, {self.threads} threads)"

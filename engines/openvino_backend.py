@@ -5,11 +5,14 @@
   (tests/engines/test_openvino.py): the same parity against eager fp32 as ONNX Runtime
   within 1 dB (int8 31.7 vs 31.9 dB, fp8 25.4 vs 25.6 dB), not the same pixels: the two
   runtimes round the quantized arithmetic differently.
-- Compiled with OpenVINO's model cache in ``<export>/openvino-cache``: the first load
-  compiles and writes a blob per part, later loads import it. The cache is recorded in
-  the manifest (``runtime.openvino_cache``) with the OpenVINO version, the CPU model, its
-  ISA, the compile options and the export's build key; a load that finds a different
-  record (another CPU, another OpenVINO, a rebuilt export) deletes the blobs and rebuilds.
+- Compiled once per part into ``<export>/openvino-cache/<part>_b<batch>.blob`` (written by
+  dfosd from ``export_model``, imported memory-mapped with ``import_model``; not OpenVINO's
+  CACHE_DIR, whose entries are keyed by the ONNX file's absolute path, so a moved export
+  compiled a new set and kept the old one). Each blob is recorded with its hash in the
+  export's runtime records (engines/cache.py) beside the OpenVINO version, the CPU model, its
+  ISA, the compile options and the export's build key, and checked at load: a damaged blob
+  is rebuilt, a cache of another identity emptied of its recorded blobs and rebuilt. The
+  first compile holds the blob once more in memory while writing it (export_model's bytes).
 - Compile options are explicit, not OpenVINO's defaults: the LATENCY hint (one stream,
   one request at a time, as the runner calls), ``INFERENCE_NUM_THREADS`` = physical
   cores, and ``INFERENCE_PRECISION_HINT`` = f32. The hint matters: on CPUs with AMX or
@@ -35,8 +38,10 @@ from pathlib import Path
 
 from dfosd.core.contracts import ComponentContract
 from dfosd.core.errors import DfosdError
-from dfosd.engines.base import Backend, ComponentEngine
-from dfosd.engines.machine import RuntimeCache, cpu_threads, machine_identity
+from dfosd.engines.base import Backend, ComponentEngine, check_build_options
+from dfosd.core.manifest import ExportDir, PartRecord, write_bytes_atomic
+from dfosd.engines.cache import CacheFolders
+from dfosd.engines.machine import cpu_threads, machine_identity
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +51,10 @@ BF16_CACHE_DIR = "openvino-bf16-cache"
 BF16_CACHE_RECORD = "openvino_bf16_cache"
 INSTALL_HINT = "pip install 'dfosd[openvino]' (or: pip install openvino), or use --backend onnxruntime"
 PRECISION_HINTS = ("f32", "bf16", "f16")
+
+
+def blob_name(stem: str) -> str:
+    return f"{stem}.blob"
 
 
 def _openvino():
@@ -82,6 +91,9 @@ class OpenVinoComponent(ComponentEngine):
 
 class OpenVinoBackend(Backend):
     name = "openvino"
+    prepare_on_export = True
+    cpu_auto_candidate = True
+    packages = ("openvino",)
     install_hint = INSTALL_HINT
     cache_dir = CACHE_DIR
     cache_record_key = CACHE_RECORD
@@ -100,7 +112,7 @@ class OpenVinoBackend(Backend):
         self.precision_hint = precision_hint
         self.cache = cache
         self._core = None
-        self._cache = RuntimeCache(self.cache_dir, self.cache_record_key, ("*.blob",), log)
+        self._caches = CacheFolders(self.cache_dir, self.cache_record_key, log)
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
@@ -120,26 +132,61 @@ class OpenVinoBackend(Backend):
         return {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": str(self.threads),
                 "INFERENCE_PRECISION_HINT": self.precision_hint, "NUM_STREAMS": "1"}
 
-    def cache_record(self, manifest: dict) -> dict:
+    def cache_identity(self, export: ExportDir) -> dict:
         return {"openvino": _openvino().get_version(), "machine": machine_identity(),
-                "config": self.compile_config(), "build_key": manifest.get("build_key")}
+                "config": self.compile_config(), "build_key": export.build_key}
 
-    def load(self, export_dir: Path, entry: dict, contract: ComponentContract,
-             manifest: dict | None = None) -> OpenVinoComponent:
-        export_dir = Path(export_dir)
-        path = export_dir / entry["onnx"]
+    def load(self, export: ExportDir, part: PartRecord) -> OpenVinoComponent:
+        path = export.file(part.onnx)
         config = self.compile_config()
-        if self.cache:
-            folder = self._cache.folder(export_dir, self.cache_record, manifest)
-            if folder is not None:
-                config["CACHE_DIR"] = str(folder)
+        cache = self._caches.get(export, self.cache_identity) if self.cache else None
+        if cache is not None and cache.lookup(part.stem) is not None:
+            blob = cache.path(blob_name(part.stem))
+            try:
+                compiled, mapped = self._import(blob, config)
+                component = OpenVinoComponent(compiled, part.contract)
+                component.mapped_blob = mapped
+                return component
+            except Exception as exc:  # recorded and intact, yet refused: rebuilt like a damaged one
+                log.warning("%s: openvino could not import it (%s): rebuilding it", blob,
+                            str(exc).strip().splitlines()[0])
+                cache.forget(part.stem)
         try:
-            # Passing the path (not a read model) lets a cache hit skip reading the ONNX file.
             compiled = self.core.compile_model(str(path), "CPU", config)
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses for bad files and ops
             raise DfosdError(f"openvino could not compile {path}: {str(exc).strip().splitlines()[0]}",
                              hint="re-run dfosd-export to rewrite the directory, or use --backend onnxruntime") from exc
-        return OpenVinoComponent(compiled, contract)
+        if cache is not None and cache.usable:
+            # The blob is written by dfosd under the part's name (not OpenVINO's CACHE_DIR, whose
+            # entries are keyed by the ONNX file's absolute path): it moves with the export.
+            write_bytes_atomic(cache.path(blob_name(part.stem)), compiled.export_model().getbuffer())
+            cache.commit(part.stem, [blob_name(part.stem)])
+        return OpenVinoComponent(compiled, part.contract)
+
+    def _import(self, blob: Path, config: dict):
+        """(the compiled model, the mapping it may read from: kept alive with it)."""
+        import numpy as np
+
+        ov = _openvino()
+        # Mapped, not read: importing the full-size UNet's blob must not hold a second copy in memory
+        # (copy-on-write because OpenVINO's Tensor wants a writable array; nothing writes to it).
+        # OpenVINO may keep reading weights from the mapping, so the engine holds it.
+        mapped = np.memmap(blob, dtype=np.uint8, mode="c")
+        return self.core.import_model(ov.Tensor(mapped, shared_memory=True), "CPU", config), mapped
+
+    def prepare(self, export: ExportDir, *, progress=log.info, force: bool = False, **options) -> None:
+        """Compile every part of the export into its cache now (``dfosd build --backend openvino``),
+        so the first run imports blobs instead of compiling."""
+        import time
+
+        check_build_options(self.name, options, ())
+        for part in export.all_parts():
+            if force and self.cache:
+                self._caches.get(export, self.cache_identity).forget(part.stem)
+            t0 = time.perf_counter()
+            self.load(export, part)
+            progress(f"{self.name}: {part.onnx} ready in {export.file(self.cache_dir)} "
+                     f"[{time.perf_counter() - t0:.1f} s]")
 
     def describe(self) -> str:
         return f"{self.name} (CPU, {self.threads} threads, {self.precision_hint})"
@@ -171,6 +218,12 @@ class OpenVinoBf16Backend(OpenVinoBackend):
     cache_dir = BF16_CACHE_DIR
     cache_record_key = BF16_CACHE_RECORD
     default_precision_hint = "bf16"
+    cpu_auto_candidate = False
+    approximate = "OpenVINO computing in bf16, native on this CPU"
+
+    @classmethod
+    def preferred_precision(cls) -> tuple[str, str]:
+        return "fp32", "openvino-bf16 computes the fp32 graph in bf16 (bf16 keeps fp32's range; fp16 files would not)"
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
@@ -183,19 +236,3 @@ class OpenVinoBf16Backend(OpenVinoBackend):
 
 BACKEND = OpenVinoBackend
 BF16_BACKEND = OpenVinoBf16Backend
-
-
-def compile_cache(export_dir: Path, progress=log.info, backend: OpenVinoBackend | None = None) -> None:
-    """Compile every part of an export into its OpenVINO cache now (dfosd-export --backend openvino
-    or openvino-bf16), so the first dfosd-trt-run imports blobs instead of compiling."""
-    import time
-
-    from dfosd.core.manifest import ExportDir
-
-    backend = backend or OpenVinoBackend()
-    manifest = ExportDir(export_dir, check="none").manifest
-    for entry in manifest["components"].values():
-        t0 = time.perf_counter()
-        backend.load(export_dir, entry, ComponentContract.from_dict(entry["contract"]), manifest=manifest)
-        progress(f"{backend.name}: {entry['onnx']} compiled into {Path(export_dir) / backend.cache_dir} "
-                 f"[{time.perf_counter() - t0:.1f} s]")

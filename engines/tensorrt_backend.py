@@ -25,12 +25,13 @@ import logging
 from pathlib import Path
 
 from dfosd.core.contracts import ComponentContract
-from dfosd.core.errors import DfosdError
-from dfosd.core.manifest import ExportDir, changed_files
-from dfosd.engines.base import Backend, ComponentEngine, cuda_available, tensorrt_importable
+from dfosd.core.errors import DfosdError, problems_error
+from dfosd.core.manifest import ExportDir, PartRecord
+from dfosd.engines.base import Backend, ComponentEngine, check_build_options, cuda_available, tensorrt_importable
 from dfosd.engines.tensorrt_common import (
     check_plan_system,
     import_tensorrt,
+    plan_problems,
     read_plan_manifest,
     rebuild_command,
     system_info,
@@ -85,6 +86,7 @@ def _check_engine_io(trt, engine, contract: ComponentContract, plan: Path) -> No
 class TensorRTBackend(Backend):
     name = "tensorrt"
     capturable = True
+    prepare_on_export = True
     install_hint = ("pip install --extra-index-url https://pypi.nvidia.com 'dfosd[tensorrt]' on a machine with an "
                     "NVIDIA GPU, or use --backend onnxruntime")
 
@@ -113,21 +115,30 @@ class TensorRTBackend(Backend):
             return False, f"tensorrt does not load ({type(exc).__name__}: {exc})"
         return True, f"TensorRT {info['tensorrt']} on {info['gpu']} (SM {info['sm']}, CUDA {info['cuda']})"
 
-    def load(self, export_dir: Path, entry: dict, contract: ComponentContract,
-             manifest: dict | None = None) -> TrtComponent:
+    @classmethod
+    def preferred_precision(cls) -> tuple[str, str]:
+        return "fp16", "TensorRT runs on a CUDA GPU, where fp16 is the fast path"
+
+    def prepare(self, export: ExportDir, *, progress=log.info, force: bool = False,
+                workspace_gib: float | None = None, **options) -> None:
+        """Build (or reuse) a plan per part (engines/tensorrt_build.py)."""
+        from dfosd.engines.tensorrt_build import DEFAULT_WORKSPACE_BYTES, build_engines
+
+        check_build_options(self.name, options, ())
+        workspace = DEFAULT_WORKSPACE_BYTES if workspace_gib is None else int(workspace_gib * 2**30)
+        build_engines(export.path, progress=progress, workspace_bytes=workspace, force=force)
+
+    def load(self, export: ExportDir, part: PartRecord) -> TrtComponent:
         trt = self._trt
-        export_dir = Path(export_dir)
+        export_dir = export.path
+        contract = part.contract
         plan_manifest = read_plan_manifest(export_dir, contract.stem)
         check_plan_system(plan_manifest, self._system, export_dir)
         plan = export_dir / plan_manifest["plan"]
-        if manifest is None:  # a caller without the manifest in hand (the runner passes its own)
-            manifest = ExportDir(export_dir, check="none").manifest
-        files = manifest.get("files", {})
-        exported = files.get(entry["onnx"], {}).get("sha256")
-        if changed_files(export_dir, {plan.name: plan_manifest["plan_file"]}, quick=True) or \
-                plan_manifest.get("onnx_sha256") != exported:
-            raise DfosdError(f"{plan} is missing, changed, or was built from another {entry['onnx']}",
-                             hint=f"rebuild: {rebuild_command(export_dir)}")
+        problems = plan_problems(export, part.onnx, plan_manifest, quick=export.check != "full")
+        if problems:
+            raise problems_error(f"{plan} cannot run this export", problems,
+                                 hint=f"rebuild: {rebuild_command(export_dir)}")
         runtime = trt.Runtime(self._logger)
         engine = runtime.deserialize_cuda_engine(plan.read_bytes())
         if engine is None:

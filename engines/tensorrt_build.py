@@ -98,14 +98,13 @@ def plan_jobs(export: "ExportDir | str | Path") -> list[PlanJob]:
     """The exact ONNX files ``build_engines`` builds, with the facts the build needs."""
     if not isinstance(export, ExportDir):
         export = ExportDir(export, check="full")  # a plan is built from these very bytes
-    export_dir, manifest = export.path, export.manifest
     jobs = []
-    for stem, entry in sorted(manifest["components"].items()):
-        onnx_path = export_dir / entry["onnx"]
+    for stem, entry in export.components.items():
+        onnx_path = export.path / entry["onnx"]
         names = [entry["onnx"]] + ([entry["external_data"]] if entry.get("external_data") else [])
         jobs.append(PlanJob(stem=stem, component=entry["component"], batch=int(entry["batch"]),
-                            precision=str(entry.get("precision", manifest["precision"])), onnx=onnx_path,
-                            onnx_files={n: manifest["files"][n] for n in names}, qdq=onnx_has_qdq(onnx_path),
+                            precision=str(entry.get("precision", export.precision)), onnx=onnx_path,
+                            onnx_files={n: export.files[n] for n in names}, qdq=onnx_has_qdq(onnx_path),
                             contract=ComponentContract.from_dict(entry["contract"])))
     return jobs
 
@@ -221,7 +220,7 @@ def build_engines(export_dir: str | Path, *, progress: Callable[[str], None] = l
                   workspace_bytes: int = DEFAULT_WORKSPACE_BYTES, force: bool = False) -> list[dict[str, Any]]:
     """Build (or reuse) a TensorRT plan for every ONNX part of the export; returns the plan manifests."""
     export = ExportDir(export_dir, check="full")
-    export_dir, manifest = export.path, export.manifest
+    export_dir = export.path
     jobs = plan_jobs(export)  # export problems surface before TensorRT is needed
     trt = import_tensorrt()
     system = system_info(trt)
@@ -258,8 +257,8 @@ def build_engines(export_dir: str | Path, *, progress: Callable[[str], None] = l
             "onnx": job.onnx.name,
             "onnx_sha256": job.onnx_files[job.onnx.name]["sha256"],
             "onnx_files": job.onnx_files,
-            "checkpoint_sha256": manifest["inputs"]["checkpoint_sha256"],
-            "export_build_key": manifest["build_key"],
+            "checkpoint_sha256": export.inputs.get("checkpoint_sha256"),
+            "export_build_key": export.build_key,
             "system": system,
             "builder": {**builder_settings, "timing_cache": cache_path.name},
             "io": job.io_table(),
@@ -273,10 +272,10 @@ def build_engines(export_dir: str | Path, *, progress: Callable[[str], None] = l
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m dfosd.engines.tensorrt_build DIR``: (re)build the plans of an export directory."""
+    """``python -m dfosd.engines.tensorrt_build DIR``: deprecated alias of ``dfosd build DIR --backend tensorrt``."""
     import click
 
-    from dfosd.core.cli_support import say, setup_logging, user_errors
+    from dfosd.core.cli_support import setup_logging, user_errors
 
     @click.command(context_settings={"help_option_names": ["-h", "--help"]})
     @click.argument("export_dir", type=click.Path(file_okay=False, exists=True))
@@ -285,8 +284,11 @@ def main(argv: list[str] | None = None) -> None:
     @click.option("--force", is_flag=True, help="Rebuild plans even when they are current.")
     @user_errors
     def cli(export_dir, workspace_gib, force):
+        from dfosd.engines.build_cli import build, deprecated
+
         setup_logging()
-        build_engines(export_dir, progress=say, workspace_bytes=int(workspace_gib * 2**30), force=force)
+        deprecated("python -m dfosd.engines.tensorrt_build DIR", "dfosd build DIR --backend tensorrt")
+        build(export_dir, "tensorrt", force=force, workspace_gib=workspace_gib)
 
     cli.main(args=argv, prog_name="python -m dfosd.engines.tensorrt_build")
 

@@ -55,7 +55,26 @@ def system_info(trt) -> dict[str, Any]:
 
 
 def rebuild_command(export_dir: str | Path) -> str:
-    return f"python -m dfosd.engines.tensorrt_build {shlex.quote(str(export_dir))}"
+    return f"dfosd build {shlex.quote(str(export_dir))} --backend tensorrt"
+
+
+def plan_problems(export, onnx: str, plan_manifest: dict[str, Any], *, quick: bool = True) -> list[str]:
+    """The one rule for whether a plan may run a part of ``export`` (an ``ExportDir``), used by
+    the TensorRT backend and by the Triton repository alike: the plan file is the one its
+    manifest recorded (size, or hash where ``quick`` allows), and it was built from exactly
+    this export's ``onnx`` (graph and external data, by the hashes the export recorded)."""
+    from dfosd.core.manifest import changed_files
+
+    problems = []
+    plan = plan_manifest.get("plan")
+    if not plan or changed_files(export.path, {plan: plan_manifest.get("plan_file", {})}, quick=quick):
+        problems.append(f"{plan or 'its plan'} is missing or changed (truncated, edited) since it was built")
+    built_from = plan_manifest.get("onnx_files")
+    exported = {n: r.get("sha256") for n, r in export.files.items() if n == onnx or n == onnx + ".data"}
+    if (plan_manifest.get("onnx") != onnx or not isinstance(built_from, dict)
+            or {n: (r or {}).get("sha256") for n, r in built_from.items()} != exported):
+        problems.append(f"{plan or 'its plan'} was built from another {onnx} than this export's")
+    return problems
 
 
 def plan_mismatches(built: dict[str, Any], running: dict[str, Any]) -> list[str]:

@@ -60,6 +60,7 @@ def main(ckpt, family, prompt, timestep, pisa_scales, base, precision, float_pre
     from dfosd.core.checkpoint import check_checkpoint_exists
     from dfosd.engines.base import auto_precision, select_backend
     from dfosd.export.artifacts import ExportConfig, export_checkpoint
+    from dfosd.export.ownership import check_out_folder
 
     # Cheap checks first: options and files, before any heavy import or work.
     def config(precision):
@@ -69,6 +70,11 @@ def main(ckpt, family, prompt, timestep, pisa_scales, base, precision, float_pre
 
     cfg = config("fp32" if precision == "auto" else precision)  # the options are checked either way
     check_checkpoint_exists(ckpt)
+    check_out_folder(out_dir)
+    if cfg.quant is not None:
+        from dfosd.calibration.recipe import require_modelopt
+
+        require_modelopt()
     scales = None
     if pisa_scales is not None:
         try:
@@ -85,20 +91,17 @@ def main(ckpt, family, prompt, timestep, pisa_scales, base, precision, float_pre
         cfg = config(precision)
     result = export_checkpoint(ckpt, base, out_dir, cfg, force=force, progress=say, family=family, prompt=prompt,
                                pisa_scales=scales, timestep=timestep)
+    from dfosd.core.manifest import ExportDir
+
+    export = ExportDir(result.out_dir, check="none")  # just written and hashed by the exporter
     if base is None:
-        say(f"base: {result.manifest['inputs']['base']} (from the checkpoint's metadata)")
-    if backend_cls.name == "tensorrt":
-        from dfosd.engines.tensorrt_build import build_engines  # pragma: no cover - needs TensorRT
-
-        build_engines(result.out_dir, progress=say)
-    elif backend_cls.name in ("openvino", "openvino-bf16"):
-        from dfosd.engines.openvino_backend import compile_cache
-
-        compile_cache(result.out_dir, progress=say, backend=backend_cls())
+        say(f"base: {export.inputs.get('base')} (from the checkpoint's metadata)")
+    if backend_cls.prepare_on_export:  # plans / compiled caches now, so the first run does not wait
+        backend_cls().prepare(export, progress=say)
     verb = "reused" if result.reused else "wrote"
     if cfg.quantize:
         precision = f"{precision} {'+'.join(cfg.quantize)}, {cfg.float_precision} elsewhere"
-    say(f"{verb} {len(result.manifest['components'])} ONNX parts ({precision}, tile {tile}, "
+    say(f"{verb} {len(export.components)} ONNX parts ({precision}, tile {tile}, "
         f"batches {list(cfg.batches)}) in {result.out_dir} [{result.seconds:.1f} s]")
     click.echo(str(result.out_dir))
 

@@ -33,9 +33,10 @@ def convert_main(src, out, family, base, prompt, timestep, force, verbose):
     LoRA, dfosd format 1) into one
     safe dfosd format-2 file that every later command reads."""
     setup_logging(verbose)
+    from dfosd.core.bases import load_base
     from dfosd.core.errors import DfosdError
-    from dfosd.core.readers import read_model
-    from dfosd.core.srmodel import write_model
+    from dfosd.core.readers import read_model, with_encoded_prompt
+    from dfosd.core.srmodel import validate_model, write_model
 
     out_path = Path(out)
     if out_path.suffix != ".safetensors":
@@ -46,9 +47,14 @@ def convert_main(src, out, family, base, prompt, timestep, force, verbose):
     if out_path.exists() and not force and not _is_converted_file(out_path):
         raise DfosdError(f"{out} exists and is not a file dfosd convert wrote (dfosd format 2); not overwriting it",
                          hint="choose another --out, or pass --force")
-    model = read_model(src, family=family, base_spec=base, prompt=prompt, progress=say)
+    # the checks dfosd-export makes, in its order: the file's own, then against the base it names
+    model = read_model(src, family=family, base_spec=base, prompt=prompt, progress=say, encode=False)
     if timestep is not None:
         model = model.with_timestep(timestep)
+    say(f"loading base {base or model.base_model} to check the model fits it (as dfosd-export does)")
+    base_model = load_base(base or model.base_model)
+    model = with_encoded_prompt(model, say)
+    validate_model(model, base_model)
     write_model(out_path, model)
     say(f"wrote {out} (dfosd format 2, family {model.family.name}, {len(model.lora_sets)} LoRA set(s), "
         f"{len(model.replacements)} replaced tensor(s))")

@@ -8,7 +8,7 @@ GPU. On a CPU machine with more than one CPU backend (ONNX Runtime, OpenVINO) it
 each backend on each part, on the part's own static buffers, and keeps the fastest per
 part: neither runtime wins every part (measured: OpenVINO's encoder 1.45x ONNX Runtime's,
 its UNet 0.90x). The timing is done once: the choice and the medians go into the export's
-manifest (``runtime.backend_choice_b<batch>``) with the machine's identity and the
+records (``runtime.json``, key ``backend_choice_b<batch>``) with the machine's identity and the
 backends' versions and settings, and are measured again when any of those differ.
 """
 
@@ -18,15 +18,11 @@ import gc
 import statistics
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 from dfosd.core.errors import DfosdError
 from dfosd.core.vocab import COMPONENTS
 
-CPU_CANDIDATES = ("onnxruntime", "openvino")  # exact: they compute the export's own precision
-# Faster on some CPUs but approximate: offered to the user by name, never chosen by auto.
-CPU_APPROXIMATE = {"openvino-bf16": "OpenVINO computing in bf16, native on this CPU"}
 TIMING_WARMUP = 1
 TIMING_REPEATS = 3
 
@@ -102,26 +98,45 @@ def parse_backend_spec(spec: str) -> str | dict[str, str]:
     return names
 
 
+def check_backend_spec(spec: str) -> None:
+    """The cheap check of ``--backend`` before a run starts: known names, and each named backend
+    usable here (TensorRT installed, ...); ``auto`` chooses later, among the usable ones."""
+    from dfosd.engines.base import select_backend
+
+    parsed = parse_backend_spec(spec)
+    for name in sorted(set(parsed.values()) if isinstance(parsed, dict) else {parsed} - {"auto"}):
+        select_backend(name)
+
+
 def cpu_candidates() -> list[str]:
     """CPU backends usable here, in the order ties are broken."""
-    from dfosd.engines.base import backend_class
+    from dfosd.engines.base import BACKENDS, backend_class
 
-    # Both run on the CPU here: OpenVINO only does, and auto times them only when ONNX Runtime
-    # picked the CPU (step.OneStepRunner._resolve).
-    return [name for name in CPU_CANDIDATES if backend_class(name).availability()[0]]
+    # The backends that say they compute the export's own numbers on a CPU (Backend.cpu_auto_candidate);
+    # auto times them only when ONNX Runtime picked the CPU (step.OneStepRunner._resolve).
+    found = []
+    for name in BACKENDS:
+        try:
+            cls = backend_class(name)
+        except DfosdError:  # not part of this build
+            continue
+        if cls.cpu_auto_candidate and cls.availability()[0]:
+            found.append(name)
+    return found
 
 
 def approximate_hint() -> str | None:
     """A line for auto's output on a CPU where a faster, approximate backend is usable."""
-    from dfosd.engines.base import backend_class
+    from dfosd.engines.base import BACKENDS, backend_class
 
-    for name, what in CPU_APPROXIMATE.items():
+    for name in BACKENDS:
         try:
-            ok, _ = backend_class(name).availability()
+            cls = backend_class(name)
+            ok = cls.approximate is not None and cls.availability()[0]
         except DfosdError:
             continue
         if ok:
-            return f"  faster but approximate here: --backend {name} ({what}); auto keeps the export's numbers"
+            return f"  faster but approximate here: --backend {name} ({cls.approximate}); auto keeps the export's numbers"
     return None
 
 
@@ -156,36 +171,48 @@ def time_parts(loaders: dict[str, Callable[[str], object]], contracts: dict, par
     return engines, {name: round(statistics.median(r), 3) for name, r in runs.items()}
 
 
+def _usable_choice(record: object, backends: dict[str, object]) -> bool:
+    """A cached choice names one of the candidate backends for every part."""
+    parts = record.get("parts") if isinstance(record, dict) else None
+    return isinstance(parts, dict) and set(parts) == set(COMPONENTS) and all(v in backends for v in parts.values())
+
+
 def choice_record_key(batch: int) -> str:
     return f"backend_choice_b{batch}"
 
 
-def choice_identity(backends: dict[str, object], manifest: dict) -> dict:
+def choice_identity(backends: dict[str, object], export) -> dict:
     from dfosd.engines.machine import machine_identity
     from dfosd.core.manifest import package_versions
 
-    return {"machine": machine_identity(), "build_key": manifest.get("build_key"),
+    return {"machine": machine_identity(), "build_key": export.build_key,
             "backends": {n: b.describe() for n, b in backends.items()},
-            "versions": package_versions("onnxruntime", "openvino")}
+            "versions": package_versions(*sorted({p for b in backends.values() for p in b.packages}))}
 
 
-def measured_choice(export_dir: Path, manifest: dict, batch: int, contracts: dict, backends: dict[str, object],
+def measured_choice(export, batch: int, contracts: dict, backends: dict[str, object],
                     load: Callable[[object, str], object], *, say: Callable[[str], None],
                     remeasure: bool = False, warmup: int = TIMING_WARMUP,
                     repeats: int = TIMING_REPEATS) -> tuple[BackendPlan, dict[str, object]]:
     """auto on a CPU machine: the cached per-part choice when it was made here, else time
-    each candidate per part. Returns the plan and the engines already loaded (the winners
-    of a measurement; empty when the cached choice is used)."""
-    from dfosd.engines.machine import runtime_record, write_runtime_record
+    each candidate per part. ``export``: the ``ExportDir``, whose runtime records keep the
+    choice. Returns the plan and the engines already loaded (the winners of a measurement;
+    empty when the cached choice is used)."""
+    from dfosd.core.vocab import RUNTIME_RECORDS_NAME
 
     key = choice_record_key(batch)
-    ident = choice_identity(backends, manifest)
-    old = runtime_record(manifest, key)
+    ident = choice_identity(backends, export)
+    old = export.runtime_record(key)
+    if old and not _usable_choice(old, backends):
+        say(f"auto: the cached choice {key} in {export.path / RUNTIME_RECORDS_NAME} is not a per-part choice "
+            f"among {', '.join(backends)} (edited?); timing again")
+        old = None
     if not remeasure and old and old.get("identity") == ident:
         plan = BackendPlan(dict(old["parts"]), "auto: per-part choice measured earlier on this machine "
-                           f"({old.get('measured', '?')}), cached in the manifest", old.get("median_ms", {}), True)
+                           f"({old.get('measured', '?')}), cached in {RUNTIME_RECORDS_NAME}",
+                           old.get("median_ms", {}) if isinstance(old.get("median_ms"), dict) else {}, True)
         return plan, {}
-    say(f"auto: timing {', '.join(backends)} on each part once (cached in {Path(export_dir) / 'manifest.json'})")
+    say(f"auto: timing {', '.join(backends)} on each part once (cached in {export.path / RUNTIME_RECORDS_NAME})")
     names, medians, engines = {}, {}, {}
     for part in COMPONENTS:
         loaded, ms = time_parts({n: (lambda p, b=b: load(b, p)) for n, b in backends.items()}, contracts, part,
@@ -195,7 +222,7 @@ def measured_choice(export_dir: Path, manifest: dict, batch: int, contracts: dic
         del loaded  # the slower engines go now: two full-size UNets at once cost GBs
         gc.collect()
     plan = BackendPlan(names, "auto: fastest backend per part, measured now", medians)
-    write_runtime_record(export_dir, key, {"identity": ident, "parts": names, "median_ms": medians,
-                                           "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                           "warmup": warmup, "repeats": repeats})
+    export.write_runtime_record(key, {"identity": ident, "parts": names, "median_ms": medians,
+                                      "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                      "warmup": warmup, "repeats": repeats})
     return plan, engines

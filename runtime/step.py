@@ -39,22 +39,27 @@ class OneStepRunner:
         self.manifest = self.export.manifest
         self.batch = int(batch if batch is not None else max(self.export.batches))
         self.entries = self.export.entries(self.batch)
+        self.parts = self.export.parts(self.batch)
         self._check_recorded(backend)
         self.contracts = self.export.contracts(self.batch)
         per_part, self.engines, self.plan = self._resolve(backend, say, remeasure)
         for name in COMPONENTS:
             if name not in self.engines:
-                self.engines[name] = per_part[name].load(self.export_dir, self.entries[name], self.contracts[name],
-                                                         manifest=self.manifest)
+                self.engines[name] = per_part[name].load(self.export, self.parts[name])
         self._setup(per_part)
 
     def _check_recorded(self, backend) -> None:
-        """The ONNX files the chosen backends read must have a hash record (the AOTI backend
-        loads packages, recorded in their own manifest)."""
+        """The ONNX files the chosen backends read must have a hash record (a backend that does
+        not read ONNX, AOTI, loads packages recorded in their own manifest)."""
+        from dfosd.engines.base import backend_class
         from dfosd.runtime.backend_choice import parse_backend_spec
 
         spec = parse_backend_spec(backend) if isinstance(backend, str) else dict(backend)
-        parts = [p for p in COMPONENTS if (spec.get(p) if isinstance(spec, dict) else spec) != "aoti"]
+
+        def reads_onnx(name: str) -> bool:
+            return name == "auto" or backend_class(name).reads_onnx
+
+        parts = [p for p in COMPONENTS if reads_onnx(spec.get(p) if isinstance(spec, dict) else spec)]
         unrecorded = unrecorded_files(self.manifest, [self.entries[p] for p in parts])
         if unrecorded:
             raise DfosdError(f"{self.export_dir / MANIFEST_NAME} has no hash record of {', '.join(unrecorded)}: "
@@ -93,11 +98,9 @@ class OneStepRunner:
             say(why)
             return {p: single for p in COMPONENTS}, {}, plan
         instances = {n: (single if n == single.name else backend_class(n)()) for n in candidates}
-        plan, engines = measured_choice(
-            self.export_dir, self.manifest, self.batch, self.contracts, instances,
-            lambda b, part: b.load(self.export_dir, self.entries[part], self.contracts[part], manifest=self.manifest),
-            say=say,
-            remeasure=remeasure)
+        plan, engines = measured_choice(self.export, self.batch, self.contracts, instances,
+                                        lambda b, part: b.load(self.export, self.parts[part]), say=say,
+                                        remeasure=remeasure)
         self.backend_reason = f"{plan.reason}: {plan.summary()}"
         say(self.backend_reason)
         for line in plan.timing_lines():
@@ -119,6 +122,7 @@ class OneStepRunner:
         self.manifest = self.export.manifest
         self.batch = int(batch)
         self.entries = self.export.entries(self.batch)
+        self.parts = self.export.parts(self.batch)
         self.contracts = self.export.contracts(self.batch)
         self.engines = {n: parts[n][1] for n in COMPONENTS}
         self.plan = plan

@@ -33,11 +33,12 @@ from typing import Any
 
 from dfosd.core.contracts import ComponentContract
 from dfosd.core.errors import DfosdError, problems_error
-from dfosd.core.manifest import ExportDir, changed_files, write_text_atomic
-from dfosd.core.vocab import COMPONENTS, IMAGE_IN, IMAGE_OUT, MANIFEST_NAME, plan_manifest_name, plan_name
+from dfosd.core.manifest import ExportDir
+from dfosd.core.vocab import COMPONENTS, IMAGE_IN, IMAGE_OUT, MANIFEST_NAME, plan_manifest_name
 from dfosd.core.vocab import stem as part_stem
-from dfosd.engines.tensorrt_common import rebuild_command
+from dfosd.engines.tensorrt_common import plan_problems, rebuild_command
 from dfosd.serving.pbtxt import Enum, Map, to_pbtxt
+from dfosd.serving.repo_records import MARKER, RepoRecords  # noqa: F401 - MARKER: the tests' and callers' name
 from dfosd.serving.scheduler import DEFAULT_TIMEOUT_S
 
 DATA_TYPES = {"uint8": "TYPE_UINT8", "float16": "TYPE_FP16", "float32": "TYPE_FP32"}
@@ -45,7 +46,6 @@ KINDS = ("python", "onnx", "tensorrt")
 LINK_MODES = ("copy", "hardlink", "symlink")
 DEVICES = ("cpu", "gpu")
 VERSION = "1"
-MARKER = ".dfosd-repo.json"  # marks a repository written here, so rewriting it may replace our models
 DEFAULT_MAX_PIXELS = 1024 * 1024  # LR pixels per image: 1024x1024 in -> 4096x4096 out (48 MiB)
 
 
@@ -186,16 +186,16 @@ def ensemble_config(model: str, step_models: dict[str, str], contracts: dict[str
     }
 
 
-def python_model_parameters(manifest: dict, opts: RepoOptions, tile_batch: int) -> dict[str, str]:
+def python_model_parameters(export: ExportDir, opts: RepoOptions, tile_batch: int) -> dict[str, str]:
     """What the Python model reads at start-up (and clients read to learn tile, scale, ...)."""
-    tile = int(manifest["tile"])
+    tile = export.tile
     overlap = tile // 4 if opts.overlap is None else opts.overlap
     return {"engines": "engines", "backend": opts.backend, "tile_batch": str(tile_batch),
             "overlap": str(overlap), "max_pixels": str(opts.max_pixels), "tile": str(tile),
-            "scale": str(int(manifest["upscale"])), "precision": str(manifest.get("precision", "")),
-            "export_build_key": str(manifest.get("build_key", "")),
+            "scale": str(export.upscale), "precision": export.precision,
+            "export_build_key": export.build_key,
             # what the model applies when a request names none (clients show it; the model reads the manifest)
-            "color_fix": str((manifest.get("family") or {}).get("color_fix", "none")),
+            "color_fix": str(export.family.get("color_fix", "none")),
             "request_timeout_s": f"{opts.request_timeout_s:g}"}
 
 
@@ -267,25 +267,25 @@ def export_files(export_dir: Path) -> list[Path]:
 
 
 def write_model(repo: Path, model: str, config: dict, files: dict[str, Path], link: str,
-                extra_text: dict[str, str] | None = None) -> None:
-    """``repo/model/config.pbtxt`` + ``repo/model/1/<name>`` for each file (replacing an older model dir)."""
+                extra_text: dict[str, str] | None = None, records: RepoRecords | None = None,
+                claim=lambda: None) -> None:
+    """``repo/model/config.pbtxt`` + ``repo/model/1/<name>`` for each file, replacing only the files an
+    earlier run recorded (``records``; see repo_records): a user's file in the folder stays."""
     folder = repo / model
-    if folder.exists():
-        shutil.rmtree(folder)
-    (folder / VERSION).mkdir(parents=True)
+    new = ["config.pbtxt"] + [f"{VERSION}/{name}" for name in [*files, *(extra_text or {})]]
+    (records or RepoRecords(repo)).replace_files(model, new, claim)
+    (folder / VERSION).mkdir(parents=True, exist_ok=True)
     (folder / "config.pbtxt").write_text(to_pbtxt(config))
     for name, src in files.items():
         place_file(src, folder / VERSION / name, link)
     for name, text in (extra_text or {}).items():
+        (folder / VERSION / name).unlink(missing_ok=True)  # a link of an earlier run: not through it
         (folder / VERSION / name).write_text(text)
 
 
 def models_written_before(repo: Path) -> set[str]:
     """The model folders an earlier run of this writer put in ``repo`` (its marker), else none."""
-    try:
-        return set(json.loads((repo / MARKER).read_text()).get("models", {}))
-    except (OSError, ValueError, AttributeError):
-        return set()
+    return set(RepoRecords(repo).models)
 
 
 def planned_models(by_batch: dict[int, dict], opts: RepoOptions) -> set[str]:
@@ -321,9 +321,10 @@ def prepare_repo_dir(repo: Path, force: bool, planned: set[str] = frozenset()) -
 # ---------------------------------------------------------------- TensorRT plans
 
 
-def read_plans(export_dir: Path, manifest: dict, parts: dict[str, dict],
+def read_plans(export: ExportDir, parts: dict[str, dict],
                contracts: dict[str, ComponentContract]) -> tuple[dict[str, dict] | None, list[str]]:
     """The plan manifests of one tile batch's three parts, or (None, why) when they are absent/unusable."""
+    export_dir = export.path
     plans, problems = {}, []
     for name in COMPONENTS:
         stem = contracts[name].stem
@@ -340,13 +341,9 @@ def read_plans(export_dir: Path, manifest: dict, parts: dict[str, dict],
             ("output", s.name, s.dtype, s.shape) for s in contracts[name].outputs}
         if io != want:
             problems.append(f"{plan.get('plan', stem)} has I/O {sorted(io)}, the export's contract is {sorted(want)}")
-        if plan.get("export_build_key") != manifest.get("build_key"):
-            problems.append(f"{plan.get('plan', stem)} was built from an earlier export of this directory")
         if not plan.get("system", {}).get("sm"):
             problems.append(f"{path.name} does not record the GPU compute capability (system.sm)")
-        plan_file = plan.get("plan")
-        if not plan_file or changed_files(export_dir, {plan_file: plan.get("plan_file", {})}, quick=True):
-            problems.append(f"{plan_file or plan_name(stem)} is missing or changed since it was built")
+        problems += plan_problems(export, parts[name]["onnx"], plan)  # the TensorRT backend's own rule
         plans[name] = plan
     return (None, problems) if problems else (plans, [])
 
@@ -355,19 +352,19 @@ def read_plans(export_dir: Path, manifest: dict, parts: dict[str, dict],
 
 
 def _write_chain(repo: Path, result: "RepoResult", opts: "RepoOptions", contracts, part, *, suffix: str,
-                 ensemble: str) -> None:
+                 ensemble: str, records: RepoRecords, claim) -> None:
     """One model per part of the chain plus the ensemble that links them, for one tile batch.
     ``part(name, model)`` gives the part's (config, files, description)."""
     steps = {}
     for name in COMPONENTS:
         model = f"{opts.name}_{contracts[name].stem}{suffix}"
         config, files, description = part(name, model)
-        write_model(repo, model, config, files, opts.link)
+        write_model(repo, model, config, files, opts.link, records=records, claim=claim)
         result.models[model] = description
         steps[name] = model
     batch = contracts[COMPONENTS[0]].batch
     ens = f"{opts.name}_tiles_b{batch}{suffix}"
-    write_model(repo, ens, ensemble_config(ens, steps, contracts), {}, opts.link)
+    write_model(repo, ens, ensemble_config(ens, steps, contracts), {}, opts.link, records=records, claim=claim)
     result.models[ens] = ensemble
 
 
@@ -387,11 +384,12 @@ def write_repository(export_dir: str | Path, repo_dir: str | Path, opts: RepoOpt
     planned = planned_models(by_batch, opts)
     written_before = prepare_repo_dir(repo, force, planned)
     # Claim the folders first: a run cut short leaves folders the next run may still replace.
-    write_text_atomic(repo / MARKER, json.dumps({"engines": str(export_dir.resolve()), "models": {
-        m: "being written" for m in sorted(written_before | planned)}}, indent=2) + "\n")
+    records, engines = RepoRecords(repo), str(export_dir.resolve())
+    claims = {m: "being written" for m in sorted(written_before | planned)}
+    records.save(engines, claims)
     result = RepoResult(repo)
     try:
-        _write_models(repo, export, by_batch, opts, tile_batch, result)
+        _write_models(repo, export, by_batch, opts, tile_batch, result, records, lambda: records.save(engines, claims))
     finally:
         # The claims shrink to the folders that exist (all ours: a planned name a user held was refused
         # above), also when a check failed half-way: an unused claim would later let us delete a folder
@@ -399,14 +397,13 @@ def write_repository(export_dir: str | Path, repo_dir: str | Path, opts: RepoOpt
         models = {m: "written by an earlier run" if m in written_before else "written by this run"
                   for m in sorted(written_before | planned) if (repo / m).is_dir()}
         models.update(result.models)
-        write_text_atomic(repo / MARKER, json.dumps({"engines": str(export_dir.resolve()), "models": models},
-                                                    indent=2) + "\n")
+        records.save(engines, models)
     return result
 
 
 def _write_models(repo: Path, export, by_batch: dict, opts: RepoOptions, tile_batch: int,
-                  result: RepoResult) -> None:
-    export_dir, manifest = export.path, export.manifest
+                  result: RepoResult, records: RepoRecords, claim) -> None:
+    export_dir = export.path
     n = opts.name
 
     for batch, parts in by_batch.items():
@@ -419,9 +416,9 @@ def _write_models(repo: Path, export, by_batch: dict, opts: RepoOptions, tile_ba
                         f"onnxruntime_onnx {name}, tile batch {batch}")
 
             _write_chain(repo, result, opts, contracts, onnx_part, suffix="",
-                         ensemble=f"ensemble of the ONNX parts, tile batch {batch}")
+                         ensemble=f"ensemble of the ONNX parts, tile batch {batch}", records=records, claim=claim)
         if "tensorrt" in opts.kinds:
-            plans, why = read_plans(export_dir, manifest, parts, contracts)
+            plans, why = read_plans(export, parts, contracts)
             if plans is None:
                 if opts.tensorrt_required or (why and not why[0].startswith("no TensorRT plan")):
                     raise problems_error(f"cannot add the TensorRT plans of tile batch {batch}", why,
@@ -434,12 +431,13 @@ def _write_models(repo: Path, export, by_batch: dict, opts: RepoOptions, tile_ba
                             f"tensorrt_plan {name}, tile batch {batch}, SM {plan['system']['sm']}")
 
                 _write_chain(repo, result, opts, contracts, plan_part, suffix="_trt",
-                             ensemble=f"ensemble of the TensorRT plans, tile batch {batch}")
+                             ensemble=f"ensemble of the TensorRT plans, tile batch {batch}", records=records,
+                             claim=claim)
 
     if "python" in opts.kinds:
-        params = python_model_parameters(manifest, opts, tile_batch)
+        params = python_model_parameters(export, opts, tile_batch)
         files = {f"engines/{p.name}": p for p in export_files(export_dir)}
         write_model(repo, n, python_config(n, params, opts), files, opts.link,
-                    {"model.py": model_py(opts.site_dirs, opts.path_dirs)})
+                    {"model.py": model_py(opts.site_dirs, opts.path_dirs)}, records=records, claim=claim)
         result.models[n] = (f"python backend: dfosd runtime ({opts.backend}), any image size, tile batch "
                             f"{tile_batch}, up to {opts.max_batch} requests per batch")

@@ -18,6 +18,7 @@ import sys
 import pytest
 
 from dfosd.core.errors import DfosdError
+from dfosd.core.manifest import ExportDir
 
 TINY = "synthetic:tiny"
 TILE = 32
@@ -65,7 +66,7 @@ def test_names_and_rebuild_command(tmp_path):
     from dfosd.engines.aoti_build import default_channels_last, package_name, rebuild_command
 
     assert package_name("unet_b1", "cuda") == "unet_b1.cuda.pt2"
-    assert rebuild_command(tmp_path / "my dir", "cuda") == f"dfosd aoti-export --engines '{tmp_path}/my dir' --device cuda"
+    assert rebuild_command(tmp_path / "my dir", "cuda") == f"dfosd build '{tmp_path}/my dir' --backend aoti --device cuda"
     assert default_channels_last("cuda") and not default_channels_last("cpu")
 
 
@@ -92,13 +93,13 @@ def test_check_build_refuses_missing_foreign_and_stale(tmp_path):
     with pytest.raises(DfosdError) as exc:
         check_build(tmp_path, "cpu")
     assert "no AOTInductor packages for cpu" in str(exc.value)
-    assert f"dfosd aoti-export --engines {tmp_path} --device cpu" in str(exc.value)
+    assert f"dfosd build {tmp_path} --backend aoti --device cpu" in str(exc.value)
 
     _fake_build(tmp_path, manifest, system={**system_info("cpu"), "torch": "2.11.0+cu130"})
     with pytest.raises(DfosdError) as exc:
         check_build(tmp_path, "cpu")
     assert "built with torch 2.11.0+cu130" in str(exc.value)
-    assert f"dfosd aoti-export --engines {tmp_path} --device cpu --force" in str(exc.value)
+    assert f"dfosd build {tmp_path} --backend aoti --device cpu --force" in str(exc.value)
 
     _fake_build(tmp_path, manifest)
     assert check_build(tmp_path, "cpu")["export_build_key"] == "export-key-1"
@@ -122,7 +123,7 @@ def test_runner_refuses_foreign_packages(tmp_path):
     with pytest.raises(DfosdError) as exc:
         OneStepRunner(tmp_path, backend="aoti", say=lambda m: None)
     msg = str(exc.value)
-    assert "do not fit" in msg and "torch 2.11.0+cu130" in msg and "dfosd aoti-export" in msg
+    assert "do not fit" in msg and "torch 2.11.0+cu130" in msg and "dfosd build" in msg
 
 
 def test_backend_refuses_missing_package_and_other_contract(tmp_path):
@@ -130,17 +131,16 @@ def test_backend_refuses_missing_package_and_other_contract(tmp_path):
     from dfosd.engines.aoti_backend import AotiBackend
 
     manifest = _fake_export(tmp_path)
-    entry = manifest["components"]["unet_b1"]
-    contract = ComponentContract.from_dict(entry["contract"])
+    part = ExportDir(tmp_path, check="none").parts(1)["unet"]
     _fake_build(tmp_path, manifest, files={"unet_b1.cpu.pt2": {"sha256": "0" * 64, "bytes": 10}})
     backend = AotiBackend("cpu")
     with pytest.raises(DfosdError, match="missing or changed"):
-        backend.load(tmp_path, entry, contract)
+        backend.load(ExportDir(tmp_path, check="none"), part)
     other = ComponentContract.from_dict(manifest["components"]["encoder_b1"]["contract"])
     comps = {"unet_b1": {"component": "unet", "batch": 1, "package": "unet_b1.cpu.pt2", "contract": other.to_dict()}}
     _fake_build(tmp_path, manifest, components=comps)
     with pytest.raises(DfosdError, match="another contract"):
-        backend.load(tmp_path, entry, contract)
+        backend.load(ExportDir(tmp_path, check="none"), part)
 
 
 def test_backend_availability_and_device():
@@ -206,12 +206,12 @@ def test_stand_in_package_compiles_loads_and_runs_on_buffers(aoti_stand_in_expor
 
     export = ExportDir(aoti_stand_in_export, check="none")
     batch = export.batches[0]
-    entry, contract = export.entries(batch)["unet"], export.contracts(batch)["unet"]
+    part, contract = export.parts(batch)["unet"], export.contracts(batch)["unet"]
     build = read_aoti_manifest(aoti_stand_in_export)["builds"]["cpu"]
     name = build["components"][contract.stem]["package"]
     assert build["files"][name]["bytes"] == (aoti_stand_in_export / name).stat().st_size
     assert not list(aoti_stand_in_export.glob(".*.tmp"))  # the staging folders are gone
-    engine = AotiBackend("cpu").load(aoti_stand_in_export, entry, contract)
+    engine = AotiBackend("cpu").load(export, part)
     x = contract.sample_inputs()["latent"]
     out = torch.full(contract.outputs[0].shape, float("nan"))
     ptr = out.data_ptr()
@@ -226,7 +226,7 @@ def test_stand_in_package_compiles_loads_and_runs_on_buffers(aoti_stand_in_expor
     with open(tampered / name, "ab") as f:  # a package changed after its build is refused
         f.write(b"\0")
     with pytest.raises(DfosdError, match="missing or changed"):
-        AotiBackend("cpu").load(tampered, entry, contract)
+        AotiBackend("cpu").load(ExportDir(tampered, check="none"), part)
 
 
 # ---------------------------------------------------------------- slow: the real tiny model

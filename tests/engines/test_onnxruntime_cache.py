@@ -32,17 +32,19 @@ def test_optimized_graph_saved_once_reused_and_rebuilt_when_stale(tiny_export_fp
     saved = _mtimes(export)
     assert {n for n in saved if n.endswith(".opt.onnx")} == {"encoder_b1.opt.onnx", "unet_b1.opt.onnx",
                                                            "decoder_b1.opt.onnx"}
-    assert not list((export / "onnxruntime-optimized").glob("*.tmp.onnx"))
+    assert not list((export / "onnxruntime-optimized").glob(".*staging*"))
     manifest = json.loads((export / "manifest.json").read_text())
-    rec = manifest["runtime"]["onnxruntime_optimized"]
+    records = json.loads((export / "runtime.json").read_text())
+    rec = records["records"]["onnxruntime_optimized"]["identity"]
     assert rec["machine"] == machine_identity() and rec["build_key"] == manifest["build_key"]
+    assert "runtime" not in manifest  # the export's own record is never rewritten by a run
 
     again = OneStepRunner(export, backend="onnxruntime", batch=1, say=lambda m: None)(x)
     assert _mtimes(export) == saved  # loaded, not optimized and written again
     assert np.array_equal(first.numpy(), again.numpy())
 
     rec["onnxruntime"] = "1.0.0"  # as if optimized by another ONNX Runtime
-    (export / "manifest.json").write_text(json.dumps(manifest))
+    (export / "runtime.json").write_text(json.dumps(records))
     with caplog.at_level("WARNING"):
         rebuilt = OneStepRunner(export, backend="onnxruntime", batch=1, say=lambda m: None)(x)
     assert "is stale (onnxruntime)" in caplog.text

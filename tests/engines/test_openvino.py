@@ -67,7 +67,7 @@ def test_cache_is_compiled_once_and_recorded(fp32_copy, lr_tile):
     first = _run(fp32_copy, "openvino", lr_tile)
     blobs = {p.name: p.stat().st_mtime_ns for p in (fp32_copy / "openvino-cache").glob("*.blob")}
     assert len(blobs) == 3  # one per part of tile batch 1
-    rec = json.loads((fp32_copy / "manifest.json").read_text())["runtime"]["openvino_cache"]
+    rec = json.loads((fp32_copy / "runtime.json").read_text())["records"]["openvino_cache"]["identity"]
     assert rec["machine"] == machine_identity() and rec["openvino"].startswith("20")
     assert rec["config"]["PERFORMANCE_HINT"] == "LATENCY" and rec["config"]["INFERENCE_PRECISION_HINT"] == "f32"
     assert int(rec["config"]["INFERENCE_NUM_THREADS"]) >= 1
@@ -81,18 +81,18 @@ def test_cache_is_compiled_once_and_recorded(fp32_copy, lr_tile):
                                          ("openvino", "2024.0.0-0000-old")])
 def test_cache_from_another_cpu_or_openvino_is_rebuilt(fp32_copy, lr_tile, field, value, caplog):
     want = _run(fp32_copy, "openvino", lr_tile)
-    path = fp32_copy / "manifest.json"
-    manifest = json.loads(path.read_text())
-    current = manifest["runtime"]["openvino_cache"][field]
-    manifest["runtime"]["openvino_cache"][field] = value
-    path.write_text(json.dumps(manifest))
+    path = fp32_copy / "runtime.json"
+    records = json.loads(path.read_text())
+    current = records["records"]["openvino_cache"]["identity"][field]
+    records["records"]["openvino_cache"]["identity"][field] = value
+    path.write_text(json.dumps(records))
     before = {p.name: p.stat().st_mtime_ns for p in (fp32_copy / "openvino-cache").glob("*.blob")}
     with caplog.at_level("WARNING"):
         got = _run(fp32_copy, "openvino", lr_tile)
     assert f"is stale ({field})" in caplog.text
     after = {p.name: p.stat().st_mtime_ns for p in (fp32_copy / "openvino-cache").glob("*.blob")}
     assert len(after) == 3 and all(after[n] != before.get(n) for n in after)  # every blob written anew
-    assert json.loads(path.read_text())["runtime"]["openvino_cache"][field] == current
+    assert json.loads(path.read_text())["records"]["openvino_cache"]["identity"][field] == current
     assert np.array_equal(want, got)
 
 
@@ -142,16 +142,16 @@ def test_auto_measures_once_per_machine(fp32_copy, lr_tile):
         assert set(per_backend) == {"onnxruntime", "openvino"}
         assert first.plan.names[part] == min(per_backend, key=per_backend.get)
     out = first(lr_tile)
-    record = json.loads((fp32_copy / "manifest.json").read_text())["runtime"]["backend_choice_b1"]
+    record = json.loads((fp32_copy / "runtime.json").read_text())["records"]["backend_choice_b1"]
     assert record["parts"] == first.plan.names
     second = OneStepRunner(fp32_copy, backend="auto", batch=1, say=_quiet)
     assert second.plan.cached and second.plan.names == first.plan.names
     assert np.array_equal(second(lr_tile).numpy(), out.numpy())
     # a choice made on another machine is measured again
-    path = fp32_copy / "manifest.json"
-    manifest = json.loads(path.read_text())
-    manifest["runtime"]["backend_choice_b1"]["identity"]["machine"]["cpu"] = "Some Other CPU"
-    path.write_text(json.dumps(manifest))
+    path = fp32_copy / "runtime.json"
+    records = json.loads(path.read_text())
+    records["records"]["backend_choice_b1"]["identity"]["machine"]["cpu"] = "Some Other CPU"
+    path.write_text(json.dumps(records))
     assert not OneStepRunner(fp32_copy, backend="auto", batch=1, say=_quiet).plan.cached
 
 

@@ -65,9 +65,9 @@ def test_bf16_is_close_to_fp32_and_keeps_its_own_cache(tiny_export_fp32, lr_tile
     # the two variants cache side by side: neither evicts the other
     assert _blobs(folder / "openvino-cache") == f32_blobs
     assert len(_blobs(folder / "openvino-bf16-cache")) == 3
-    runtime = json.loads((folder / "manifest.json").read_text())["runtime"]
-    assert runtime["openvino_bf16_cache"]["config"]["INFERENCE_PRECISION_HINT"] == "bf16"
-    assert runtime["openvino_cache"]["config"]["INFERENCE_PRECISION_HINT"] == "f32"
+    runtime = json.loads((folder / "runtime.json").read_text())["records"]
+    assert runtime["openvino_bf16_cache"]["identity"]["config"]["INFERENCE_PRECISION_HINT"] == "bf16"
+    assert runtime["openvino_cache"]["identity"]["config"]["INFERENCE_PRECISION_HINT"] == "f32"
     # per part: bf16 for the UNet only chains with the exact encoder and decoder
     mixed = OneStepRunner(folder, backend="encoder=openvino,unet=openvino-bf16,decoder=openvino", batch=1,
                           say=print)
@@ -141,11 +141,12 @@ def test_bench_rows_for_bf16_and_the_exact_per_part_best(tiny_ckpt, tmp_path):
 @needs_native_bf16
 def test_export_time_compile_fills_the_bf16_cache_only(tiny_export_fp32, tmp_path):
     """What ``dfosd-export --backend openvino-bf16`` does after writing the ONNX files."""
-    from dfosd.engines.openvino_backend import OpenVinoBf16Backend, compile_cache
+    from dfosd.core.manifest import ExportDir
+    from dfosd.engines.openvino_backend import OpenVinoBf16Backend
 
     folder = shutil.copytree(tiny_export_fp32, tmp_path / "e", ignore=shutil.ignore_patterns("openvino*"))
     said = []
-    compile_cache(folder, progress=said.append, backend=OpenVinoBf16Backend())
+    OpenVinoBf16Backend().prepare(ExportDir(folder), progress=said.append)
     entries = json.loads((folder / "manifest.json").read_text())["components"]
     assert len(_blobs(folder / "openvino-bf16-cache")) == len(entries) == len(said)
     assert all(s.startswith("openvino-bf16: ") for s in said)

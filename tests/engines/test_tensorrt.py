@@ -70,7 +70,7 @@ def test_plan_system_comparison(tmp_path):
         check_plan_system({"plan": "unet_b1.plan", "system": H100}, trt11, export_dir)
     text = str(err.value)
     assert "unet_b1.plan does not fit this system: 2 problem(s)" in text
-    assert f"python -m dfosd.engines.tensorrt_build '{export_dir}'" in text  # the rebuild command, quoted
+    assert f"dfosd build '{export_dir}' --backend tensorrt" in text  # the rebuild command, quoted
 
 
 def test_plan_jobs_of_a_float_export(tiny_export_fp32):
@@ -103,7 +103,7 @@ def test_without_tensorrt_build_and_backend_say_how_to_get_it(tiny_export_fp32):
     assert select_backend("auto")[0].name == "onnxruntime"
     with pytest.raises(DfosdError, match="no TensorRT plan for unet_b1") as err:
         read_plan_manifest(tiny_export_fp32, "unet_b1")
-    assert "python -m dfosd.engines.tensorrt_build" in str(err.value)
+    assert "dfosd build" in str(err.value)
 
 
 class StandInTensorRT:
@@ -258,26 +258,25 @@ def test_parser_errors_name_the_onnx_node(stand_in_trt, tiny_export_fp32, tmp_pa
 def test_a_plan_from_another_onnx_is_refused(stand_in_trt, tiny_export_fp32, tmp_path, monkeypatch):
     import shutil
 
-    from dfosd.core.contracts import ComponentContract
     from dfosd.core.errors import DfosdError
-    from dfosd.core.manifest import read_manifest
+    from dfosd.core.manifest import ExportDir
     from dfosd.engines import tensorrt_backend
     from dfosd.engines.tensorrt_build import build_engines
 
     out = shutil.copytree(tiny_export_fp32, tmp_path / "export")
     build_engines(out)
     monkeypatch.setattr(tensorrt_backend, "system_info", lambda trt: dict(H100))
-    entry = read_manifest(out)["components"]["unet_b1"]
-    contract = ComponentContract.from_dict(entry["contract"])
+    export = ExportDir(out)
+    part = export.parts(1)["unet"]
     plan_json = out / "unet_b1.plan.json"
     rec = json.loads(plan_json.read_text())
-    plan_json.write_text(json.dumps({**rec, "onnx_sha256": "0" * 64}))
+    plan_json.write_text(json.dumps({**rec, "onnx_files": {"unet_b1.onnx": {"sha256": "0" * 64}}}))
     with pytest.raises(DfosdError, match="built from another unet_b1.onnx"):
-        tensorrt_backend.TensorRTBackend().load(out, entry, contract)
+        tensorrt_backend.TensorRTBackend().load(export, part)
     plan_json.write_text(json.dumps({**rec, "system": {**H100, "tensorrt": "11.1.0", "tensorrt_major": 11}}))
     with pytest.raises(DfosdError, match="built with TensorRT 11.1.0, this is TensorRT 10.16.0") as err:
-        tensorrt_backend.TensorRTBackend().load(out, entry, contract)
-    assert "python -m dfosd.engines.tensorrt_build" in str(err.value)
+        tensorrt_backend.TensorRTBackend().load(export, part)
+    assert "dfosd build" in str(err.value) and "--backend tensorrt" in str(err.value)
 
 
 def test_rebuild_command_line_help():
@@ -338,5 +337,5 @@ def test_tensorrt_plans_run_like_onnxruntime_in_one_cuda_graph(precision, tiny_c
     manifest = json.loads(path.read_text())
     manifest["system"]["sm"] = "1.0"
     path.write_text(json.dumps(manifest))
-    with pytest.raises(DfosdError, match="tensorrt_build"):
+    with pytest.raises(DfosdError, match="--backend tensorrt"):
         OneStepRunner(out, backend="tensorrt")
