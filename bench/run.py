@@ -224,9 +224,9 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
             r.vs_openvino = [round(v, 3) for v in ratio_range(timings[f"openvino {prec}"], t)]
         rows.append(r)
         say(f"  {name:<28} median {r.median_ms:10.1f} ms  runs {min(t.runs_ms):.1f}-{max(t.runs_ms):.1f} ms "
-            f"(spread {r.spread_pct:.0f} %)  {r.images_per_s:8.3f} img/s  psnr {r.psnr_db}")
+            f"(spread {spread_text(r.spread_pct)})  {r.images_per_s:8.3f} img/s  psnr {r.psnr_db}")
         if spread(t) > NOISY_SPREAD:
-            warnings.append(f"{name}: its {len(t.runs_ms)} runs disagree by {100 * spread(t):.0f} % "
+            warnings.append(f"{name}: its {len(t.runs_ms)} runs disagree by {spread_text(r.spread_pct)} "
                             f"({min(t.runs_ms):.1f} to {max(t.runs_ms):.1f} ms): the machine was busy or throttling, "
                             "so the speed-ups below are not a property of the engines; rerun with more --repeats "
                             "on an idle machine")
@@ -273,6 +273,12 @@ def _engine_candidates(cfg: BenchConfig, prec: str, folder: Path, x, candidates:
     return {prec: plan.to_dict()}
 
 
+def spread_text(spread_pct: float) -> str:
+    """A row's stored spread (percent, one decimal) as every line of the report shows it: one
+    rounding, so the table and the warning never give the same runs two numbers."""
+    return f"{spread_pct:.1f} %"
+
+
 def markdown_table(result: dict) -> str:
     eager = next(r for r in result["rows"] if r["name"] == "eager PyTorch fp32")
     has_ov = any(r.get("vs_openvino") for r in result["rows"])
@@ -289,7 +295,7 @@ def markdown_table(result: dict) -> str:
             speedup += f" ({r['speedup_range'][0]:.2f}-{r['speedup_range'][2]:.2f})"
         ov = (f" {r['vs_openvino'][1]:.2f}x |" if r.get("vs_openvino") else " |") if has_ov else ""
         lines.append(f"| {r['name']} | {r['device']} | {r['median_ms']:.1f} | {min(runs):.1f}-{max(runs):.1f} "
-                     f"({r.get('spread_pct', 0):.0f} %) | {r['images_per_s']:.3f} | {speedup} |{ov} {psnr} | {mad} |")
+                     f"({spread_text(r.get('spread_pct', 0))}) | {r['images_per_s']:.3f} | {speedup} |{ov} {psnr} | {mad} |")
     for w in result.get("warnings", []):
         lines.append(f"\n**Warning:** {w}")
     return "\n".join(lines)

@@ -110,3 +110,14 @@ class QuantRecipe:
         d["activations"] = "per-tensor"
         d["linear_calibration"] = "smoothquant+max" if self.precision == "int8" else "max"
         return d
+
+
+def require_modelopt() -> None:
+    """The cheap check for int8/fp8 before any model is loaded: ModelOpt is installed (found,
+    not imported: importing it takes seconds; calibration/quantize.py imports it when it runs)."""
+    import importlib.util
+
+    if importlib.util.find_spec("modelopt") is None:
+        raise DfosdError("int8/fp8 export needs NVIDIA ModelOpt (nvidia-modelopt), which is not installed",
+                         hint="pip install 'dfosd[quant]' (nvidia-modelopt; keep your torch build: see README), "
+                              "or export --precision fp16 / fp32")

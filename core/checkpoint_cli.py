@@ -53,7 +53,7 @@ def random_main(base, out, rank, alpha, tokens, seed, force):
     written = write_random_checkpoint(path, load_base(base), rank=rank, alpha=alpha, tokens=tokens, seed=seed)
     say(f"wrote {written}: random LoRA (rank {rank}, alpha {alpha:g}) + embedding ({tokens} tokens) for {base}; "
         "valid format, random weights (outputs are not super-resolved)")
-    say(f"next: dfosd-export --ckpt {written} --out engines")
+    say(f"next: dfosd-export --ckpt {written} --out dfosd-engines")
     click.echo(str(written))
 
 

@@ -12,8 +12,12 @@ import click
 from dfosd.core.errors import DfosdError
 
 
+INTERRUPTED_EXIT = 130  # the shell's code for a command stopped by Ctrl-C (128 + SIGINT)
+
+
 def user_errors(fn):
-    """Turn a DfosdError into click's one-line error and a non-zero exit (no traceback)."""
+    """Turn a DfosdError into click's one-line error and a non-zero exit (no traceback), and
+    Ctrl-C into exit 130 (click's default, "Aborted!" with exit 1, reads as a failure)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -21,6 +25,9 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except DfosdError as exc:
             raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted (SIGINT)", err=True)
+            raise SystemExit(INTERRUPTED_EXIT) from None
 
     return wrapper
 
@@ -47,6 +54,13 @@ def parse_int_list(value: str, option: str) -> tuple[int, ...]:
     if not items:
         raise click.BadParameter("give at least one value", param_hint=option)
     return items
+
+
+def progress_bars(wanted: bool, stream=None) -> bool:
+    """Whether to draw progress bars: asked for and ``stream`` (stderr) is a terminal. In a log
+    file or a pipe a bar is carriage returns and escape codes, not information."""
+    stream = sys.stderr if stream is None else stream
+    return bool(wanted) and hasattr(stream, "isatty") and stream.isatty()
 
 
 def say(msg: str) -> None:

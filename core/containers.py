@@ -130,3 +130,9 @@ def _load_pickle(path: Path) -> dict:
         raise DfosdError(f"checkpoint {path} has {len(odd)} key(s) that are not names (e.g. {odd[0]!r}); "
                          "no supported layout has them")
     return obj
+
+
+def is_tensor(x) -> bool:
+    import torch
+
+    return isinstance(x, torch.Tensor)

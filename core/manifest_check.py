@@ -70,18 +70,15 @@ def _check_component(stem: str, entry: Any, data: dict, problems: list[str]) -> 
     return name, batch
 
 
-def _check_family_and_runtime(data: dict, problems: list[str]) -> None:
-    """The family record the runtime applies per image (colour fix) and the runtime section's
-    records (cached backend choices): checked once here, not found broken image by image."""
+def _check_family(data: dict, problems: list[str]) -> None:
+    """The family record the runtime applies per image (colour fix): checked once here, not
+    found broken image by image."""
     family = data.get("family")
     if not isinstance(family, dict) or not isinstance(family.get("name"), str):
         problems.append(f"family is {type(family).__name__ if not isinstance(family, dict) else 'an object'} "
                         "without a name, expected the model family's record")
     elif family.get("color_fix", "none") not in COLOR_FIXES:
         problems.append(f"family.color_fix {family.get('color_fix')!r} is not one of {', '.join(COLOR_FIXES)}")
-    runtime = data.get("runtime")
-    if runtime is not None and (not isinstance(runtime, dict) or not all(isinstance(v, dict) for v in runtime.values())):
-        problems.append("runtime is not an object of records (objects)")
 
 
 def check_export_manifest(data: Any, path: Path) -> None:
@@ -121,7 +118,7 @@ def check_export_manifest(data: Any, path: Path) -> None:
     if missing:
         problems.append(f"no component entries for {', '.join(missing)} (batches {batches})")
     _check_file_records(data.get("files"), problems)
-    _check_family_and_runtime(data, problems)
+    _check_family(data, problems)
     if problems:
         raise problems_error(f"{path} is not a valid dfosd export manifest (edited?)", problems,
                              hint="re-run dfosd-export into this folder to rewrite it")

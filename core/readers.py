@@ -18,16 +18,15 @@ Layouts
 
 from __future__ import annotations
 
-import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from dfosd.core.containers import load_raw, safetensors_metadata  # noqa: F401 - safetensors_metadata re-exported
+from dfosd.core.containers import is_tensor, load_raw, safetensors_metadata  # noqa: F401 - re-exported
 from dfosd.core.errors import DfosdError, problems_error
 from dfosd.core.families import NOT_SUPPORTED, Family, get_family, lora_alpha
+from dfosd.core.lora_files import read_diffusers_sets, read_kohya_sets
 from dfosd.core.srmodel import LoraSet, SRModel, parse_format2
 
 if TYPE_CHECKING:
@@ -61,10 +60,10 @@ def _state_dict(raw: dict, key: str, problems: list[str]) -> dict:
     if not isinstance(v, dict):
         problems.append(f"{key} is a {type(v).__name__}, expected a dict of name -> tensor")
         return {}
-    odd = sorted(str(k) for k, t in v.items() if not isinstance(k, str) or not _is_tensor(t))
+    odd = sorted(str(k) for k, t in v.items() if not isinstance(k, str) or not is_tensor(t))
     if odd:
         problems.append(f"{key}: {len(odd)} entr(ies) that are not name -> tensor, e.g. {odd[0]}")
-        return {k: t for k, t in v.items() if isinstance(k, str) and _is_tensor(t)}
+        return {k: t for k, t in v.items() if isinstance(k, str) and is_tensor(t)}
     return v
 
 
@@ -91,7 +90,7 @@ def detect(raw: dict, meta: dict) -> Detected:
     if {"unet_lora_encoder_modules", "rank_unet", "state_dict_unet"} <= keys:
         return Detected("osediff", "osediff", "dict with unet_lora_encoder/decoder/others_modules, rank_unet, "
                                               "state_dict_unet and state_dict_vae (OSEDiff's save_model)")
-    tensor_keys = [k for k in keys if _is_tensor(raw[k])]
+    tensor_keys = [k for k in keys if is_tensor(raw[k])]
     if any(k.startswith(("transformer.", "transformer_blocks.")) or "context_embedder" in k for k in tensor_keys):
         return Detected("sd3", "tsd-sr", "transformer_blocks/context_embedder keys: an SD3 (MMDiT) model, as TSD-SR")
     if tensor_keys and all(PEFT_KEY.match(k) and PEFT_KEY.match(k)["adapter"] == "default" for k in tensor_keys):
@@ -102,12 +101,6 @@ def detect(raw: dict, meta: dict) -> Detected:
     if any(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in tensor_keys):
         return Detected("diffusers", meta.get("family"), "<module>.lora_A/B.weight keys (diffusers/PEFT layout)")
     return Detected("unknown", None, "")
-
-
-def _is_tensor(x) -> bool:
-    import torch
-
-    return isinstance(x, torch.Tensor)
 
 
 def _peft_sets(state: dict, part: str, ranks: dict[str, int], family: Family, problems: list[str],
@@ -202,103 +195,6 @@ def _pisa(raw: dict, family: Family, problems: list[str]):
     return sets, replaced
 
 
-def _diffusers(raw: dict, meta: dict, problems: list[str]) -> list[LoraSet]:
-    mods: dict[str, list] = {}
-    for key, t in raw.items():
-        k = key
-        for prefix in ("unet.", "base_model.model."):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
-        m = re.match(r"^(.+)\.lora_([AB])\.weight$", k)
-        if not m or key.startswith(("text_encoder.", "te.")):
-            problems.append(f"unexpected tensor {key} (only UNet LoRA factors are read)")
-            continue
-        mods.setdefault(m[1], [None, None])["AB".index(m[2])] = t
-    stated = _stated_alpha(meta, problems)
-    return _sets_by_rank(mods, "diffusers", problems, lambda rank: stated if stated is not None else float(rank))
-
-
-def _stated_alpha(meta: dict, problems: list[str]) -> float | None:
-    """The alpha a diffusers/PEFT header states (None: none stated, alpha = rank)."""
-    stated = [(key, meta[key]) for key in ("lora_alpha", "alpha") if key in meta]
-    blob = meta.get("lora_adapter_metadata")
-    if blob and not stated:
-        try:
-            data = json.loads(blob)
-            stated = [(f"lora_adapter_metadata {k}", v) for k, v in data.items() if k.endswith("lora_alpha")][:1]
-        except (ValueError, AttributeError):
-            problems.append("header lora_adapter_metadata is not a JSON object")
-    for key, value in stated[:1]:
-        try:
-            alpha = float(value)
-        except (TypeError, ValueError):
-            problems.append(f"header {key} = {value!r} is not a number")
-            return None
-        if not math.isfinite(alpha) or alpha <= 0:
-            problems.append(f"header {key} = {value!r}: alpha must be a finite number > 0")
-            return None
-        return alpha
-    return None
-
-
-def _kohya(raw: dict, base: "Base", problems: list[str]) -> list[LoraSet]:
-    import torch
-
-    names = {("lora_unet_" + n.replace(".", "_")): n for n, _ in base.unet.named_modules() if n}
-    mods: dict[str, list] = {}
-    alphas = {}
-    for key, t in raw.items():
-        stem, _, rest = key.partition(".")
-        if rest == "alpha":
-            if not _is_tensor(t) or t.numel() != 1 or not bool(torch.isfinite(t.float()).all()):
-                problems.append(f"{key} is {'a tensor of shape ' + str(list(t.shape)) if _is_tensor(t) else repr(t)}; "
-                                "alpha is one finite number per module")
-            else:
-                alphas[stem] = float(t)
-            continue
-        if not stem.startswith("lora_unet_") or rest not in ("lora_down.weight", "lora_up.weight"):
-            problems.append(f"unexpected tensor {key} (only lora_unet_*.lora_down/lora_up/alpha are read)")
-            continue
-        if stem not in names:
-            problems.append(f"{stem}: names no module of the base UNet")
-            continue
-        mods.setdefault(stem, [None, None])[0 if rest == "lora_down.weight" else 1] = t
-    # kohya's scale is per module (alpha / rank; alpha missing or 0 reads as alpha = rank, as kohya-ss's
-    # LoRAModule does): one set per (rank, alpha), so each set's scale is its modules' real scale
-    by_scale: dict[tuple[int, float], dict] = {}
-    for stem, ab in mods.items():
-        if None in ab:
-            continue
-        rank = int(ab[0].shape[0])
-        alpha = alphas.get(stem) or float(rank)
-        by_scale.setdefault((rank, alpha), {})[names[stem]] = (ab[0], ab[1])
-    half = [s for s, ab in mods.items() if None in ab]
-    if half:
-        problems.append(f"{len(half)} module(s) with only one of lora_down/lora_up, e.g. {half[0]}")
-    sets = []
-    for rank in sorted({r for r, _ in by_scale}):
-        alphas_here = sorted(a for r, a in by_scale if r == rank)
-        for i, alpha in enumerate(alphas_here):
-            name = f"kohya_r{rank}" if len(alphas_here) == 1 else f"kohya_r{rank}_{i}"
-            try:
-                sets.append(LoraSet(part="unet", name=name, rank=rank, alpha=alpha, group="main",
-                                    factors=by_scale[(rank, alpha)]))
-            except DfosdError as exc:
-                problems.append(exc.message)
-    return sets
-
-
-def _sets_by_rank(mods: dict, prefix: str, problems: list[str], alpha_of) -> list[LoraSet]:
-    by_rank: dict[int, dict] = {}
-    for name, ab in mods.items():
-        if None in ab:
-            problems.append(f"{name}: only one of lora_A/lora_B")
-            continue
-        by_rank.setdefault(int(ab[0].shape[0]), {})[name] = (ab[0], ab[1])
-    return [LoraSet(part="unet", name=f"{prefix}_r{r}", rank=r, alpha=alpha_of(r), group="main", factors=f)
-            for r, f in sorted(by_rank.items())]
-
-
 def read_model(path: str | Path, *, family: str | None = None, base_spec: str | None = None,
                prompt: str | None = None, base: "Base | None" = None,
                progress: Callable[[str], None] = lambda msg: None, encode: bool = True) -> SRModel:
@@ -353,9 +249,9 @@ def read_model(path: str | Path, *, family: str | None = None, base_spec: str | 
         elif found.layout == "hypir":
             sets, replaced = _peft_sets(raw, "unet", {}, fam, problems)
         elif found.layout == "diffusers":
-            sets = _diffusers(raw, meta, problems)
+            sets = read_diffusers_sets(raw, meta, problems)
         else:
-            sets = _kohya(raw, base, problems)
+            sets = read_kohya_sets(raw, base, problems)
     except (TypeError, ValueError, AttributeError, KeyError, IndexError, RuntimeError) as exc:
         # the checks above name the cases seen; anything else malformed is still the file's fault
         problems.append(f"malformed contents ({type(exc).__name__}: {exc})")

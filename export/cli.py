@@ -60,6 +60,7 @@ def main(ckpt, family, prompt, timestep, pisa_scales, base, precision, float_pre
     from dfosd.core.checkpoint import check_checkpoint_exists
     from dfosd.engines.base import auto_precision, select_backend
     from dfosd.export.artifacts import ExportConfig, export_checkpoint
+    from dfosd.export.ownership import check_out_folder
 
     # Cheap checks first: options and files, before any heavy import or work.
     def config(precision):
@@ -69,6 +70,11 @@ def main(ckpt, family, prompt, timestep, pisa_scales, base, precision, float_pre
 
     cfg = config("fp32" if precision == "auto" else precision)  # the options are checked either way
     check_checkpoint_exists(ckpt)
+    check_out_folder(out_dir)
+    if cfg.quant is not None:
+        from dfosd.calibration.recipe import require_modelopt
+
+        require_modelopt()
     scales = None
     if pisa_scales is not None:
         try:

@@ -47,9 +47,27 @@ def part_files(stems: list[str]) -> set[str]:
     return {name for stem in stems for name in (onnx_name(stem), onnx_name(stem) + ".data")}
 
 
+def check_out_folder(out_dir: Path) -> None:
+    """Refuse ``--out`` inside dfosd's own package: the package folder itself or one of its stage
+    folders (``engines/``, ``export/``, ...: a folder of it holding ``__init__.py``). In a clone the
+    clone's root is the package, so a new folder there (``dfosd-engines``) is fine."""
+    package = Path(__file__).resolve().parent.parent
+    target = Path(out_dir).resolve()
+    try:
+        inside = target.relative_to(package).parts
+    except ValueError:
+        return
+    if not inside or (package / inside[0] / "__init__.py").is_file():
+        where = package if not inside else package / inside[0]
+        raise DfosdError(f"--out {out_dir} is {'inside ' if inside else ''}dfosd's own package folder {where}; "
+                         "an export never writes among dfosd's source files",
+                         hint="pass another folder, e.g. --out dfosd-engines (the default)")
+
+
 def owned_files(out_dir: Path) -> set[str]:
     """File names in ``out_dir`` that an earlier dfosd export wrote; refuses a foreign non-empty folder."""
     out_dir = Path(out_dir)
+    check_out_folder(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise DfosdError(f"--out {out_dir} is a file, not a folder", hint="pass a new or empty folder as --out")
     if not out_dir.is_dir() or not any(out_dir.iterdir()):

@@ -98,6 +98,16 @@ def parse_backend_spec(spec: str) -> str | dict[str, str]:
     return names
 
 
+def check_backend_spec(spec: str) -> None:
+    """The cheap check of ``--backend`` before a run starts: known names, and each named backend
+    usable here (TensorRT installed, ...); ``auto`` chooses later, among the usable ones."""
+    from dfosd.engines.base import select_backend
+
+    parsed = parse_backend_spec(spec)
+    for name in sorted(set(parsed.values()) if isinstance(parsed, dict) else {parsed} - {"auto"}):
+        select_backend(name)
+
+
 def cpu_candidates() -> list[str]:
     """CPU backends usable here, in the order ties are broken."""
     from dfosd.engines.base import BACKENDS, backend_class

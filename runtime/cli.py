@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from dfosd.core.cli_support import say, setup_logging, user_errors
+from dfosd.core.cli_support import progress_bars, say, setup_logging, user_errors
 from dfosd.core.vocab import COLOR_FIXES, REPORT_NAME
 from dfosd.engines.base import BACKEND_CHOICES
 from dfosd.runtime.inputs import DEFAULT_MAX_PIXELS, OUTPUT_FORMATS  # torch-free: --help stays light
@@ -103,11 +103,34 @@ def main(inputs, export_dir, out_dir, backend, batch, tile, overlap, color_fix, 
                          hint="pass image files, folders or glob patterns")
     for p in found.problems:
         say(f"error: {p}")
+    # A run that cannot start (an unusable backend, options that do not apply, no export) leaves no
+    # output folder and no report; only an earlier run's report there is replaced, so it never
+    # outlives this run's options.
+    if server is None:
+        from dfosd.runtime.backend_choice import check_backend_spec
+
+        check_backend_spec(backend)
+    else:
+        from dfosd.serving.client import local_only_options
+
+        local_only_options(click.get_current_context(), ("export_dir", "backend", "batch"))
     # Where outputs go, and that they can be written.
     check_output_folder(inputs, found.pairs, out, fmt)
     report_path = Path(report) if report else out / REPORT_NAME
+    new_folders = [p for p in (out, *out.parents, *report_path.parent.parents, report_path.parent) if not p.exists()]
     check_writable_folder(out, "--out")
     check_writable_folder(report_path.parent, "--report folder")
+    not_started = None
+    if server is None:  # no export there, or an edited manifest: said before seconds of imports
+        from dfosd.core.manifest import ExportDir
+
+        try:
+            ExportDir(export_dir, check="none")
+        except DfosdError as exc:
+            if not report_path.exists():
+                _remove_empty(new_folders)
+                raise
+            not_started = exc
     opts = {"fmt": fmt, "quality": quality, "skip_existing": skip_existing, "color_fix": color_fix,
             "max_pixels": max_pixels}
     with report_lock(report_path), stop_on_signals():
@@ -120,10 +143,8 @@ def main(inputs, export_dir, out_dir, backend, batch, tile, overlap, color_fix, 
         rep.write("running")  # from here on, the report on disk is this run's
         code = 0
         try:
-            if server is None:  # no export there, or an edited manifest: said before seconds of imports
-                from dfosd.core.manifest import ExportDir
-
-                ExportDir(export_dir, check="none")
+            if not_started is not None:
+                raise not_started
             runner, tcfg, upscale = _make_upscaler(export_dir, backend, batch, tile, overlap, server, color_fix)
             if server is not None:  # the server applies the colour fix (the same function of the pixels)
                 rep.header["color_fix"] = color_fix or runner.client.info.color_fix
@@ -159,6 +180,16 @@ def main(inputs, export_dir, out_dir, backend, batch, tile, overlap, color_fix, 
         raise SystemExit(1)
 
 
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders this run created before it found it cannot start (deepest first; a
+    folder that is not empty is left, with its parents)."""
+    for folder in sorted(set(folders), key=lambda p: len(p.parts), reverse=True):
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
+
+
 def _names(items, limit: int = 5) -> str:
     names = [Path(i["input"] if isinstance(i, dict) else i[0]).name for i in items]
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
@@ -172,9 +203,8 @@ def _make_upscaler(export_dir, backend, batch, tile, overlap, server, color_fix=
 
     if server is None:
         return local_upscaler(export_dir, backend, batch, tile, overlap, say)
-    from dfosd.serving.client import local_only_options, remote_runner
+    from dfosd.serving.client import remote_runner
 
-    local_only_options(click.get_current_context(), ("export_dir", "backend", "batch"))
     runner = remote_runner(server, say)  # same attributes as OneStepRunner: tile, batch, scale, ...
     check_tile(tile, runner.tile)
     tcfg = TilingConfig(tile=runner.tile, overlap=runner.tile // 4 if overlap is None else overlap,
@@ -194,6 +224,8 @@ def _run_all(pairs, upscale, tcfg, opts, out, rep, progress) -> None:
     from tqdm import tqdm
 
     from dfosd.runtime.batch import process_image
+
+    progress = progress_bars(progress)
 
     def tile_bar(name):
         if not progress:

@@ -26,9 +26,16 @@ _EPS = 1e-5  # keeps a flat (zero-std) channel from dividing by zero
 
 
 def _channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image, per-channel mean and (population) std of [B,C,H,W], shaped [B,C,1,1]."""
-    flat = x.flatten(2)
-    return flat.mean(-1)[..., None, None], flat.std(-1, unbiased=False)[..., None, None]
+    """Per-image, per-channel mean and (population) std of [B,C,H,W], shaped [B,C,1,1], in ``x``'s dtype.
+
+    Reduced in float64: the order a reduction takes (torch splits it by thread count; the C++
+    runner's libtorch, the served model) then changes the float32 result only in the rarest of
+    ties, so the local run, the served model and the C++ runner (serving/cpp/src/color_fix.cpp,
+    the same steps) give the same bytes.
+    """
+    flat = x.flatten(2).double()
+    mean, std = flat.mean(-1), flat.std(-1, unbiased=False)
+    return mean.to(x.dtype)[..., None, None], std.to(x.dtype)[..., None, None]
 
 
 def adain_color_fix(sr: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,7 @@ _MAX_SIDE = {"jpg": 65_535, "webp": 16_383}
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 NOTE_16BIT = "16-bit input written as 8-bit"
+INT_RANGE_KEY = "dfosd_integer_range"  # img.info: (full scale, signed) of a mode-"I" image
 
 
 class ImageOutputError(DfosdError, OSError):
@@ -106,6 +107,8 @@ def _decode(path: Path, max_pixels: int | None = None) -> tuple[Image.Image, boo
             # PIL decodes 16-bit RGB PNGs straight to 8-bit "RGB"; only the raw mode tells.
             was_16bit = any(";16" in str(t.args) for t in img.tile)
             img.load()  # a GIF or multi-page TIFF: the first frame
+            if img.mode == "I":  # the range of its integers is in the file's header, lost by copy()
+                img.info[INT_RANGE_KEY] = _integer_range(img)
             frames = getattr(img, "n_frames", 1)
             return img.copy(), was_16bit, frames  # a copy: the with-block closes the file
     except ImageInputError:
@@ -142,11 +145,24 @@ def _apply_orientation(img: Image.Image, notes: list[str]) -> Image.Image:
         return img
 
 
-def _high_depth_to_l(img: Image.Image, notes: list[str]) -> Image.Image:
-    """16-bit or float single-channel image -> 8-bit "L".
+def _integer_range(img: Image.Image) -> tuple[int, bool]:
+    """(full scale, signed) of a mode-"I" image: 32-bit TIFFs say so in BitsPerSample (258) and
+    SampleFormat (339: 2 signed, else unsigned); PIL's other "I" images are 16-bit."""
+    tags = getattr(img, "tag_v2", None) or {}
+    bits, sample_format = tags.get(258), tags.get(339)
+    bits = bits[0] if isinstance(bits, tuple) else bits
+    sample_format = sample_format[0] if isinstance(sample_format, tuple) else sample_format
+    if img.format == "TIFF" and bits == 32:
+        return (2**31 - 1, True) if sample_format == 2 else (2**32 - 1, False)
+    return 65535, False
 
-    Integer modes are taken as 0..65535 and divided by 257 (65535 -> 255 exactly); float
-    ("F") as 0..1 when its maximum is at most 1, else like 16-bit.
+
+def _high_depth_to_l(img: Image.Image, notes: list[str]) -> Image.Image:
+    """16-bit, 32-bit or float single-channel image -> 8-bit "L".
+
+    Integer modes are scaled from their full range: 0..65535 divided by 257 (65535 -> 255
+    exactly); 32-bit TIFFs from 0..2^32-1 (unsigned) or 0..2^31-1 (signed, negatives as 0).
+    Float ("F") as 0..1 when its maximum is at most 1, else like 16-bit.
     """
     arr = np.asarray(img).astype(np.float64)
     if img.mode == "F":
@@ -154,8 +170,12 @@ def _high_depth_to_l(img: Image.Image, notes: list[str]) -> Image.Image:
         arr = np.nan_to_num(arr)
         full = 1.0 if arr.size and arr.max() <= 1.0 else 65535.0
     else:
-        notes.append(NOTE_16BIT)
-        full = 65535.0
+        full, signed = img.info.get(INT_RANGE_KEY, (65535, False))
+        if full > 65535:
+            notes.append(f"32-bit {'signed ' if signed else ''}input written as 8-bit")
+            arr = np.clip(arr, 0, None) if signed else arr % 2**32  # PIL holds unsigned 32-bit as int32
+        else:
+            notes.append(NOTE_16BIT)
     out = np.clip(np.round(arr / full * 255.0), 0, 255).astype(np.uint8)
     return Image.fromarray(out, "L")
 

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from dfosd.core.cli_support import progress_bars
 from dfosd.core.errors import DfosdError
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ def run_on_ray(ray, workers: list, items: Iterable, rep, progress: bool) -> floa
     alive = list(range(len(workers)))
     unfinished = dict.fromkeys(alive, 0)
     in_flight: dict[Any, tuple[str, int]] = {}
-    bar = tqdm(desc="dfosd (ray)", unit="img", disable=not progress, file=sys.stderr)
+    bar = tqdm(desc="dfosd (ray)", unit="img", disable=not progress_bars(progress), file=sys.stderr)
     t0 = time.perf_counter()
 
     def collect_one() -> None:

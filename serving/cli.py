@@ -32,7 +32,12 @@ def _ignore_signals(handlers: dict) -> None:
 @click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on. The server has no authentication: 0.0.0.0 exposes it on every interface.")
+              help="Address of the HTTP front (inference, health, page). Inference needs no key: 0.0.0.0 "
+                   "exposes it on every interface. gRPC and metrics stay on 127.0.0.1.")
+@click.option("--admin-key", envvar="DFOSD_ADMIN_KEY", default=None,
+              help="Opens Triton's management endpoints (logging, repository, trace, shared memory) to requests "
+                   "with header dfosd-admin-key: KEY (also from $DFOSD_ADMIN_KEY). Without it they are closed.")
+@click.option("--ui/--no-ui", default=True, show_default=True, help="Serve the upscaling page at /.")
 @click.option("--max-batch", type=click.IntRange(1, 1024), default=8, show_default=True,
               help="Most requests the dynamic batcher hands to the model at once.")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(0), default=0.0, show_default=True,
@@ -59,7 +64,7 @@ def _ignore_signals(handlers: dict) -> None:
 @click.option("--log-file", type=click.Path(dir_okay=False), default=None, help="Server log (default: this terminal).")
 @click.option("-v", "--verbose", is_flag=True, help="Verbose server log.")
 @user_errors
-def main(export_dir, http_port, grpc_port, metrics_port, host, max_batch, timeout_s, request_timeout_s,
+def main(export_dir, http_port, grpc_port, metrics_port, host, admin_key, ui, max_batch, timeout_s, request_timeout_s,
          max_queue_delay_us, backend,
          tile_batch, overlap, max_pixels, instances, repo, startup_timeout, exit_timeout, max_restarts, log_file,
          verbose):
@@ -67,7 +72,10 @@ def main(export_dir, http_port, grpc_port, metrics_port, host, max_batch, timeou
 
     Clients send one uint8 image per batch entry, [n,H,W,3] (or [n,3,H,W] with request
     parameter layout=CHW), of any size, to model "dfosd" input "lr_image", and get
-    "sr_image" x4 back. Health: /v2/health/ready; metrics: :METRICS-PORT/metrics.
+    "sr_image" x4 back (parameter color_fix: none|adain|wavelet, default the family's).
+    HTTP goes through dfosd-serve's front, which checks each request before Triton sees it;
+    the page at / upscales a picked image. Health: /v2/health/ready; metrics (on
+    127.0.0.1): :METRICS-PORT/metrics.
     Ctrl-C or SIGTERM stops the server (in-flight requests finish first). If tritonserver or
     a model's backend process dies, the server is restarted (readiness is down meanwhile), at
     most --max-restarts times; then dfosd-serve exits with code 1.
@@ -82,8 +90,10 @@ def main(export_dir, http_port, grpc_port, metrics_port, host, max_batch, timeou
                         overlap=overlap, max_pixels=max_pixels, instances=instances,
                         repo=Path(repo) if repo else None, startup_timeout_s=startup_timeout,
                         exit_timeout_s=exit_timeout,
-                        log_verbose=1 if verbose else 0, log_file=Path(log_file) if log_file else None)
+                        log_verbose=1 if verbose else 0, log_file=Path(log_file) if log_file else None,
+                        admin_key=admin_key or None, ui=ui)
     server = TritonServer(opts)
+    front = _front(opts, server)
 
     def stop_handler(signum, frame):
         raise _Stop(signal.Signals(signum).name)
@@ -91,13 +101,14 @@ def main(export_dir, http_port, grpc_port, metrics_port, host, max_batch, timeou
     previous = {s: signal.signal(s, stop_handler) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         if host not in ("127.0.0.1", "localhost", "::1"):
-            say(f"dfosd-serve: listening on {host}: anyone who can reach this address can use the server "
-                "(no authentication)")
+            say(f"dfosd-serve: listening on {host}: anyone who can reach this address can upscale images "
+                f"(management endpoints {'need --admin-key' if admin_key else 'closed'})")
+        front.start()
         server.start()
         say(f"dfosd-serve: starting tritonserver (pid {server.proc.pid}) on {export_dir} ...")
         server.wait_ready()
-        say(f"dfosd-serve: ready  HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}  "
-            f"model '{opts.model_name}' (Ctrl-C to stop)")
+        say(f"dfosd-serve: ready  HTTP {_front_url(opts)}{'  page ' + _front_url(opts) + '/' if ui else ''}  "
+            f"gRPC {server.grpc_url}  metrics {server.metrics_url}  model '{opts.model_name}' (Ctrl-C to stop)")
         _watch(server, max_restarts)
     except _Stop as why:
         _ignore_signals(previous)
@@ -107,8 +118,28 @@ def main(export_dir, http_port, grpc_port, metrics_port, host, max_batch, timeou
     finally:
         _ignore_signals(previous)  # a second Ctrl-C must not interrupt the clean-up
         server.stop()
+        front.stop()
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _front(opts, server):
+    """The HTTP front (serving/gateway.py) with the model's limits; it outlives tritonserver's restarts
+    (503 meanwhile)."""
+    from dfosd.core.manifest import ExportDir
+    from dfosd.serving.gateway import Gateway, GatewayLimits
+    from dfosd.serving.triton_repo import DEFAULT_MAX_PIXELS
+
+    scale = ExportDir(opts.export_dir, check="none").upscale
+    limits = GatewayLimits(model=opts.model_name, max_pixels=opts.max_pixels or DEFAULT_MAX_PIXELS,
+                           max_batch=opts.max_batch, scale=scale, admin_key=opts.admin_key,
+                           request_timeout_s=opts.request_timeout_s + 60)
+    return Gateway(limits, server.http_url, opts.host, opts.http_port, ui=opts.ui)
+
+
+def _front_url(opts) -> str:
+    host = "127.0.0.1" if opts.host in ("0.0.0.0", "") else opts.host
+    return f"http://{host}:{opts.http_port}"
 
 
 def _watch(server, max_restarts: int) -> None:
@@ -130,7 +161,7 @@ def _watch(server, max_restarts: int) -> None:
         say(f"dfosd-serve: restarting tritonserver (restart {restarts} of at most {max_restarts}) ...")
         server.start()
         server.wait_ready()
-        say(f"dfosd-serve: ready again  HTTP {server.http_url}")
+        say("dfosd-serve: ready again")
 
 
 @click.command(name="triton-repo", context_settings={"help_option_names": ["-h", "--help"]})

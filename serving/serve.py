@@ -6,7 +6,11 @@ use the binary and its backend directly (not pytriton's Python API): the model i
 dfosd's own ``model.py`` in a repository written by ``triton_repo``, so what runs here is
 what a production Triton would run.
 
-Process handling:
+tritonserver listens on 127.0.0.1 only (HTTP on a private port, gRPC, metrics); the network
+reaches the model through dfosd-serve's front (``gateway``), and the management APIs need the
+admin key (Triton's restricted-API flags; a random key when none is given).
+
+Process handling (the Linux parts live in ``processes``):
 
 - a work folder holds the model repository and a ``backends/python`` folder with
   links to the backend library and to the stub built for *this* Python's version;
@@ -34,7 +38,6 @@ Process handling:
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 import shutil
@@ -43,7 +46,6 @@ import socket
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -51,10 +53,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dfosd.core.errors import DfosdError
+from dfosd.serving.gateway import ADMIN_APIS, ADMIN_HEADER
+from dfosd.serving.processes import (OWNER_FILE, SUPERVISOR, group_pids, make_work_dir,  # noqa: F401 - re-exported
+                                     process_start_time, set_parent_death_signal, sweep_stale_work_dirs)
 from dfosd.serving.scheduler import DEFAULT_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
+LOOPBACK = "127.0.0.1"
 INSTALL_HINT = ("pip install --no-deps nvidia-pytriton==0.7.0 && pip install 'tritonclient[http,grpc]' "
                 "(or dfosd[serve]); --no-deps keeps NumPy 2, which pytriton's metadata would downgrade")
 
@@ -136,85 +142,16 @@ def pythonpath_dirs() -> tuple[str, ...]:
     return tuple(str(Path(d).resolve()) for d in os.environ.get("PYTHONPATH", "").split(os.pathsep) if d)
 
 
-# tritonserver runs under this small supervisor (``python -c``, no imports beyond the standard
-# library), the leader of their process group. Why: a backend stub is tritonserver's child, and
-# when tritonserver exits during a model load (SIGTERM from a killed dfosd-serve), the stub was
-# left running for good (observed, with the model in its memory). The supervisor forwards
-# SIGTERM/SIGINT to tritonserver, kills it if it is not gone ``exit_timeout + 30`` s later, and
-# once it is gone, for whatever reason, kills what is left of the group; it exits with
-# tritonserver's exit code. Both get a parent-death signal, so a SIGKILL of dfosd-serve (or of the
-# supervisor) still ends the whole group.
-SUPERVISOR = r"""
-import ctypes, os, signal, subprocess, sys, time
-def pdeathsig():
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-    except Exception:
-        pass
-grace = float(sys.argv[1])
-server = subprocess.Popen(sys.argv[2:], preexec_fn=pdeathsig)
-deadline = []
-def forward(signum, frame):
-    if not deadline:
-        deadline.append(time.monotonic() + grace)
-    try:
-        server.send_signal(signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-signal.signal(signal.SIGTERM, forward)
-signal.signal(signal.SIGINT, forward)
-signal.signal(signal.SIGHUP, forward)
-while server.poll() is None:
-    if deadline and time.monotonic() > deadline[0]:
-        server.kill()
-    time.sleep(0.1)
-me, group = os.getpid(), os.getpgrp()
-for entry in os.listdir("/proc"):
-    if entry.isdigit() and int(entry) != me:
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            if int(fields[2]) == group:
-                os.kill(int(entry), signal.SIGKILL)
-        except (OSError, ValueError, IndexError):
-            pass
-sys.exit(server.returncode if server.returncode >= 0 else 128 - server.returncode)
-"""
-
-
-def _set_parent_death_signal() -> None:
-    """In the child before exec: get SIGTERM when the parent dies (Linux prctl)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
-    except Exception:  # not Linux: the explicit shutdown still applies
-        pass
-
-
-def group_pids(pgid: int) -> list[int]:
-    """Live processes whose process group is ``pgid`` (Linux /proc)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp ...
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            pids.append(int(entry.name))
-    return pids
-
-
 @dataclass
 class ServeOptions:
     export_dir: Path
-    http_port: int = 8000
-    grpc_port: int = 8001
+    http_port: int = 8000           # dfosd-serve's front (serving/gateway.py); tritonserver's HTTP is internal
+    grpc_port: int = 8001           # tritonserver's gRPC, metrics: on 127.0.0.1 always (see gateway)
     metrics_port: int = 8002
-    host: str = "127.0.0.1"          # no authentication: all interfaces only when asked (--host 0.0.0.0)
+    host: str = "127.0.0.1"          # the front's address: all interfaces only when asked (--host 0.0.0.0)
+    triton_http_port: int = 0       # tritonserver's own HTTP on 127.0.0.1 (0: a free port, chosen once)
+    admin_key: str | None = None    # opens the management endpoints (logging, repository, trace, shm)
+    ui: bool = True                 # the page at /
     max_batch: int = 8
     timeout_s: float = 0.0          # queue timeout per request (0: none)
     request_timeout_s: float = DEFAULT_TIMEOUT_S  # the model fails a request not done this long after it arrived
@@ -233,73 +170,17 @@ class ServeOptions:
     extra_args: list[str] = field(default_factory=list)
 
 
-WORK_PREFIX = "dfosd-serve-"
-OWNER_FILE = "dfosd-serve-owner.json"
-
-
-def process_start_time(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (field 22 of /proc/pid/stat), None if it is gone or a zombie.
-    With the pid it names one process: a pid reused by another process has another start time."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] == "Z" else fields[19]
-
-
-def make_work_dir(parent: Path | None = None) -> Path:
-    work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX, dir=parent))
-    owner = {"pid": os.getpid(), "start_time": process_start_time(os.getpid()), "pid_ns": _pid_namespace()}
-    (work / OWNER_FILE).write_text(json.dumps(owner) + "\n")
-    return work
-
-
-def _pid_namespace() -> str | None:
-    try:
-        return os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: it exists, owned by someone else
-        return True
-    return True
-
-
-def sweep_stale_work_dirs(parent: Path | None = None) -> list[Path]:
-    """Remove the work folders of dfosd-serve processes that no longer run (killed with SIGKILL).
-
-    Only folders named ``dfosd-serve-*`` holding our owner file are candidates; a folder whose
-    owner file is unreadable, or whose owner still runs, stays. So does one written in another
-    pid namespace (a container sharing the temp folder: its pids mean nothing here), and one
-    without a recorded start time whose pid is alive (no /proc to tell a reused pid apart)."""
-    removed = []
-    here = _pid_namespace()
-    for work in Path(parent or tempfile.gettempdir()).glob(WORK_PREFIX + "*"):
-        try:
-            owner = json.loads((work / OWNER_FILE).read_text())
-            pid, started = int(owner["pid"]), owner["start_time"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if owner.get("pid_ns", here) != here:
-            continue  # another pid namespace's: cannot be judged from here
-        if (process_start_time(pid) == started) if started is not None else _pid_alive(pid):
-            continue  # its dfosd-serve still runs
-        shutil.rmtree(work, ignore_errors=True)
-        removed.append(work)
-    return removed
-
-
 class TritonServer:
     """One tritonserver process serving dfosd's Python model; use as a context manager."""
 
     def __init__(self, opts: ServeOptions):
+        import secrets
+
         self.opts = opts
+        self.http_port = opts.triton_http_port or free_port()
+        # Triton refuses its management APIs without this header value: --admin-key, or a secret
+        # nobody knows (closed). The front checks it too, with a message.
+        self._admin_key = opts.admin_key or secrets.token_urlsafe(32)
         self.dist = find_tritonserver()
         self.proc: subprocess.Popen | None = None
         self._work: Path | None = None
@@ -345,9 +226,12 @@ class TritonServer:
         return [str(self.dist.server), f"--model-repository={repo}", f"--backend-directory={backends}",
                 "--model-control-mode=none", "--strict-readiness=true", "--exit-on-error=true",
                 f"--exit-timeout-secs={o.exit_timeout_s}", f"--log-verbose={o.log_verbose}",
-                f"--http-address={o.host}", f"--http-port={o.http_port}",
-                f"--grpc-address={o.host}", f"--grpc-port={o.grpc_port}",
-                f"--metrics-address={o.host}", f"--metrics-port={o.metrics_port}",
+                # Loopback only: the network reaches the model through dfosd-serve's front (gateway.py).
+                f"--http-address={LOOPBACK}", f"--http-port={self.http_port}",
+                f"--grpc-address={LOOPBACK}", f"--grpc-port={o.grpc_port}",
+                f"--metrics-address={LOOPBACK}", f"--metrics-port={o.metrics_port}",
+                f"--http-restricted-api={ADMIN_APIS}:{ADMIN_HEADER}={self._admin_key}",
+                f"--grpc-restricted-protocol={ADMIN_APIS}:{ADMIN_HEADER}={self._admin_key}",
                 # Python-backend shared memory per stub: big enough for one 4096x4096 RGB output
                 # up front; it grows in the same steps if a batch needs more.
                 "--backend-config=python,shm-default-byte-size=67108864",
@@ -360,16 +244,16 @@ class TritonServer:
 
     @property
     def http_url(self) -> str:
-        host = "127.0.0.1" if self.opts.host in ("0.0.0.0", "") else self.opts.host
-        return f"http://{host}:{self.opts.http_port}"
+        """tritonserver's own HTTP endpoint (internal: clients use the front's)."""
+        return f"http://{LOOPBACK}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
-        return self.http_url.replace("http://", "grpc://").rsplit(":", 1)[0] + f":{self.opts.grpc_port}"
+        return f"grpc://{LOOPBACK}:{self.opts.grpc_port}"
 
     @property
     def metrics_url(self) -> str:
-        return self.http_url.rsplit(":", 1)[0] + f":{self.opts.metrics_port}/metrics"
+        return f"http://{LOOPBACK}:{self.opts.metrics_port}/metrics"
 
     def start(self) -> "TritonServer":
         for stale in sweep_stale_work_dirs():
@@ -388,7 +272,7 @@ class TritonServer:
             supervised = [sys.executable, "-c", SUPERVISOR, str(self.opts.exit_timeout_s + 30), *cmd]
             self.proc = subprocess.Popen(supervised, env=server_env(self.dist), stdout=out,
                                          stderr=subprocess.STDOUT if out else None, stdin=subprocess.DEVNULL,
-                                         start_new_session=True, preexec_fn=_set_parent_death_signal)
+                                         start_new_session=True, preexec_fn=set_parent_death_signal)
         except BaseException:
             self.stop()
             raise

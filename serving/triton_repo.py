@@ -33,11 +33,12 @@ from typing import Any
 
 from dfosd.core.contracts import ComponentContract
 from dfosd.core.errors import DfosdError, problems_error
-from dfosd.core.manifest import ExportDir, write_text_atomic
+from dfosd.core.manifest import ExportDir
 from dfosd.core.vocab import COMPONENTS, IMAGE_IN, IMAGE_OUT, MANIFEST_NAME, plan_manifest_name
 from dfosd.core.vocab import stem as part_stem
 from dfosd.engines.tensorrt_common import plan_problems, rebuild_command
 from dfosd.serving.pbtxt import Enum, Map, to_pbtxt
+from dfosd.serving.repo_records import MARKER, RepoRecords  # noqa: F401 - MARKER: the tests' and callers' name
 from dfosd.serving.scheduler import DEFAULT_TIMEOUT_S
 
 DATA_TYPES = {"uint8": "TYPE_UINT8", "float16": "TYPE_FP16", "float32": "TYPE_FP32"}
@@ -45,7 +46,6 @@ KINDS = ("python", "onnx", "tensorrt")
 LINK_MODES = ("copy", "hardlink", "symlink")
 DEVICES = ("cpu", "gpu")
 VERSION = "1"
-MARKER = ".dfosd-repo.json"  # marks a repository written here, so rewriting it may replace our models
 DEFAULT_MAX_PIXELS = 1024 * 1024  # LR pixels per image: 1024x1024 in -> 4096x4096 out (48 MiB)
 
 
@@ -267,25 +267,25 @@ def export_files(export_dir: Path) -> list[Path]:
 
 
 def write_model(repo: Path, model: str, config: dict, files: dict[str, Path], link: str,
-                extra_text: dict[str, str] | None = None) -> None:
-    """``repo/model/config.pbtxt`` + ``repo/model/1/<name>`` for each file (replacing an older model dir)."""
+                extra_text: dict[str, str] | None = None, records: RepoRecords | None = None,
+                claim=lambda: None) -> None:
+    """``repo/model/config.pbtxt`` + ``repo/model/1/<name>`` for each file, replacing only the files an
+    earlier run recorded (``records``; see repo_records): a user's file in the folder stays."""
     folder = repo / model
-    if folder.exists():
-        shutil.rmtree(folder)
-    (folder / VERSION).mkdir(parents=True)
+    new = ["config.pbtxt"] + [f"{VERSION}/{name}" for name in [*files, *(extra_text or {})]]
+    (records or RepoRecords(repo)).replace_files(model, new, claim)
+    (folder / VERSION).mkdir(parents=True, exist_ok=True)
     (folder / "config.pbtxt").write_text(to_pbtxt(config))
     for name, src in files.items():
         place_file(src, folder / VERSION / name, link)
     for name, text in (extra_text or {}).items():
+        (folder / VERSION / name).unlink(missing_ok=True)  # a link of an earlier run: not through it
         (folder / VERSION / name).write_text(text)
 
 
 def models_written_before(repo: Path) -> set[str]:
     """The model folders an earlier run of this writer put in ``repo`` (its marker), else none."""
-    try:
-        return set(json.loads((repo / MARKER).read_text()).get("models", {}))
-    except (OSError, ValueError, AttributeError):
-        return set()
+    return set(RepoRecords(repo).models)
 
 
 def planned_models(by_batch: dict[int, dict], opts: RepoOptions) -> set[str]:
@@ -352,19 +352,19 @@ def read_plans(export: ExportDir, parts: dict[str, dict],
 
 
 def _write_chain(repo: Path, result: "RepoResult", opts: "RepoOptions", contracts, part, *, suffix: str,
-                 ensemble: str) -> None:
+                 ensemble: str, records: RepoRecords, claim) -> None:
     """One model per part of the chain plus the ensemble that links them, for one tile batch.
     ``part(name, model)`` gives the part's (config, files, description)."""
     steps = {}
     for name in COMPONENTS:
         model = f"{opts.name}_{contracts[name].stem}{suffix}"
         config, files, description = part(name, model)
-        write_model(repo, model, config, files, opts.link)
+        write_model(repo, model, config, files, opts.link, records=records, claim=claim)
         result.models[model] = description
         steps[name] = model
     batch = contracts[COMPONENTS[0]].batch
     ens = f"{opts.name}_tiles_b{batch}{suffix}"
-    write_model(repo, ens, ensemble_config(ens, steps, contracts), {}, opts.link)
+    write_model(repo, ens, ensemble_config(ens, steps, contracts), {}, opts.link, records=records, claim=claim)
     result.models[ens] = ensemble
 
 
@@ -384,11 +384,12 @@ def write_repository(export_dir: str | Path, repo_dir: str | Path, opts: RepoOpt
     planned = planned_models(by_batch, opts)
     written_before = prepare_repo_dir(repo, force, planned)
     # Claim the folders first: a run cut short leaves folders the next run may still replace.
-    write_text_atomic(repo / MARKER, json.dumps({"engines": str(export_dir.resolve()), "models": {
-        m: "being written" for m in sorted(written_before | planned)}}, indent=2) + "\n")
+    records, engines = RepoRecords(repo), str(export_dir.resolve())
+    claims = {m: "being written" for m in sorted(written_before | planned)}
+    records.save(engines, claims)
     result = RepoResult(repo)
     try:
-        _write_models(repo, export, by_batch, opts, tile_batch, result)
+        _write_models(repo, export, by_batch, opts, tile_batch, result, records, lambda: records.save(engines, claims))
     finally:
         # The claims shrink to the folders that exist (all ours: a planned name a user held was refused
         # above), also when a check failed half-way: an unused claim would later let us delete a folder
@@ -396,13 +397,12 @@ def write_repository(export_dir: str | Path, repo_dir: str | Path, opts: RepoOpt
         models = {m: "written by an earlier run" if m in written_before else "written by this run"
                   for m in sorted(written_before | planned) if (repo / m).is_dir()}
         models.update(result.models)
-        write_text_atomic(repo / MARKER, json.dumps({"engines": str(export_dir.resolve()), "models": models},
-                                                    indent=2) + "\n")
+        records.save(engines, models)
     return result
 
 
 def _write_models(repo: Path, export, by_batch: dict, opts: RepoOptions, tile_batch: int,
-                  result: RepoResult) -> None:
+                  result: RepoResult, records: RepoRecords, claim) -> None:
     export_dir = export.path
     n = opts.name
 
@@ -416,7 +416,7 @@ def _write_models(repo: Path, export, by_batch: dict, opts: RepoOptions, tile_ba
                         f"onnxruntime_onnx {name}, tile batch {batch}")
 
             _write_chain(repo, result, opts, contracts, onnx_part, suffix="",
-                         ensemble=f"ensemble of the ONNX parts, tile batch {batch}")
+                         ensemble=f"ensemble of the ONNX parts, tile batch {batch}", records=records, claim=claim)
         if "tensorrt" in opts.kinds:
             plans, why = read_plans(export, parts, contracts)
             if plans is None:
@@ -431,12 +431,13 @@ def _write_models(repo: Path, export, by_batch: dict, opts: RepoOptions, tile_ba
                             f"tensorrt_plan {name}, tile batch {batch}, SM {plan['system']['sm']}")
 
                 _write_chain(repo, result, opts, contracts, plan_part, suffix="_trt",
-                             ensemble=f"ensemble of the TensorRT plans, tile batch {batch}")
+                             ensemble=f"ensemble of the TensorRT plans, tile batch {batch}", records=records,
+                             claim=claim)
 
     if "python" in opts.kinds:
         params = python_model_parameters(export, opts, tile_batch)
         files = {f"engines/{p.name}": p for p in export_files(export_dir)}
         write_model(repo, n, python_config(n, params, opts), files, opts.link,
-                    {"model.py": model_py(opts.site_dirs, opts.path_dirs)})
+                    {"model.py": model_py(opts.site_dirs, opts.path_dirs)}, records=records, claim=claim)
         result.models[n] = (f"python backend: dfosd runtime ({opts.backend}), any image size, tile batch "
                             f"{tile_batch}, up to {opts.max_batch} requests per batch")

@@ -46,6 +46,14 @@ def tiny_base():
 
 
 @pytest.fixture(scope="session")
+def osediff_pkl(tiny_base, tmp_path_factory):
+    """An osediff.pkl written the upstream way (tests/upstream_way.py) for the tiny base; read-only."""
+    import upstream_way as uw
+
+    return uw.write_osediff(tmp_path_factory.mktemp("osediff") / "osediff.pkl", tiny_base)
+
+
+@pytest.fixture(scope="session")
 def tiny_ckpt(tiny_base, tmp_path_factory):
     from dfosd.core.checkpoint import write_random_checkpoint
 
@@ -252,3 +260,38 @@ def package_export(folder: Path, parts: dict, tile: int, batch: int) -> Path:
 def aoti_stand_in_export(tmp_path_factory):
     """An export directory holding only cpu AOTI packages of ``stand_in_parts`` (read-only: copy to tamper)."""
     return package_export(tmp_path_factory.mktemp("aoti_stand_in"), stand_in_parts(), STAND_IN_TILE, STAND_IN_BATCH)
+
+
+# ---------------------------------------------------------------- the serving tests' server
+
+
+@pytest.fixture(scope="session")
+def server(tiny_export_fp32, tmp_path_factory):
+    """The serving tests' one dfosd-serve (tritonserver + its front), shared by the whole session:
+    tritonserver's start-up is the expensive part. tests/serving/test_serving_server.py's last test stops it."""
+    from serve_helpers import ADMIN_KEY, ServeProcess
+
+    proc = ServeProcess(tiny_export_fp32, tmp_path_factory.mktemp("serve") / "server.log", "--admin-key", ADMIN_KEY)
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def local(tiny_export_fp32):
+    """The in-process runtime on the serving tests' export: (image CHW uint8 torch) -> CHW output."""
+    from serve_helpers import TILE_BATCH
+
+    from dfosd.runtime.step import OneStepRunner
+    from dfosd.runtime.tiling import TilingConfig, upscale_tiled
+
+    runner = OneStepRunner(tiny_export_fp32, backend="onnxruntime", batch=TILE_BATCH, say=lambda m: None)
+
+    def run(image, overlap=None):
+        cfg = TilingConfig(tile=runner.tile, overlap=runner.tile // 4 if overlap is None else overlap,
+                           batch=runner.batch, scale=runner.scale)
+        return upscale_tiled(image, runner, cfg)
+
+    return run

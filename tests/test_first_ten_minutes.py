@@ -85,7 +85,11 @@ CHEAP_CASES = [
     ("dfosd.bench.cli", "main", ["--backends", "bogus", "--work", "bench"], "--backends bogus"),
     ("dfosd.bench.cli", "main", ["--precisions", "fp12", "--work", "bench"], "--precisions fp12"),
     ("dfosd.bench.cli", "main", ["--ckpt", "missing.safetensors", "--work", "bench"], COMMAND),
-    ("dfosd.runtime.cli", "main", ["in.png", "--engines", "nowhere"], "no manifest.json"),
+    ("dfosd.runtime.cli", "main", ["in.png", "--engines", "nowhere", "--out", "o"], "no manifest.json"),
+    ("dfosd.runtime.cli", "main", ["in.png", "--engines", "nowhere", "--out", "o", "--backend", "bogus"],
+     "unknown backend 'bogus'"),
+    ("dfosd.runtime.cli", "main", ["in.png", "--engines", "nowhere", "--out", "o", "--backend", "cuda"],
+     "unknown backend 'cuda'"),
     ("dfosd.serving.cli", "main", ["--engines", "nowhere"], "no manifest.json"),
 ]
 
@@ -98,7 +102,84 @@ def test_bad_input_is_reported_before_heavy_imports(tmp_path, module, attr, args
     assert code != 0 and expect in output, output
     assert heavy == "", f"imported {heavy} before reporting: {output}"
     assert not (tmp_path / "bench").exists()  # no export work started
+    assert not (tmp_path / "o").exists()  # a run that never started leaves no output folder (nor a report)
     assert "Traceback" not in output
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
+def test_trt_run_with_tensorrt_missing_fails_before_torch_and_leaves_no_folder(tmp_path):
+    (tmp_path / "in.png").write_bytes(b"")
+    code, output, heavy, _ = _probe("dfosd.runtime.cli", "main", ["in.png", "--engines", "nowhere", "--out", "o",
+                                                                   "--backend", "tensorrt"], tmp_path)
+    assert code == 1 and "backend tensorrt is not usable here" in output and "not installed" in output, output
+    assert heavy == "" and not (tmp_path / "o").exists()
+
+
+def test_readme_step_by_step_export_folder_works_from_the_clone_and_the_package_stays_protected(tmp_path):
+    import re
+
+    from click.testing import CliRunner
+
+    from dfosd.core.errors import DfosdError
+    from dfosd.export.cli import main
+    from dfosd.export.ownership import check_out_folder
+
+    step = re.search(r"^dfosd-export --ckpt lora\.safetensors --tile 32 --out (\S+)", (REPO / "README.md").read_text(),
+                     re.M)
+    assert step, "the README's step-by-step export line moved"
+    check_out_folder(REPO / step[1])  # run where the set-up line leaves you: the clone's root
+    run = re.search(r"^dfosd-trt-run photo\.png --engines (\S+)", (REPO / "README.md").read_text(), re.M)
+    assert run and run[1] == step[1]
+    for inside in (REPO / "engines", REPO / "export" / "x", REPO):
+        with pytest.raises(DfosdError, match="dfosd's own package folder"):
+            check_out_folder(inside)
+    (tmp_path / "lora.safetensors").write_bytes(b"not read")
+    r = CliRunner().invoke(main, ["--ckpt", str(tmp_path / "lora.safetensors"), "--out", str(REPO / "engines")])
+    assert r.exit_code == 1 and "dfosd's own package folder" in r.output and "--out dfosd-engines" in r.output
+
+
+def test_export_int8_without_modelopt_says_so_before_loading_anything(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import dfosd.export.artifacts as artifacts
+    from dfosd.export.cli import main
+
+    monkeypatch.setitem(sys.modules, "modelopt", None)  # what find_spec sees when it is not installed
+    monkeypatch.setattr(artifacts, "export_checkpoint", lambda *a, **k: pytest.fail("export started"))
+    (tmp_path / "lora.safetensors").write_bytes(b"not read")
+    (tmp_path / "calib").mkdir()
+    r = CliRunner().invoke(main, ["--ckpt", str(tmp_path / "lora.safetensors"), "--precision", "int8",
+                                  "--calib-data", str(tmp_path / "calib"), "--out", str(tmp_path / "e")])
+    assert r.exit_code == 1 and "needs NVIDIA ModelOpt" in r.output and "dfosd[quant]" in r.output, r.output
+
+
+def test_export_ctrl_c_exits_130_like_the_runtime(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import dfosd.export.artifacts as artifacts
+    from dfosd.export.cli import main
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(artifacts, "export_checkpoint", interrupted)
+    (tmp_path / "lora.safetensors").write_bytes(b"not read")
+    r = CliRunner().invoke(main, ["--ckpt", str(tmp_path / "lora.safetensors"), "--out", str(tmp_path / "e"),
+                                  "--backend", "onnxruntime"])
+    assert r.exit_code == 130 and "interrupted (SIGINT)" in r.output and "Aborted" not in r.output, r.output
+
+
+def test_progress_bars_only_on_a_terminal():
+    import io
+
+    from dfosd.core.cli_support import progress_bars
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert progress_bars(True, Tty()) and not progress_bars(False, Tty())
+    assert not progress_bars(True, io.StringIO())  # a log file or pipe: no carriage returns, no escape codes
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")

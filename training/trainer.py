@@ -299,6 +299,7 @@ class Trainer:
     def run(self) -> TrainResult:
         from tqdm.auto import tqdm
 
+        from dfosd.core.cli_support import progress_bars
         from dfosd.training.reporting import CsvLog, losses_postfix
 
         cfg, main = self.cfg, self.procs.is_main
@@ -311,7 +312,7 @@ class Trainer:
         loader = self.loader(self.step * cfg.grad_accum)
         last_saved = self.step if self.resumed_from else None
         with tqdm(total=cfg.steps, initial=self.step, desc="dfosd-train", unit="step", dynamic_ncols=True,
-                  disable=not (main and cfg.progress)) as bar, self._say_where_to_resume():
+                  disable=not (main and progress_bars(cfg.progress))) as bar, self._say_where_to_resume():
             while self.step < cfg.steps:
                 t0 = time.perf_counter()
                 batches = [self.micro_batch(loader, self.step * cfg.grad_accum + k) for k in range(cfg.grad_accum)]

@@ -1,4 +1,4 @@
-"""Issue 12.16: honest timing (interleaved rounds, spread, a plain warning) and a demo that says
+"""Honest timing (interleaved rounds, spread, a plain warning) and a demo that says
 where it writes and stays out of git."""
 
 from __future__ import annotations
@@ -45,9 +45,18 @@ def test_table_shows_spread_range_and_a_plain_warning():
             {"name": "onnxruntime fp32", "device": "cpu", "median_ms": 50.0, "p90_ms": 52.0, "images_per_s": 20.0,
              "psnr_db": 80.0, "max_abs_diff": 1, "runs_ms": [49.0, 50.0, 52.0], "spread_pct": 6.0,
              "speedup_range": [1.8, 2.0, 2.6]}]
-    table = markdown_table({"rows": rows, "warnings": ["eager PyTorch fp32: its 3 runs disagree by 40 %"]})
-    assert "| 90.0-130.0 (40 %) |" in table and "| 2.00x (1.80-2.60) |" in table
-    assert "**Warning:** eager PyTorch fp32: its 3 runs disagree by 40 %" in table
+    table = markdown_table({"rows": rows, "warnings": ["eager PyTorch fp32: its 3 runs disagree by 40.0 %"]})
+    assert "| 90.0-130.0 (40.0 %) |" in table and "| 2.00x (1.80-2.60) |" in table
+    assert "**Warning:** eager PyTorch fp32: its 3 runs disagree by 40.0 %" in table
+
+
+def test_the_spread_is_rounded_one_way_in_every_line():
+    """A spread of 12.52 % was "12 %" in the table (stored as 12.5, then rounded half to even)
+    and "13 %" in the warning (rounded from the raw value): one stored value, one format now."""
+    from dfosd.bench.run import spread_text
+
+    stored = round(100 * spread(Timing((100.0, 100.0, 112.52))), 1)
+    assert stored == 12.5 and spread_text(stored) == "12.5 %"
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")

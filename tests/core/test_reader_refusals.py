@@ -11,7 +11,6 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-import upstream_way as uw
 from conftest import TINY
 from dfosd.cli import main
 from dfosd.core.errors import DfosdError
@@ -24,9 +23,8 @@ def _threads(one_torch_thread):
 
 
 @pytest.fixture(scope="module")
-def osediff_dict(tiny_base, tmp_path_factory):
-    path = uw.write_osediff(tmp_path_factory.mktemp("osediff") / "osediff.pkl", tiny_base)
-    return torch.load(path, weights_only=True)
+def osediff_dict(osediff_pkl):
+    return torch.load(osediff_pkl, weights_only=True)
 
 
 def _refused(path, match, **kw):
@@ -171,17 +169,14 @@ def test_convert_validates_against_the_base_as_export_does(tiny_base, tmp_path):
     assert not out.exists()
 
 
-def test_edited_family_color_fix_and_runtime_section_are_one_clear_error(tiny_export_fp32, tmp_path):
+def test_edited_family_color_fix_is_one_clear_error(tiny_export_fp32, tmp_path):
     from dfosd.core.manifest_check import check_export_manifest
 
     data = json.loads((tiny_export_fp32 / "manifest.json").read_text())
     check_export_manifest(data, tmp_path / "manifest.json")  # as exported: fine
     data.setdefault("family", {})["color_fix"] = "sepia"
-    data["runtime"] = {"backend_choice_b1": "openvino"}
-    with pytest.raises(DfosdError) as info:
+    with pytest.raises(DfosdError, match="family.color_fix 'sepia' is not one of none, adain, wavelet"):
         check_export_manifest(data, tmp_path / "manifest.json")
-    msg = str(info.value)
-    assert "family.color_fix 'sepia' is not one of none, adain, wavelet" in msg and "runtime is not an object" in msg
 
 
 def test_an_edited_cached_backend_choice_is_measured_again():
@@ -192,3 +187,23 @@ def test_an_edited_cached_backend_choice_is_measured_again():
     assert _usable_choice(good, backends)
     for bad in ({"parts": {"encoder": "openvino"}}, {"parts": {**good["parts"], "unet": "bogus"}}, {"parts": "x"}, 3):
         assert not _usable_choice(bad, backends)
+
+
+def test_trt_run_with_an_edited_color_fix_fails_once_before_any_image(tiny_export_fp32, tmp_path):
+    import shutil
+
+    from PIL import Image
+
+    from dfosd.runtime.cli import main as run_main
+
+    engines = tmp_path / "engines"
+    shutil.copytree(tiny_export_fp32, engines)
+    data = json.loads((engines / "manifest.json").read_text())
+    data.setdefault("family", {})["color_fix"] = "sepia"
+    (engines / "manifest.json").write_text(json.dumps(data))
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (16, 16), (90, 120, 30)).save(tmp_path / name)
+    r = CliRunner().invoke(run_main, [str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--engines", str(engines),
+                                      "--out", str(tmp_path / "o"), "--no-progress"])
+    assert r.exit_code == 1 and r.output.count("family.color_fix 'sepia'") == 1, r.output
+    assert "KeyError" not in r.output and "Traceback" not in r.output and not (tmp_path / "o").exists()

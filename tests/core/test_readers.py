@@ -21,9 +21,9 @@ def _threads(one_torch_thread):
 
 
 @pytest.fixture(scope="module")
-def upstream_files(tiny_base, tmp_path_factory):
+def upstream_files(tiny_base, osediff_pkl, tmp_path_factory):
     folder = tmp_path_factory.mktemp("upstream")
-    return {"osediff": uw.write_osediff(folder / "osediff.pkl", tiny_base),
+    return {"osediff": osediff_pkl,
             "hypir": uw.write_hypir(folder / "HYPIR_sd2.pth", tiny_base)}
 
 

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from dfosd.core.errors import DfosdError
 from dfosd.core.metrics import psnr_uint8
@@ -88,3 +89,30 @@ def test_tile_must_fit_the_swin_windows(resshift_golden):
     with pytest.raises(DfosdError, match="multiple of 16 .*Swin window 4") as err:
         check_tile(model, 24)
     assert "--tile 16" in str(err.value)
+
+
+def test_whole_images_tile_with_one_noise_field(exported, resshift_golden, tmp_path):
+    from dfosd.runtime.resshift_run import ResShiftRunner, noise_field, read_noise
+
+    _, io, _ = resshift_golden
+    runner = ResShiftRunner(exported["fp32"], tile=TILE, overlap=8)
+    # one tile, upstream's own noise: upstream's image
+    one = runner(io["lr"][0], noise=io["noise"])
+    assert psnr_uint8(one[None].float().numpy(), ((io["sr"] + 1) * 127.5).numpy()) >= 50.0
+    # an image of several overlapping tiles (and one smaller than a tile, padded): the field is drawn once
+    g = torch.Generator().manual_seed(4)
+    big = (torch.nn.functional.interpolate(torch.rand(1, 3, 12, 10, generator=g), size=(48, 40), mode="bicubic")
+           .clamp(0, 1)[0] * 255).round().to(torch.uint8)
+    a, b = runner(big, seed=7), runner(big, seed=7)
+    assert a.shape == (3, 192, 160) and torch.equal(a, b) and a.float().std() > 5
+    assert not torch.equal(a, runner(big, seed=8))
+    # the seeded field sliced per tile is the field given as an array: the same image
+    np.save(tmp_path / "noise.npy", noise_field(7, 48, 40).numpy())
+    assert torch.equal(runner(big, noise=read_noise(tmp_path / "noise.npy", 48, 40)), a)
+    assert runner(big[:, :20, :24], seed=1).shape == (3, 80, 96)
+    np.save(tmp_path / "bad.npy", np.zeros((1, 3, 40, 48), dtype=np.float64))
+    with pytest.raises(DfosdError, match="dtype float64 .*; shape \\[1, 3, 40, 48\\] \\(want \\[1, 3, 48, 40\\]"):
+        read_noise(tmp_path / "bad.npy", 48, 40)
+    with pytest.raises(DfosdError, match="either as a seed or as an array"):
+        runner(big)
+

@@ -462,3 +462,20 @@ def test_output_canvas_rows_equal_compose_output(astronaut):
         assert np.array_equal(np.asarray(banded), np.asarray(whole))
     with pytest.raises(ValueError, match="rows within"):
         canvas.write_rows(100, sr[:, :50])
+
+
+def test_32_bit_tiffs_are_scaled_from_their_own_range(tmp_path):
+    """A 32-bit TIFF divided by 65535 was near-binary: its range is read from the header."""
+    ramp = np.linspace(0, 1, 64).reshape(8, 8)
+    want = np.round(ramp * 255).astype(np.uint8)
+    Image.fromarray((ramp * (2**31 - 1)).astype(np.int32)).save(tmp_path / "signed.tif")  # PIL: SampleFormat 2
+    img = load_image(tmp_path / "signed.tif")
+    assert Image.open(tmp_path / "signed.tif").mode == "I" and img.notes == ["32-bit signed input written as 8-bit"]
+    assert np.abs(img.rgb[0].numpy().astype(int) - want).max() <= 1
+    tifffile = pytest.importorskip("tifffile")
+    tifffile.imwrite(tmp_path / "unsigned.tif", (ramp * (2**32 - 1)).astype(np.uint32))
+    img = load_image(tmp_path / "unsigned.tif")
+    assert img.notes == ["32-bit input written as 8-bit"] and np.abs(img.rgb[0].numpy().astype(int) - want).max() <= 1
+    sixteen = (ramp * 65535).astype(np.uint16)
+    Image.fromarray(sixteen).save(tmp_path / "16.tif")
+    assert np.abs(load_image(tmp_path / "16.tif").rgb[0].numpy().astype(int) - want).max() <= 1

@@ -397,3 +397,30 @@ def test_cpp_reader_spells_the_vocabulary():
     assert consts == {"kManifestName": vocab.MANIFEST_NAME, "kAotiManifestName": vocab.AOTI_MANIFEST_NAME,
                       "kPlanManifestSuffix": vocab.PLAN_MANIFEST_SUFFIX, "kManifestFormat": str(MANIFEST_FORMAT),
                       "kAotiFormat": str(AOTI_FORMAT), "kPlanFormat": str(PLAN_FORMAT)}
+
+
+@needs_tools
+def test_cpp_runner_colour_fix_equals_python_runtime(cpp_runner, stand_in_export, tmp_path):
+    """Issue 21.1: --color-fix adain|wavelet, and the export family's default, give the bytes of the Python
+    runtime's colour fix (runtime/color_fix.py apply_color_fix, what dfosd-trt-run and the served model apply)."""
+    from dfosd.runtime.color_fix import apply_color_fix
+
+    exe, _ = cpp_runner
+    img = _images()[0]
+    _write_ppm(tmp_path / "in.ppm", img)
+    plain = _python_reference(stand_in_export, img, TILE // 4, BATCH)
+    family = _copy_export(stand_in_export, tmp_path / "hypir-like")  # a family whose default is wavelet
+    _edit(family / "manifest.json", lambda m: m.update(family={**(m.get("family") or {}), "color_fix": "wavelet"}))
+    for fix, export, extra in (("adain", stand_in_export, ["--color-fix", "adain"]),
+                               ("wavelet", stand_in_export, ["--color-fix", "wavelet"]),
+                               ("wavelet", family, []), ("none", family, ["--color-fix", "none"])):
+        run = subprocess.run([str(exe), "aoti", "--engines", str(export), "--batch", str(BATCH), *extra,
+                              str(tmp_path / "in.ppm"), str(tmp_path / "out.ppm")], capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 0, run.stderr
+        assert f"colour fix {fix}" in run.stderr
+        want = apply_color_fix(plain, img, fix, 4)
+        assert _read_ppm(tmp_path / "out.ppm").equal(want), (fix, export.name)
+        if fix != "none":
+            assert not want.equal(plain)
+    assert "--color-fix hsv: use none, adain or wavelet" in _fails(exe, stand_in_export, "--color-fix", "hsv")

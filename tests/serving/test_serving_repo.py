@@ -477,3 +477,36 @@ def test_writing_a_repository_is_light(tmp_path):
     body = (f"from dfosd.serving.triton_repo import write_repository\n"
             f"write_repository({str(tmp_path / 'export')!r}, {str(tmp_path / 'repo')!r})")
     assert _heavy_after(body) == []
+
+
+def test_reused_repo_keeps_a_users_files(tiny_export_fp32, tmp_path):
+    """Issue 21.3: rewriting a repository (dfosd-serve --repo R again) removes only the files its marker
+    lists; a user's file inside R/dfosd/ stays, and one at a path we would write is refused, not replaced."""
+    from dfosd.serving.triton_repo import MARKER, RepoOptions, write_repository
+
+    repo, opts = tmp_path / "repo", RepoOptions(kinds=("python",), link="symlink")
+    write_repository(tiny_export_fp32, repo, opts)
+    marker = json.loads((repo / MARKER).read_text())
+    assert "config.pbtxt" in marker["files"]["dfosd"] and "1/model.py" in marker["files"]["dfosd"]
+    mine = {repo / "dfosd" / "notes.txt": "my notes", repo / "dfosd" / "1" / "mine.bin": "data",
+            repo / "dfosd" / "1" / "engines" / "user.txt": "kept"}
+    for path, text in mine.items():
+        path.write_text(text)
+    old = repo / "dfosd" / "1" / "engines" / "sub" / "old.onnx"  # an earlier export's file, in our records
+    old.parent.mkdir()
+    old.write_text("ours")
+    marker["files"]["dfosd"].append("1/engines/sub/old.onnx")
+    (repo / MARKER).write_text(json.dumps(marker))
+    write_repository(tiny_export_fp32, repo, opts)
+    assert all(p.read_text() == t for p, t in mine.items())
+    assert not old.exists() and not old.parent.exists()
+    assert (repo / "dfosd" / "1" / "model.py").is_file()
+    # a file at a path we write that the records do not list is the user's: refused, untouched
+    marker = json.loads((repo / MARKER).read_text())
+    marker["files"]["dfosd"].remove("1/model.py")
+    (repo / MARKER).write_text(json.dumps(marker))
+    (repo / "dfosd" / "1" / "model.py").write_text("# my own model.py")
+    with pytest.raises(DfosdError, match="model.py, which dfosd did not write"):
+        write_repository(tiny_export_fp32, repo, opts)
+    assert (repo / "dfosd" / "1" / "model.py").read_text() == "# my own model.py"
+    assert all(p.read_text() == t for p, t in mine.items())

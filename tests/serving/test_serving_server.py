@@ -26,173 +26,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from serve_helpers import (MAX_BATCH, MAX_PIXELS, TILE_BATCH, ServeProcess, _cmdline, alive, descendants,
+                           grpc_infer, http_infer, image, status)
+
 HAVE_SERVER = importlib.util.find_spec("pytriton") is not None and importlib.util.find_spec("tritonclient") is not None
 pytestmark = pytest.mark.skipif(not HAVE_SERVER, reason="needs tritonserver (PyPI nvidia-pytriton) and tritonclient: "
                                 "pip install --no-deps nvidia-pytriton==0.7.0 && pip install 'tritonclient[http,grpc]'")
 
-MAX_PIXELS = 96 * 96   # small, so that "oversized" is cheap to send
-MAX_BATCH = 4
-TILE_BATCH = 2
 CONCURRENT_SECONDS = 10.0
-
-
-# ---------------------------------------------------------------- helpers
-
-
-def descendants(pid: int) -> set[int]:
-    """pid's live descendants (Linux /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[0] != "Z":
-                children.setdefault(int(fields[1]), []).append(int(entry.name))
-    out, todo = set(), [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            if c not in out:
-                out.add(c)
-                todo.append(c)
-    return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def status(url: str) -> int | None:
-    from dfosd.serving.serve import http_status
-
-    return http_status(url)
-
-
-class ServeProcess:
-    """``python -m dfosd.serving.cli`` (= dfosd-serve) on free loopback ports."""
-
-    def __init__(self, engines: Path, log: Path, *extra: str, tmpdir: Path | None = None):
-        from dfosd.serving.serve import free_port
-
-        self.http, self.grpc, self.metrics = free_port(), free_port(), free_port()
-        self.log, self.engines = log, engines
-        # No --host: the default (loopback only) is what test_listens_on_loopback_only checks.
-        cmd = [sys.executable, "-m", "dfosd.serving.cli", "--engines", str(engines),
-               "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics),
-               "--max-batch", str(MAX_BATCH), "--tile-batch", str(TILE_BATCH), "--max-pixels", str(MAX_PIXELS),
-               "--backend", "onnxruntime", "--log-file", str(log), *extra]
-        self.out = open(log.with_suffix(".cli.txt"), "wb")
-        env = dict(os.environ, TMPDIR=str(tmpdir)) if tmpdir else None  # where its work folder goes
-        self.proc = subprocess.Popen(cmd, stdout=self.out, stderr=subprocess.STDOUT, env=env)
-        self.seen: set[int] = set()  # every tritonserver / stub pid observed while it ran
-
-    @property
-    def http_url(self):
-        return f"http://127.0.0.1:{self.http}"
-
-    @property
-    def grpc_url(self):
-        return f"grpc://127.0.0.1:{self.grpc}"
-
-    def watch(self) -> None:
-        if self.proc.poll() is None:
-            self.seen |= descendants(self.proc.pid)
-
-    def wait_ready(self, timeout: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.watch()
-            if self.proc.poll() is not None:
-                raise AssertionError(f"dfosd-serve exited ({self.proc.returncode}):\n{self.output()}")
-            if status(f"{self.http_url}/v2/health/ready") == 200:
-                self.watch()
-                return
-            time.sleep(0.25)
-        raise AssertionError(f"not ready after {timeout} s:\n{self.output()}")
-
-    def output(self) -> str:
-        if not self.out.closed:
-            self.out.flush()
-        text = self.log.with_suffix(".cli.txt").read_text(errors="replace")
-        if self.log.is_file():
-            text += "\n--- server log ---\n" + "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
-        return text
-
-    def stop(self, sig=signal.SIGTERM, timeout: float = 60.0) -> int:
-        if self.proc.poll() is None:
-            self.watch()
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                for pid in descendants(self.proc.pid) | {self.proc.pid}:
-                    os.kill(pid, signal.SIGKILL)
-                raise
-        self.out.close()
-        return self.proc.returncode
-
-
-@pytest.fixture(scope="module")
-def server(tiny_export_fp32, tmp_path_factory):
-    proc = ServeProcess(tiny_export_fp32, tmp_path_factory.mktemp("serve") / "server.log")
-    try:
-        proc.wait_ready()
-        yield proc
-    finally:
-        proc.stop()
-
-
-@pytest.fixture(scope="module")
-def local(tiny_export_fp32):
-    """The in-process runtime on the same export: (image CHW uint8 torch) -> CHW output."""
-    from dfosd.runtime.step import OneStepRunner
-    from dfosd.runtime.tiling import TilingConfig, upscale_tiled
-
-    runner = OneStepRunner(tiny_export_fp32, backend="onnxruntime", batch=TILE_BATCH, say=lambda m: None)
-
-    def run(image, overlap=None):
-        cfg = TilingConfig(tile=runner.tile, overlap=runner.tile // 4 if overlap is None else overlap,
-                           batch=runner.batch, scale=runner.scale)
-        return upscale_tiled(image, runner, cfg)
-
-    return run
-
-
-def image(h, w, seed):
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
-
-
-def http_infer(url, array, params=None, dtype="UINT8"):
-    import tritonclient.http as th
-
-    client = th.InferenceServerClient(url.split("://")[1])
-    inp = th.InferInput("lr_image", list(array.shape), dtype)
-    inp.set_data_from_numpy(array)
-    out = [th.InferRequestedOutput("sr_image", binary_data=True)]
-    try:
-        return client.infer("dfosd", [inp], parameters=params or {}, outputs=out).as_numpy("sr_image")
-    finally:
-        client.close()  # an open keep-alive connection makes tritonserver wait at shutdown
-
-
-def grpc_infer(url, array, params=None):
-    import tritonclient.grpc as tg
-
-    client = tg.InferenceServerClient(url.split("://")[1])
-    inp = tg.InferInput("lr_image", list(array.shape), "UINT8")
-    inp.set_data_from_numpy(array)
-    try:
-        return client.infer("dfosd", [inp], parameters=params or {}).as_numpy("sr_image")
-    finally:
-        client.close()
 
 
 # ---------------------------------------------------------------- tests
@@ -299,12 +140,12 @@ def test_malformed_requests_get_errors_and_server_keeps_serving(server, local):
 
     url = server.http_url
     bad = [
-        ("wrong dtype", np.zeros((1, 8, 8, 3), np.float32), {}, "FP32", "data-type"),
-        ("wrong rank", np.zeros((1, 8, 8), np.uint8), {}, "UINT8", "unexpected shape"),
-        ("rank 5", np.zeros((1, 8, 8, 3, 1), np.uint8), {}, "UINT8", "unexpected shape"),
+        ("wrong dtype", np.zeros((1, 8, 8, 3), np.float32), {}, "FP32", "must be UINT8"),
+        ("wrong rank", np.zeros((1, 8, 8), np.uint8), {}, "UINT8", "must be [n,H,W,3]"),
+        ("rank 5", np.zeros((1, 8, 8, 3, 1), np.uint8), {}, "UINT8", "must be [n,H,W,3]"),
         ("empty", np.zeros((1, 0, 8, 3), np.uint8), {}, "UINT8", "is empty"),
         ("oversized", np.zeros((1, 97, 97, 3), np.uint8), {}, "UINT8", "limit of 9216"),
-        ("too many in a batch", np.zeros((MAX_BATCH + 1, 4, 4, 3), np.uint8), {}, "UINT8", "batch-size must be <="),
+        ("too many in a batch", np.zeros((MAX_BATCH + 1, 4, 4, 3), np.uint8), {}, "UINT8", f"takes at most {MAX_BATCH}"),
         ("CHW sent as HWC", np.zeros((1, 3, 8, 8), np.uint8), {}, "UINT8", "send parameter layout=CHW"),
         ("unknown layout", np.zeros((1, 8, 8, 3), np.uint8), {"layout": "NHWC"}, "UINT8", "use HWC or CHW"),
         ("overlap too big", np.zeros((1, 8, 8, 3), np.uint8), {"overlap": 16}, "UINT8", "smaller than half"),
@@ -332,9 +173,8 @@ def _post(url: str, body: bytes) -> tuple[int, str]:
 
 
 def test_bad_json_parameters_are_400_and_unparsable_bodies_do_not_hurt(server):
-    """Issue 12.11: what the model decides is a 400. A body that is not JSON at all never reaches the
-    model: tritonserver 2.51's HTTP frontend answers it with 500 "failed to parse the request JSON
-    buffer" (README says so); the server goes on serving either way."""
+    """Issue 12.11: what the model decides is a 400. A body that is not JSON (or not an object) never
+    reaches tritonserver: dfosd-serve's front answers 400 with the reason; the server goes on serving."""
     url = f"{server.http_url}/v2/models/dfosd/infer"
     pixels = list(range(12))
 
@@ -347,9 +187,9 @@ def test_bad_json_parameters_are_400_and_unparsable_bodies_do_not_hurt(server):
                            ({"overlap": 1.5}, "not an integer")):
         code, text = _post(url, body(params))
         assert code == 400 and expect in text, (params, code, text)
-    for raw in (b"{", b"nul", b"[]"):
+    for raw, expect in ((b"{", "not valid JSON"), (b"nul", "not valid JSON"), (b"[]", "must be a JSON object")):
         code, text = _post(url, raw)
-        assert code in (400, 500) and "parse" in text, (raw, code, text)
+        assert code == 400 and expect in text, (raw, code, text)
     code, text = _post(url, body({}))
     assert code == 200 and json.loads(text)["outputs"][0]["shape"] == [1, 8, 8, 3]
     assert status(f"{server.http_url}/v2/health/ready") == 200
@@ -405,7 +245,11 @@ def test_listens_on_loopback_only_by_default(server):
             if state == "0A":  # LISTEN
                 addr, port = local.rsplit(":", 1)
                 bound.setdefault(int(port, 16), set()).add(addr)
-    for port in (server.http, server.grpc, server.metrics):
+    server.watch()
+    internal = [int(a.split("=", 1)[1]) for p in server.seen if "bin/tritonserver" in _cmdline(p)
+                for a in _cmdline(p).split() if a.startswith("--http-port=")]
+    assert internal and server.http not in internal  # tritonserver's own HTTP is behind the front
+    for port in (server.http, server.grpc, server.metrics, *internal):
         # 127.0.0.1 (IPv4, or IPv4-mapped in tcp6 as gRPC binds it), nothing else
         assert bound.get(port) and bound[port] <= {"0100007F", "0000000000000000FFFF00000100007F"}, (port, bound)
 
@@ -475,8 +319,10 @@ def test_trt_run_with_server_reuses_the_cli(server, local, tmp_path):
         assert torch.equal(got, local(a))
         assert Image.open(out / "sub" / "gray.png").mode == "L"
         assert not list(out.rglob(".*"))  # no temporary files left
-    r = CliRunner().invoke(main, [str(src / "a.png"), "--server", server.http_url, "--backend", "onnxruntime"])
+    r = CliRunner().invoke(main, [str(src / "a.png"), "--server", server.http_url, "--backend", "onnxruntime",
+                                  "--out", str(tmp_path / "never")])
     assert r.exit_code == 1 and "do not apply with --server" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "never").exists()  # a run that never started leaves no output folder
 
 
 def test_loadgen_measures_the_server(server, tmp_path):
@@ -493,7 +339,7 @@ def test_loadgen_measures_the_server(server, tmp_path):
 
 
 def test_zz_sigint_stops_everything(server):
-    """Last in the module: Ctrl-C on dfosd-serve stops tritonserver and its stubs; nothing is left."""
+    """Last of the tests on the session's server (test_serving_front.py runs before this module): Ctrl-C on dfosd-serve stops tritonserver and its stubs; nothing is left."""
     server.watch()
     triton = [p for p in server.seen if "tritonserver" in _cmdline(p) or "backend_stub" in _cmdline(p)]
     assert triton, f"no tritonserver process was seen: {server.seen}"
@@ -501,13 +347,6 @@ def test_zz_sigint_stops_everything(server):
     assert "stopped (tritonserver exit code 0)" in server.output()
     left = [p for p in server.seen | set(triton) if alive(p)]
     assert not left, f"left behind: {[(p, _cmdline(p)) for p in left]}"
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def test_model_that_fails_to_start_is_reported_and_cleaned_up(tiny_export_fp32, tmp_path):

@@ -1,5 +1,7 @@
 #include "export_dir.h"
 
+#include "color_fix.h"
+
 #include <algorithm>
 #include <filesystem>
 #include <set>
@@ -204,6 +206,14 @@ ExportChain read_export(const std::string& dir, int batch) {
                 std::to_string(scale) + ")");
   chain.tile = tile;
   chain.scale = scale;
+  // The family's default colour fix (core/families.py; an export from before families: DFOSD, none).
+  const json::Value* family = doc.find("family");
+  if (family && family->type == json::Value::Type::kObject && family->find("color_fix")) {
+    const json::Value* fix = family->find("color_fix");
+    if (fix->type != json::Value::Type::kString || !color_fix_known(fix->text))
+      m["family"]["color_fix"].fail("is not one of none, adain, wavelet (re-run dfosd-export)");
+    chain.color_fix = fix->text;
+  }
   return chain;
 }
 

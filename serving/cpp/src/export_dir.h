@@ -46,6 +46,7 @@ struct ExportChain {
   std::string dir;
   std::string build_key;
   int tile = 0, batch = 0, scale = 0;
+  std::string color_fix = "none";  // the family's default (manifest.json family.color_fix)
   std::vector<int> batches;  // every tile batch the export has parts for, ascending
   std::vector<Part> parts;   // pipeline order
   std::map<std::string, std::string> built_on;  // the AOTI build's `system` (torch, device, cpu, ...)

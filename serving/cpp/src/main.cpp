@@ -1,7 +1,7 @@
 // dfosd_runner: upscale PPM images x4 with dfosd's exported parts, from C++.
 //
-//   dfosd_runner aoti     --engines DIR [--batch B] [--device cpu|cuda] [--overlap N] IN.ppm OUT.ppm [IN OUT ...]
-//   dfosd_runner tensorrt --engines DIR [--batch B] [--overlap N] IN.ppm OUT.ppm [IN OUT ...]
+//   dfosd_runner aoti     --engines DIR [--batch B] [--device cpu|cuda] [--overlap N] [--color-fix F] IN.ppm OUT.ppm ...
+//   dfosd_runner tensorrt --engines DIR [--batch B] [--overlap N] [--color-fix F] IN.ppm OUT.ppm [IN OUT ...]
 //   dfosd_runner aoti|tensorrt --engines DIR [--batch B] [--device D] --check
 //
 // Everything about the parts comes from the export directory's manifests (export_dir.h): the
@@ -11,7 +11,8 @@
 // --check reads and checks the manifests and files for that kind, prints the chain and the files,
 // and loads nothing (it works for a kind this binary was built without).
 // The engines take fixed tiles; images of any size are tiled and blended like the Python runtime
-// (tiling.h). Images are binary PPM only (image_io.h).
+// (tiling.h), then colour-fixed as dfosd-trt-run does (color_fix.h; --color-fix none|adain|wavelet,
+// default the export family's). Images are binary PPM only (image_io.h).
 
 #include <chrono>
 #include <cstdlib>
@@ -22,6 +23,7 @@
 #include <vector>
 
 #include "engine.h"
+#include "color_fix.h"
 #include "export_dir.h"
 #include "image_io.h"
 #include "tiling.h"
@@ -34,6 +36,7 @@ const char* kUsage =
     "  DIR: a dfosd export directory; its manifest.json gives the parts, tensors, tile and scale,\n"
     "       manifest.aoti.json (aoti) or <part>_b<B>.plan.json (tensorrt) the engine files.\n"
     "  --batch B: one of the export's tile batches (default: the largest).\n"
+    "  --color-fix none|adain|wavelet: as dfosd-trt-run (default: the export family's, from manifest.json).\n"
     "  --<part> FILE: load that part (encoder, unet, decoder) from FILE instead, against its contract in DIR.\n"
     "  --check: check the manifests and files for that kind, print the chain and the files, load nothing.\n"
     "engine kinds built into this binary:"
@@ -104,7 +107,9 @@ std::string str_opt(const Args& a, const std::string& name, const std::string& f
 std::map<std::string, std::string> part_files(const Args& a) {
   std::map<std::string, std::string> given;
   for (const auto& [name, value] : a.opts) {
-    if (name == "engines" || name == "batch" || name == "overlap" || (name == "device" && a.kind == "aoti")) continue;
+    if (name == "engines" || name == "batch" || name == "overlap" || name == "color-fix" ||
+        (name == "device" && a.kind == "aoti"))
+      continue;
     if (name == "tile" || name == "scale")
       throw std::invalid_argument("--" + name + ": the " + name + " is read from the export's manifest.json; drop it");
     if (name == "device") throw std::invalid_argument("--device is an option of the aoti kind");
@@ -160,6 +165,7 @@ int main(int argc, char** argv) {
   Args args;
   std::unique_ptr<dfosd::TileEngine> engine;
   dfosd::TilingConfig cfg;
+  std::string color_fix;
   try {
     args = parse(argc, argv);
     const dfosd::ExportChain chain = locate(args);
@@ -172,6 +178,13 @@ int main(int argc, char** argv) {
         std::cout << "  " << p.stem << ": " << p.input.str() << " -> " << p.output.str() << "  " << p.file << "\n";
       return 0;
     }
+    color_fix = str_opt(args, "color-fix", chain.color_fix);
+    if (!dfosd::color_fix_known(color_fix))
+      throw std::invalid_argument("--color-fix " + color_fix + ": use none, adain or wavelet");
+    if (color_fix != "none" && !dfosd::color_fix_built())
+      throw std::invalid_argument("colour fix '" + color_fix + "'" + (args.opts.count("color-fix") ? "" :
+                                  " (the export family's default)") + " needs libtorch, and this dfosd_runner was "
+                                  "built without it: pass --color-fix none, or build it where torch is found");
     engine = make_engine(args, chain);
     cfg.tile = engine->tile();
     cfg.batch = engine->batch();
@@ -185,7 +198,8 @@ int main(int argc, char** argv) {
     std::cerr << "dfosd_runner: " << e.what() << "\n";
     return 2;
   }
-  std::cerr << "dfosd_runner: " << engine->describe() << ", overlap " << cfg.overlap << "\n";
+  std::cerr << "dfosd_runner: " << engine->describe() << ", overlap " << cfg.overlap << ", colour fix " << color_fix
+            << "\n";
   int failed = 0;
   for (size_t i = 0; i < args.files.size(); i += 2) {
     const std::string& in = args.files[i];
@@ -193,7 +207,7 @@ int main(int argc, char** argv) {
     try {
       const auto t0 = std::chrono::steady_clock::now();
       const dfosd::Image lr = dfosd::read_ppm(in);
-      const dfosd::Image sr = dfosd::upscale_tiled(lr, *engine, cfg);
+      const dfosd::Image sr = dfosd::apply_color_fix(dfosd::upscale_tiled(lr, *engine, cfg), lr, color_fix, cfg.scale);
       dfosd::write_ppm(out, sr);
       const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       std::cerr << in << " (" << lr.width << "x" << lr.height << ") -> " << out << " (" << sr.width << "x"
