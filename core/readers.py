@@ -223,6 +223,10 @@ def read_model(path: str | Path, *, family: str | None = None, base_spec: str | 
         raise DfosdError(f"{path} looks like a {found.family} checkpoint ({found.reason}); not supported: "
                          f"{NOT_SUPPORTED[found.family]}")
     if found.layout == "unknown":
+        from dfosd.core.resshift_reader import looks_like_resshift, not_exportable_yet
+
+        if looks_like_resshift(raw):
+            raise not_exportable_yet(path)
         sample = ", ".join(sorted(map(str, raw))[:5])
         raise DfosdError(f"{path}: the keys fit no supported layout (first keys: {sample})",
                          hint="supported: dfosd format 1/2, osediff.pkl, pisa_sr.pkl, HYPIR_sd2.pth, diffusers/PEFT "

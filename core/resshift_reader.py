@@ -40,6 +40,14 @@ def looks_like_resshift(state: dict) -> bool:
     return all(m in keys for m in UNET_MARKERS) and any(".patch_embed.proj.weight" in k for k in keys)
 
 
+def not_exportable_yet(path: Path) -> DfosdError:
+    """What the SD-family commands (export, convert, inspect) say about a ResShift-backbone file."""
+    return DfosdError(f"{path}: a ResShift UNetModelSwin checkpoint (SinSR, TAD-SR or ResShift: not Stable "
+                      "Diffusion); dfosd-export, convert and inspect do not compile this backbone yet",
+                      hint="its one step and ONNX parts are in dfosd.core.resshift_reader.read_resshift(ckpt, "
+                           "vq) and dfosd.core.resshift_parts (see README, 'A second backbone')")
+
+
 def checkpoint_kind(path: Path, family: str | None) -> tuple[str, str]:
     """(family, why): --family, else the released file name."""
     if family is not None:
