@@ -261,7 +261,7 @@ def package_export(folder: Path, parts: dict, tile: int, batch: int) -> Path:
                         "contract": c.to_dict()}
     manifest = {"format": MANIFEST_FORMAT, "kind": "dfosd-export", "build_key": "stand-in", "precision": "fp32",
                 "float_precision": "fp32", "tile": tile, "batches": [batch], "upscale": 4, "components": components,
-                "files": {}, "inputs": {}}
+                "files": {}, "inputs": {}, "family": {"name": "dfosd", "color_fix": "none", "deviations": []}}
     write_json_atomic(folder / MANIFEST_NAME, manifest)
     build = {"build_key": "stand-in-aoti", "export_build_key": "stand-in", "device": "cpu", "precision": "fp32",
              "system": system_info("cpu"), "components": aoti, "files": files}
