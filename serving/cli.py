@@ -81,6 +81,7 @@ def main(export_dir, http_port, grpc_port, metrics_port, host, admin_key, ui, ma
     most --max-restarts times; then dfosd-serve exits with code 1.
     """
     setup_logging(verbose)
+    from dfosd.serving.gateway import front_for
     from dfosd.serving.serve import ServeOptions, TritonServer
 
     opts = ServeOptions(export_dir=Path(export_dir), http_port=http_port, grpc_port=grpc_port,
@@ -93,7 +94,7 @@ def main(export_dir, http_port, grpc_port, metrics_port, host, admin_key, ui, ma
                         log_verbose=1 if verbose else 0, log_file=Path(log_file) if log_file else None,
                         admin_key=admin_key or None, ui=ui)
     server = TritonServer(opts)
-    front = _front(opts, server)
+    front = front_for(opts, server)
 
     def stop_handler(signum, frame):
         raise _Stop(signal.Signals(signum).name)
@@ -121,20 +122,6 @@ def main(export_dir, http_port, grpc_port, metrics_port, host, admin_key, ui, ma
         front.stop()
         for s, handler in previous.items():
             signal.signal(s, handler)
-
-
-def _front(opts, server):
-    """The HTTP front (serving/gateway.py) with the model's limits; it outlives tritonserver's restarts
-    (503 meanwhile)."""
-    from dfosd.core.manifest import ExportDir
-    from dfosd.serving.gateway import Gateway, GatewayLimits
-    from dfosd.serving.triton_repo import DEFAULT_MAX_PIXELS
-
-    scale = ExportDir(opts.export_dir, check="none").upscale
-    limits = GatewayLimits(model=opts.model_name, max_pixels=opts.max_pixels or DEFAULT_MAX_PIXELS,
-                           max_batch=opts.max_batch, scale=scale, admin_key=opts.admin_key,
-                           request_timeout_s=opts.request_timeout_s + 60)
-    return Gateway(limits, server.http_url, opts.host, opts.http_port, ui=opts.ui)
 
 
 def _front_url(opts) -> str:

@@ -218,15 +218,17 @@ def main(export_dir, url, protocol, model, concurrency, sizes, seconds, warmup, 
     load_before = os.getloadavg()
     try:
         if export_dir is not None:
+            from dfosd.serving.gateway import front_for
             from dfosd.serving.serve import ServeOptions, TritonServer, free_port
 
             log = Path(out_stem + ".server.log") if out_stem else None
-            server = TritonServer(ServeOptions(export_dir=Path(export_dir), host="127.0.0.1", http_port=free_port(),
-                                               grpc_port=free_port(), metrics_port=free_port(), max_batch=max_batch,
-                                               log_file=log))
+            opts = ServeOptions(export_dir=Path(export_dir), host="127.0.0.1", http_port=free_port(),
+                                grpc_port=free_port(), metrics_port=free_port(), max_batch=max_batch, log_file=log)
+            server = TritonServer(opts)
+            front = front_for(opts, server).start()  # HTTP as dfosd-serve's clients see it: through its front
             server.start()
             server.wait_ready()
-            url = server.http_url if protocol == "http" else server.grpc_url
+            url = f"http://127.0.0.1:{opts.http_port}" if protocol == "http" else server.grpc_url
             say(f"server ready at {url}")
         from dfosd.serving.client import UpscaleClient
 
@@ -238,6 +240,7 @@ def main(export_dir, url, protocol, model, concurrency, sizes, seconds, warmup, 
     finally:
         if server is not None:
             server.stop()
+            front.stop()
     meta = {
         "machine": cpu_description(),
         "server": f"{described}; tritonserver from nvidia-pytriton, dynamic batching up to {max_batch} requests",
