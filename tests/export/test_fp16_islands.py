@@ -174,3 +174,19 @@ def test_verify_fp16_storage_cli(hazard_fp16, tmp_path):
     assert r.exit_code == 1 and "FAILED" in r.output
     r = CliRunner().invoke(main, [str(hazard_fp16), "--min-psnr", "40"])
     assert r.exit_code == 2 and "--min-psnr is the target of --fp16-storage" in r.output
+
+
+def test_upcast_attention_keeps_softmax_and_logits_in_fp32(tiny_export_fp32):
+    """A base UNet with upcast_attention (SD 2.1 at 768): every attention Softmax and the MatMul
+    that makes its logits are islands, whatever the measured range."""
+    import onnx
+
+    from dfosd.export.fp16_islands import plan_islands
+
+    model = onnx.load(str(tiny_export_fp32 / "unet_b1.onnx"))
+    assert plan_islands(model, {}, ("unet",)) == []
+    islands = plan_islands(model, {}, ("unet",), upcast_attention=True)
+    softmax = [n.name for n in model.graph.node if n.op_type == "Softmax" and n.name.startswith("/unet/")]
+    assert softmax and {i["node"] for i in islands if i["op"] == "Softmax"} == set(softmax)
+    assert sum(i["op"] == "MatMul" for i in islands) == len(softmax)
+    assert {i["reason"] for i in islands} == {"upcast_attention"}
