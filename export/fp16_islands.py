@@ -20,16 +20,15 @@ room for real photos with more contrast, and costs nothing on benign models, who
 network activations are far below 4094.
 
 Benign models get no island: the conversion is then exactly the one without this pass.
-Memory: the weights are written once to a temporary file that ONNX Runtime reads (no copy of
-the model in this process), and tensors are exposed as graph outputs ``EXPOSE_BYTES`` at a time
-(shapes from inference): the export's own model, ONNX Runtime's copy of the weights, the part's
-activations and at most ``EXPOSE_BYTES`` of exposed tensors.
+Memory and time: the weights are written once to a temporary file that ONNX Runtime reads (no
+copy of the model in this process), and every float tensor gets an Abs -> ReduceMax whose scalar
+is a graph output: one fp32 run per calibration feed measures every tensor, holding the export's
+own model, ONNX Runtime's copy of the weights and the part's activations (plus one |x| temporary).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,6 @@ FP16_MAX = 65504.0
 HEADROOM = 16.0
 RANGE_LIMIT = FP16_MAX / HEADROOM
 WEIGHT_LIMIT = 1e4  # onnxconverter-common's default max_finite_val: larger weights would be clamped to it
-EXPOSE_BYTES = 1 << 30
 RANGE_TILES = 8  # calibration tiles of the range pass (each part sees them all, in tile-batch feeds)
 COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
 _FLOAT = {1, 10, 11, 16}  # TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16
@@ -67,16 +65,10 @@ def batch_feeds(inputs, contract) -> list[dict[str, Any]]:
     return [{name: inputs[i:i + b].numpy()} for i in range(0, inputs.shape[0] - b + 1, b)]
 
 
-def _sizes(model) -> dict[str, int]:
-    """Bytes of each float value with a static inferred shape (others: unknown, -1)."""
-    out = {}
-    for v in list(model.graph.value_info) + list(model.graph.output):
-        t = v.type.tensor_type
-        if t.elem_type not in _FLOAT:
-            continue
-        dims = [d.dim_value for d in t.shape.dim]
-        out[v.name] = 4 * int(math.prod(dims)) if dims and all(d > 0 for d in dims) else -1
-    return out
+def _float_values(model) -> set[str]:
+    """Values that shape inference typed as float32 (the fp32 graph before conversion)."""
+    return {v.name for v in list(model.graph.value_info) + list(model.graph.output)
+            if v.type.tensor_type.elem_type == 1}
 
 
 def _weightless_with_file(model, tmp: Path):
@@ -106,48 +98,48 @@ def _weightless_with_file(model, tmp: Path):
 
 def measure_peaks(model, feeds: list[dict[str, Any]]) -> dict[str, float]:
     """Peak |x| of every float node output of ``model`` (an fp32 ONNX ModelProto with inferred
-    shapes) over ``feeds`` (each: input name -> numpy array), computed in fp32 by ONNX Runtime."""
+    shapes) over ``feeds`` (each: input name -> numpy array), computed in fp32 by ONNX Runtime.
+
+    Each float tensor gets an Abs -> ReduceMax appended and only those scalars are graph
+    outputs: one run per feed measures every tensor, and no activation is kept beyond its use."""
     import numpy as np
     import onnx
-    import onnxruntime as ort
+    from onnx import helper
 
-    sizes = _sizes(model)
-    names = [o for n in model.graph.node for o in n.output if o in sizes]
-    chunks, chunk, used = [], [], 0
-    for name in names:
-        size = max(sizes[name], 0)
-        if chunk and used + size > EXPOSE_BYTES:
-            chunks.append(chunk)
-            chunk, used = [], 0
-        chunk.append(name)
-        used += size
-    if chunk:
-        chunks.append(chunk)
+    names = [o for n in model.graph.node for o in n.output if o in _float_values(model)]
     peaks: dict[str, float] = {}
-    declared = {o.name for o in model.graph.output}
     with tempfile.TemporaryDirectory(prefix="dfosd-ranges.") as tmp:
-        light = _weightless_with_file(model, Path(tmp))
-        for chunk in chunks:
-            probe = onnx.ModelProto()
-            probe.CopyFrom(light)
-            probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in chunk if n not in declared)
-            onnx.save_model(probe, str(Path(tmp) / "probe.onnx"))
-            so = ort.SessionOptions()
-            # no fusion: every exposed tensor is the traced node's own output, in fp32
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            so.log_severity_level = 3
-            session = ort.InferenceSession(str(Path(tmp) / "probe.onnx"), so, providers=["CPUExecutionProvider"])
-            del probe
-            for feed in feeds:
-                for name, value in zip(chunk, session.run(chunk, feed)):
-                    if np.issubdtype(value.dtype, np.floating) and value.size:
-                        peaks[name] = max(peaks.get(name, 0.0), float(np.abs(value).max()))
-            del session
+        probe = _weightless_with_file(model, Path(tmp))
+        outs = []
+        for i, name in enumerate(names):
+            a, m = f"dfosd_range/{i}/abs", f"dfosd_range/{i}/peak"
+            probe.graph.node.extend([helper.make_node("Abs", [name], [a], name=f"dfosd_range/{i}/Abs"),
+                                     helper.make_node("ReduceMax", [a], [m], name=f"dfosd_range/{i}/ReduceMax",
+                                                      keepdims=0)])
+            outs.append(m)
+        probe.graph.output.extend(helper.make_tensor_value_info(m, onnx.TensorProto.FLOAT, []) for m in outs)
+        onnx.save_model(probe, str(Path(tmp) / "probe.onnx"))
+        del probe
+        session = _fp32_session(Path(tmp) / "probe.onnx")
+        for feed in feeds:
+            for name, value in zip(names, session.run(outs, feed)):
+                peaks[name] = max(peaks.get(name, 0.0), float(value))
+        del session
     for feed in feeds:  # graph inputs too: a node reading one sees its range
         for name, value in feed.items():
             if np.issubdtype(np.asarray(value).dtype, np.floating):
                 peaks[name] = max(peaks.get(name, 0.0), float(np.abs(value).max()))
     return peaks
+
+
+def _fp32_session(path: Path):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    # no fusion: every measured tensor is the traced node's own output, in fp32
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def weight_peaks(model) -> dict[str, float]:
