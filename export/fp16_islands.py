@@ -76,9 +76,9 @@ def _weightless_with_file(model, tmp: Path):
     once: each probe of the range pass is then a few-MB graph, not a copy of the weights."""
     from onnx import TensorProto, numpy_helper
 
-    from dfosd.export.onnx_export import _weightless
+    from dfosd.export.onnx_export import weightless
 
-    light, stripped = _weightless(model)
+    light, stripped = weightless(model)
     where = {}
     with open(tmp / "weights.bin", "wb") as f:
         for init in model.graph.initializer:

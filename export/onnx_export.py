@@ -63,7 +63,7 @@ def infer_shapes(model):
     # The TorchScript exporter leaves value_info entries without shapes; inference keeps
     # them and then cannot resolve the Shape ops that depend on them. Start clean.
     del model.graph.value_info[:]
-    light, _ = _weightless(model)  # small constants stay: they feed data propagation (shapes, axes)
+    light, _ = weightless(model)  # small constants stay: they feed data propagation (shapes, axes)
     inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
     model.graph.value_info.extend(inferred.graph.value_info)
     return model
@@ -126,7 +126,7 @@ def fold_static(model, max_passes: int = 4):
     """
     import onnx_graphsurgeon as gs
 
-    skeleton, placeholders = _weightless(model, keep=_fold_inputs(model), as_inputs=True)
+    skeleton, placeholders = weightless(model, keep=_fold_inputs(model), as_inputs=True)
     count = len(skeleton.graph.node)
     for _ in range(max_passes):
         graph = gs.import_onnx(infer_shapes(skeleton))
@@ -145,7 +145,7 @@ def _network_node(name: str, scopes: tuple[str, ...]) -> bool:
     return any(name.startswith(f"/{s}/") for s in scopes)
 
 
-def _weightless(model, *, keep: frozenset[str] | set[str] = frozenset(), as_inputs: bool = False,
+def weightless(model, *, keep: frozenset[str] | set[str] = frozenset(), as_inputs: bool = False,
                 max_bytes: int = 4096):
     """A copy of ``model`` without the bytes of its large initializers (those over ``max_bytes``
     and not in ``keep``), and their names. Each keeps name, dtype and dims: as a data-less
@@ -202,7 +202,7 @@ def to_fp16(model, scopes: tuple[str, ...], keep_fp32: frozenset[str] | set[str]
     from onnxconverter_common import float16
 
     model = infer_shapes(model)  # the converter decides casts from inferred types
-    light, stripped = _weightless(model)
+    light, stripped = weightless(model)
     # The converter warns once per tensor it clamps (a real checkpoint: dozens of lines); they are
     # collected into one summary line, and listed with -v.
     with warnings.catch_warnings(record=True) as caught:
