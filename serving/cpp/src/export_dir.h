@@ -38,6 +38,7 @@ struct TensorSpec {
 struct Part {
   std::string component;  // "encoder"
   std::string stem;       // "encoder_b2": the manifest's key, the stem of its files
+  std::string onnx;       // its ONNX file's name (what a TensorRT plan must have been built from)
   TensorSpec input, output;
   std::string file;       // the engine file to load (set by find_aoti_packages / find_tensorrt_plans)
 };
@@ -45,6 +46,7 @@ struct Part {
 struct ExportChain {
   std::string dir;
   std::string build_key;
+  std::map<std::string, std::string> sha256;  // the export's recorded files (manifest `files`): name -> sha256
   int tile = 0, batch = 0, scale = 0;
   std::string color_fix = "none";  // the family's default (manifest.json family.color_fix)
   std::vector<int> batches;  // every tile batch the export has parts for, ascending
