@@ -44,7 +44,7 @@ def fake_export(folder: Path, batches=(1, 2), build_key="export-key-1", big_unet
                                   "precision": "fp16", "contract": c.to_dict()}
     manifest = {"format": MANIFEST_FORMAT, "kind": "dfosd-export", "build_key": build_key, "precision": "fp16",
                 "float_precision": "fp16", "tile": TILE, "batches": list(batches), "upscale": 4,
-                "components": components, "files": files, "inputs": {}}
+                "components": components, "files": files, "inputs": {}, "family": {"name": "dfosd", "color_fix": "none", "deviations": []}}
     write_json_atomic(folder / MANIFEST_NAME, manifest)
     return manifest
 
@@ -167,7 +167,7 @@ def test_onnx_python_and_tensorrt_models_match_the_manifest(tmp_path):
                  if e["batch"] == b}
         assert [(t.name, list(t.dims)) for t in ens.input] == [("lr_image", [b, 3, TILE, TILE])]
         assert [(t.name, pb.DataType.Name(t.data_type), list(t.dims)) for t in ens.output] == [
-            ("sr_image", "TYPE_UINT8", [b, 3, 4 * TILE, 4 * TILE])]
+            ("sr_image", "TYPE_UINT8", [b, 3, 4 * TILE, 4 * TILE]), ("sr_nonfinite", "TYPE_UINT8", [b])]
         steps = ens.ensemble_scheduling.step
         assert [s.model_name for s in steps] == [f"dfosd_{p}_b{b}{suffix}" for p in ("encoder", "unet", "decoder")]
         for step, part in zip(steps, ("encoder", "unet", "decoder")):
