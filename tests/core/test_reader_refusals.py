@@ -214,3 +214,10 @@ def test_an_image_named_safetensors_is_named_as_an_image(tmp_path):
 
     Image.new("RGB", (4, 4)).save(tmp_path / "lora.safetensors", format="PNG")
     _refused(tmp_path / "lora.safetensors", "is a PNG image, not a checkpoint")
+
+
+def test_hypir_state_dict_with_a_list_where_a_tensor_goes_is_a_clear_error(tmp_path):
+    torch.save({"conv_in.lora_A.default.weight": torch.zeros(4, 4, 3, 3),
+                "conv_in.lora_B.default.weight": [0.0] * 4}, tmp_path / "HYPIR_sd2.pth")
+    _refused(tmp_path / "HYPIR_sd2.pth", "the state dict: 1 entr\\(ies\\) that are not name -> tensor, "
+                                         "e.g. conv_in.lora_B.default.weight")
