@@ -84,6 +84,38 @@ def test_management_endpoints_need_the_admin_key(server):
     assert status(f"{server.http_url}/v2/health/ready") == 200
 
 
+def test_progress_of_a_request_is_served_while_it_runs(server):
+    """The page's progress: a request with a KServe id (4 images of 96x96: 64 tiles) is reported at
+    /progress/<id> by the model while its tiles run, and gone once it is answered."""
+    import threading
+
+    import tritonclient.http as th
+
+    images = np.stack([image(96, 96, 80 + k).permute(1, 2, 0).numpy() for k in range(4)])
+    done = {}
+
+    def send():
+        client = th.InferenceServerClient(f"127.0.0.1:{server.http}", network_timeout=300)
+        x = th.InferInput("lr_image", list(images.shape), "UINT8")
+        x.set_data_from_numpy(images)
+        done["shape"] = client.infer("dfosd", [x], request_id="test-progress-1").as_numpy("sr_image").shape
+        client.close()
+
+    worker = threading.Thread(target=send)
+    worker.start()
+    seen = []
+    while worker.is_alive():
+        code, text = _request(f"{server.http_url}/progress/test-progress-1")
+        if code == 200:
+            seen.append(json.loads(text))
+        time.sleep(0.02)
+    worker.join()
+    assert done["shape"] == (4, 384, 384, 3)
+    assert seen and all(s["total"] == 64 and 0 < s["done"] < 64 for s in seen), seen
+    assert _request(f"{server.http_url}/progress/test-progress-1")[0] == 404
+    assert _request(f"{server.http_url}/progress/..%2Fetc")[0] == 404
+
+
 def test_closed_without_admin_key_and_no_ui(tmp_path):
     """In-process front without --admin-key and with --no-ui; nothing behind it (503, not a crash)."""
     from dfosd.serving.gateway import Gateway, GatewayLimits
