@@ -82,7 +82,10 @@ def _run_cli(images: Path, engines: str, out: Path, threads: int, ray_actors: in
 
         shutil.rmtree(out)  # our own output folder from the previous round: every run does all images
     t = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DFOSD_THREADS": str(threads)})
+    # OMP_NUM_THREADS too: Ray sets it to an actor's CPUs (torch's tiling and blending ops then use 1
+    # thread); a local run left at torch's default spins 2 threads on a busy 2-core machine.
+    env = {**os.environ, "DFOSD_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")

@@ -1,4 +1,4 @@
-"""Hostile requests against a running dfosd-serve (issue 21.2): status codes, survival, memory.
+"""Hostile requests against a running dfosd-serve: status codes, survival, memory.
 
     python -m dfosd.bench.serving_attacks --url 127.0.0.1:8000 --serve-pid PID [--out attacks.json]
 

@@ -1,4 +1,4 @@
-"""Load through dfosd-serve's front vs straight to its tritonserver, interleaved (issue 21.6).
+"""Load through dfosd-serve's front vs straight to its tritonserver, interleaved.
 
     python -m dfosd.bench.serving_front_load --front http://127.0.0.1:8000 --direct http://127.0.0.1:PORT \
         [--sizes 32x32,64x64] [--clients 8] [--seconds 60] [--rounds 2] [--out front-vs-direct]

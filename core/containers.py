@@ -19,6 +19,10 @@ def load_raw(path: Path) -> tuple[dict, dict]:
         head = f.read(9)
     # safetensors: an 8-byte little-endian header length, then the JSON header
     looks_safetensors = len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (1 << 30)
+    kind = None if looks_safetensors else not_a_checkpoint(path)
+    if kind:
+        raise DfosdError(f"{path} is {kind}, not a checkpoint",
+                         hint="pass the model file itself: .safetensors, .pkl or .pth")
     if path.suffix == ".safetensors" or looks_safetensors:
         from safetensors import SafetensorError, safe_open
 
@@ -27,10 +31,6 @@ def load_raw(path: Path) -> tuple[dict, dict]:
                 return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
         except (SafetensorError, OSError, ValueError) as exc:
             raise DfosdError(f"checkpoint {path} is not a readable safetensors file: {exc}") from exc
-    kind = not_a_checkpoint(path)
-    if kind:
-        raise DfosdError(f"{path} is {kind}, not a checkpoint",
-                         hint="pass the model file itself: .safetensors, .pkl or .pth")
     check_zip_sizes(path)
     return _load_pickle(path), {}
 
@@ -42,6 +42,7 @@ _MAGIC = ((b"\x89PNG\r\n\x1a\n", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image
 _SUFFIXES = {".onnx": "an ONNX graph", ".json": "a JSON file", ".yaml": "a YAML file", ".yml": "a YAML file",
              ".txt": "a text file", ".plan": "a TensorRT plan", ".engine": "a TensorRT plan",
              ".pt2": "an AOTInductor package", ".xml": "an OpenVINO model", ".webp": "a WebP image"}
+JSON_SNIFF_LIMIT = 64 << 20
 # torch.save writes its zip entries uncompressed: declared sizes far beyond the file's own are a zip bomb
 ZIP_INFLATION_LIMIT = 4
 
@@ -63,6 +64,8 @@ def not_a_checkpoint(path: Path) -> str | None:
 
 
 def _is_json(path: Path) -> bool:
+    if path.stat().st_size > JSON_SNIFF_LIMIT:  # not read whole just to name it
+        return False
     try:
         json.loads(path.read_text())
         return True

@@ -22,7 +22,9 @@ from dfosd.core.atomic import (  # noqa: F401 - re-exported: their one home is c
 from dfosd.core.errors import DfosdError
 from dfosd.core.vocab import COMPONENTS, MANIFEST_NAME, RUNTIME_RECORDS_KIND, RUNTIME_RECORDS_NAME
 
-MANIFEST_FORMAT = 1
+# 2: every export records its family, its float precision and each part's precision (format 1 let
+# them be missing and readers guessed; those guesses are gone: a format-1 export is re-exported).
+MANIFEST_FORMAT = 2
 
 
 def package_versions(*names: str) -> dict[str, str | None]:
@@ -77,8 +79,13 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise DfosdError(f"{path} is not valid JSON ({exc})", hint="re-run dfosd-export to rewrite it") from exc
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
-        raise DfosdError(f"{path} has manifest format {data.get('format') if isinstance(data, dict) else None!r}; this dfosd reads {MANIFEST_FORMAT}",
-                         hint="re-run dfosd-export with this dfosd version")
+        found = data.get("format") if isinstance(data, dict) else None
+        ckpt = ((data.get("inputs") or {}).get("checkpoint") if isinstance(data, dict) else None) or "CKPT"
+        older = isinstance(found, int) and not isinstance(found, bool) and found < MANIFEST_FORMAT
+        raise DfosdError(f"{path} has manifest format {found!r}; this dfosd reads format {MANIFEST_FORMAT}"
+                         + (" (the export was made by an older dfosd)" if older else ""),
+                         hint=f"re-export: dfosd-export --ckpt {ckpt} --out {Path(folder)} (with the options it was "
+                              "made with); its ONNX files are rewritten, its engines and caches rebuilt")
     from dfosd.core.manifest_check import check_export_manifest
 
     check_export_manifest(data, path)  # an edited manifest is a clear error, not a traceback later
@@ -167,7 +174,7 @@ class ExportDir:
     @property
     def float_precision(self) -> str:
         """The precision of what is not quantized (the precision itself for float exports)."""
-        return str(self.manifest.get("float_precision") or self.precision)
+        return str(self.manifest["float_precision"])
 
     @property
     def inputs(self) -> dict[str, Any]:
@@ -186,8 +193,8 @@ class ExportDir:
 
     @property
     def family(self) -> dict[str, Any]:
-        """The model family's record (exports from before families: DFOSD, no colour fix)."""
-        return self.manifest.get("family") or {"name": "dfosd", "color_fix": "none", "deviations": []}
+        """The model family's record (name, colour fix, deviations, ...)."""
+        return dict(self.manifest["family"])
 
     def file(self, name: str) -> Path:
         return self.path / name

@@ -46,10 +46,10 @@ def _check_component(stem: str, entry: Any, data: dict, problems: list[str]) -> 
         problems.append(f"components[{stem!r}]: component {name!r} / batch {batch!r} (expected one of "
                         f"{', '.join(COMPONENTS)} and an integer >= 1)")
         return None
-    if entry.get("precision", data.get("precision")) not in PRECISIONS:
+    if entry.get("precision") not in PRECISIONS:
         problems.append(f"components[{stem!r}]: precision {entry.get('precision')!r} is not one of "
                         f"{', '.join(PRECISIONS)}")
-    elif entry.get("precision", data.get("precision")) not in {data.get("precision"), data.get("float_precision")}:
+    elif entry.get("precision") not in {data.get("precision"), data.get("float_precision")}:
         problems.append(f"components[{stem!r}]: precision {entry['precision']!r} is neither the export's "
                         f"precision {data.get('precision')!r} nor its float precision {data.get('float_precision')!r}")
     if not isinstance(entry.get("onnx"), str):
@@ -74,9 +74,10 @@ def _check_family(data: dict, problems: list[str]) -> None:
     """The family record the runtime applies per image (colour fix): checked once here, not
     found broken image by image."""
     family = data.get("family")
-    if family is not None and not isinstance(family, dict):
-        problems.append(f"family is a {type(family).__name__}, expected an object")
-    elif family is not None and family.get("color_fix", "none") not in COLOR_FIXES:
+    if not isinstance(family, dict) or not isinstance(family.get("name"), str):
+        problems.append(f"family is {type(family).__name__ if not isinstance(family, dict) else 'an object'} "
+                        "without a name, expected the model family's record")
+    elif family.get("color_fix", "none") not in COLOR_FIXES:
         problems.append(f"family.color_fix {family.get('color_fix')!r} is not one of {', '.join(COLOR_FIXES)}")
 
 
@@ -92,7 +93,7 @@ def check_export_manifest(data: Any, path: Path) -> None:
         problems.append(f"tile {data.get('tile')!r} is not an integer >= 8")
     if not _is_int(data.get("upscale")):
         problems.append(f"upscale {data.get('upscale')!r} is not an integer >= 1")
-    precision, float_precision = data.get("precision"), data.get("float_precision", data.get("precision"))
+    precision, float_precision = data.get("precision"), data.get("float_precision")
     if precision not in PRECISIONS:
         problems.append(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     if float_precision not in FLOAT_PRECISIONS:

@@ -60,11 +60,15 @@ def _state_dict(raw: dict, key: str, problems: list[str]) -> dict:
     if not isinstance(v, dict):
         problems.append(f"{key} is a {type(v).__name__}, expected a dict of name -> tensor")
         return {}
-    odd = sorted(str(k) for k, t in v.items() if not isinstance(k, str) or not is_tensor(t))
+    return _tensors_only(v, key, problems)
+
+
+def _tensors_only(state: dict, where: str, problems: list[str]) -> dict:
+    odd = sorted(str(k) for k, t in state.items() if not isinstance(k, str) or not is_tensor(t))
     if odd:
-        problems.append(f"{key}: {len(odd)} entr(ies) that are not name -> tensor, e.g. {odd[0]}")
-        return {k: t for k, t in v.items() if isinstance(k, str) and is_tensor(t)}
-    return v
+        problems.append(f"{where}: {len(odd)} entr(ies) that are not name -> tensor, e.g. {odd[0]}")
+        return {k: t for k, t in state.items() if isinstance(k, str) and is_tensor(t)}
+    return state
 
 
 def _module_list(raw: dict, key: str, problems: list[str]) -> list[str]:
@@ -223,6 +227,10 @@ def read_model(path: str | Path, *, family: str | None = None, base_spec: str | 
         raise DfosdError(f"{path} looks like a {found.family} checkpoint ({found.reason}); not supported: "
                          f"{NOT_SUPPORTED[found.family]}")
     if found.layout == "unknown":
+        from dfosd.core.resshift_reader import looks_like_resshift, not_exportable_yet
+
+        if looks_like_resshift(raw):
+            raise not_exportable_yet(path)
         sample = ", ".join(sorted(map(str, raw))[:5])
         raise DfosdError(f"{path}: the keys fit no supported layout (first keys: {sample})",
                          hint="supported: dfosd format 1/2, osediff.pkl, pisa_sr.pkl, HYPIR_sd2.pth, diffusers/PEFT "
@@ -247,7 +255,7 @@ def read_model(path: str | Path, *, family: str | None = None, base_spec: str | 
         elif found.layout == "pisa-sr":
             sets, replaced = _pisa(raw, fam, problems)
         elif found.layout == "hypir":
-            sets, replaced = _peft_sets(raw, "unet", {}, fam, problems)
+            sets, replaced = _peft_sets(_tensors_only(raw, "the state dict", problems), "unet", {}, fam, problems)
         elif found.layout == "diffusers":
             sets = read_diffusers_sets(raw, meta, problems)
         else:

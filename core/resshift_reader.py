@@ -40,6 +40,14 @@ def looks_like_resshift(state: dict) -> bool:
     return all(m in keys for m in UNET_MARKERS) and any(".patch_embed.proj.weight" in k for k in keys)
 
 
+def not_exportable_yet(path: Path) -> DfosdError:
+    """What the SD-family commands (export, convert, inspect) say about a ResShift-backbone file."""
+    return DfosdError(f"{path}: a ResShift UNetModelSwin checkpoint (SinSR, TAD-SR or ResShift: not Stable "
+                      "Diffusion); dfosd-export, convert and inspect do not compile this backbone yet",
+                      hint="its one step and ONNX parts are in dfosd.core.resshift_reader.read_resshift(ckpt, "
+                           "vq) and dfosd.core.resshift_parts (see README, 'A second backbone')")
+
+
 def checkpoint_kind(path: Path, family: str | None) -> tuple[str, str]:
     """(family, why): --family, else the released file name."""
     if family is not None:
@@ -89,3 +97,32 @@ def read_resshift(ckpt: str | Path, vq: str | Path, *, config: str | Path | None
     load_strict(autoencoder, vq_state, str(vq))
     model = ResShiftOneStep(unet.eval(), autoencoder.eval(), schedule)
     return ResShiftModel(model=model, family=fam, reason=why, schedule=schedule, files={"unet": ckpt, "vq": vq})
+
+
+def describe_unet_file(path: str | Path) -> list[str] | None:
+    """``dfosd inspect`` of a ResShift-backbone UNet file: what the keys and the file name say (None when
+    the file is not one). Reads the tensors (weights-only), builds nothing."""
+    from dfosd.core.readers import load_raw
+
+    path = Path(path)
+    if path.suffix not in (".pth", ".pt", ".ckpt", ".bin"):
+        return None
+    raw, _ = load_raw(path)
+    if not looks_like_resshift(raw):
+        return None
+    state = unwrap_state(raw, str(path))
+    cfg = unet_config_from_state(state, str(path))
+    try:
+        fam, why = checkpoint_kind(path, None)
+        spec = CHECKPOINTS[fam]
+        kind = (f"family: {fam} ({why}); " + ("one step" if spec.one_step else "multi-step: not supported") +
+                f"; schedule {spec.schedule}")
+    except DfosdError:
+        kind = f"family: not known from the name (pass --family {' | '.join(RESSHIFT_FAMILIES)} to the reader)"
+    params = sum(int(v.numel()) for k, v in state.items() if not k.endswith(("attn_mask", "relative_position_index")))
+    return [f"file: {path}", "backbone: ResShift UNetModelSwin (VQ-f4 latent; not Stable Diffusion)", kind,
+            f"architecture (from the keys): {cfg}", f"parameters: {params:,}",
+            f"LR tile: a multiple of {cfg.tile_multiple} (Swin windows; latent tile = LR tile)",
+            "needs: the VQ-f4 autoencoder (autoencoder_vq_f4.pth)",
+            "dfosd-export / convert do not compile this backbone yet (see README, 'A second backbone')"]
+

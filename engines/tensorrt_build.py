@@ -103,7 +103,7 @@ def plan_jobs(export: "ExportDir | str | Path") -> list[PlanJob]:
         onnx_path = export.path / entry["onnx"]
         names = [entry["onnx"]] + ([entry["external_data"]] if entry.get("external_data") else [])
         jobs.append(PlanJob(stem=stem, component=entry["component"], batch=int(entry["batch"]),
-                            precision=str(entry.get("precision", export.precision)), onnx=onnx_path,
+                            precision=str(entry["precision"]), onnx=onnx_path,
                             onnx_files={n: export.files[n] for n in names}, qdq=onnx_has_qdq(onnx_path),
                             contract=ComponentContract.from_dict(entry["contract"])))
     return jobs

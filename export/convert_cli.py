@@ -81,7 +81,12 @@ def inspect_main(file, family, base, as_json):
     """Print FILE's family, ranks, adapted layers and parameters per part, and what export will bake."""
     setup_logging(False)
     from dfosd.core.readers import read_model
+    from dfosd.core.resshift_reader import describe_unet_file
 
+    resshift = describe_unet_file(file) if Path(file).is_file() else None
+    if resshift is not None:  # the second backbone: described, not an SD-family model
+        click.echo("\n".join(resshift))
+        return
     model = read_model(file, family=family, base_spec=base, progress=say, encode=False)  # no text encoder needed
     info = model.summary()
     if as_json:

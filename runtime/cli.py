@@ -52,9 +52,9 @@ TILE_BAR_MIN_CALLS = 4  # a per-tile progress bar for images that take more engi
               help="Refuse inputs with more pixels than this, read from the header before decoding "
                    "(the default is about 2 GiB at the run's ~88 bytes per input pixel).")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
-              help="Run on a Ray cluster (pip install 'dfosd[ray]'): ADDRESS from `ray start` (HOST:PORT), auto, or "
-                   "none to start or join one on this machine. Put it after INPUTS. Resumable: the same command "
-                   "again skips images whose output is complete and current.")
+              help="Run on a Ray cluster (pip install 'dfosd[ray]'): ADDRESS from `ray start` (HOST:PORT) or auto; "
+                   "none: join the Ray on this machine or start one; local: start a new one for this run. Put it "
+                   "after INPUTS. Resumable: the same command again skips images whose output is complete and current.")
 @click.option("--ray-actors", type=click.IntRange(1), default=None,
               help="Ray workers, each holding one set of engines (default: one per GPU for a GPU backend, else "
                    "the cluster's CPUs / --ray-cpus-per-actor).")

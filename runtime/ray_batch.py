@@ -93,16 +93,18 @@ class UpscaleWorker:
 
 
 def connect(address: str | None, say: Callable[[str], None]):
-    """ray.init for ``--ray [ADDRESS]``: no address (or ``local``) starts or joins a Ray on this machine."""
+    """ray.init for ``--ray [ADDRESS]``, with Ray's own meanings: no address joins the Ray running on this
+    machine or starts one; ``local`` always starts a new one, private to this run; ``auto`` or HOST:PORT join."""
     import ray
 
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
-    addr = None if address in (None, "", "local") else address
+    addr = address or None
     try:
         try:  # starting one here: a small object store (only paths and records cross it)
-            ray.init(address=addr, **kwargs, **({"object_store_memory": LOCAL_OBJECT_STORE} if addr is None else {}))
+            starts = addr in (None, "local")
+            ray.init(address=addr, **kwargs, **({"object_store_memory": LOCAL_OBJECT_STORE} if starts else {}))
         except ValueError as exc:  # ray.init found a running cluster to join: its store is its own
-            if addr is not None or "existing cluster" not in str(exc):
+            if addr == "local" or "existing cluster" not in str(exc):
                 raise
             ray.init(address=addr, **kwargs)
     except (ConnectionError, ValueError, RuntimeError) as exc:
@@ -119,7 +121,8 @@ def start_workers(ray, n: int | None, cpus: int, backend: str, kwargs: dict, say
     from ray.exceptions import RayActorError
 
     res = ray.cluster_resources()
-    gpu = backend == "tensorrt" or "tensorrt" in backend.split(",")[0] or (backend == "auto" and res.get("GPU", 0) > 0)
+    # A GPU backend: TensorRT (for any part), or auto on a cluster with GPUs (auto picks TensorRT there).
+    gpu = "tensorrt" in backend or (backend == "auto" and res.get("GPU", 0) > 0)
     if n is None:
         n = max(1, int(res.get("GPU", 0)) if gpu else int(res.get("CPU", 1)) // max(cpus, 1))
     worker_cls = ray.remote(num_cpus=cpus, num_gpus=1 if gpu else 0, max_restarts=MAX_RESTARTS,
@@ -150,7 +153,10 @@ def run_on_ray(ray, workers: list, items: Iterable, rep, progress: bool) -> floa
     t0 = time.perf_counter()
 
     def collect_one() -> None:
-        [ref], _ = ray.wait(list(in_flight), num_returns=1)
+        ready: list = []
+        while not ready:  # in short waits: a stop signal's handler runs between them
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+        ref = ready[0]
         src, i = in_flight.pop(ref)
         unfinished[i] -= 1
         try:

@@ -21,6 +21,26 @@ def check_ray_address(address: str) -> None:
                          hint="put INPUTS before --ray, or write --ray local (or --ray auto / --ray HOST:PORT)")
 
 
+PEEK_LIMIT = 10_000  # items read ahead to find a first image before starting Ray
+
+
+def _first_image_or_why(items):
+    """``items`` again, after making sure (within ``PEEK_LIMIT`` items) there is an image to upscale:
+    a run with nothing to do says why before a cluster is joined, as the local run does."""
+    import itertools
+
+    ahead = []
+    for item in items:
+        ahead.append(item)
+        if item.kind == "image" or len(ahead) >= PEEK_LIMIT:
+            return itertools.chain(ahead, items)
+    problems = [i.message for i in ahead if i.kind == "problem"]
+    skipped = [i for i in ahead if i.kind == "skipped"]
+    what = [f"skipped {len(skipped)} file(s), e.g. {Path(skipped[0].src).name}: {skipped[0].message}"] if skipped else []
+    raise DfosdError("no input images found" + "".join(f"\n  - {p}" for p in problems + what),
+                     hint="pass image files, folders, glob patterns or a list file (*.txt)")
+
+
 def ray_main(inputs, *, address, actors, cpus_per_actor, export_dir, out_dir, backend, batch, tile, overlap,
              color_fix, fmt, quality, skip_existing, report, max_pixels, progress) -> None:
     from dfosd.core.manifest import ExportDir
@@ -35,6 +55,7 @@ def ray_main(inputs, *, address, actors, cpus_per_actor, export_dir, out_dir, ba
         stop_on_signals,
     )
     from dfosd.runtime.inputs import check_output_folder
+    from dfosd.runtime.backend_choice import parse_backend_spec
     from dfosd.runtime.listing import check_folders_apart, iter_inputs
     from dfosd.runtime.ray_batch import MAX_RESTARTS, MAX_TASK_RETRIES, connect, require_ray, run_on_ray, start_workers
     from dfosd.runtime.stream_report import StreamingReport
@@ -44,7 +65,8 @@ def ray_main(inputs, *, address, actors, cpus_per_actor, export_dir, out_dir, ba
     out = Path(out_dir)
     check_output_folder(inputs, [], out, fmt)
     check_folders_apart(inputs)
-    items = iter_inputs(inputs, out)  # a generator: the listing streams while the workers run
+    parse_backend_spec(backend)  # a misspelt --backend: said here, not by every worker
+    items = _first_image_or_why(iter_inputs(inputs, out))  # then the listing streams while the workers run
     export = ExportDir(export_dir, check="none")  # no export there, or an edited manifest: said first
     check_tile(tile, export.tile)
     if color_fix is None:
@@ -65,18 +87,19 @@ def ray_main(inputs, *, address, actors, cpus_per_actor, export_dir, out_dir, ba
         ray, seconds = None, rep.seconds()
         try:
             ray = connect(address, say)
-            workers, infos = start_workers(
-                ray, actors, cpus_per_actor, backend,
-                {"export_dir": str(Path(export_dir).resolve()), "batch": batch, "tile": tile, "overlap": overlap,
-                 "opts": opts, "out_dir": str(out.resolve())}, say)
-            first = infos[0]
-            rep.header.update(backend=first["backend"], precision=first["precision"], backend_plan=first["plan"],
-                              tiling=first["tiling"],
-                              ray={"address": address or "local", "nodes": len({i["node"] for i in infos}),
-                                   "workers": [{"pid": i["pid"], "node": i["node"]} for i in infos],
-                                   "max_restarts": MAX_RESTARTS, "max_task_retries": MAX_TASK_RETRIES})
-            rep.write("running")
-            seconds = run_on_ray(ray, workers, items, rep, progress)
+            with stop_on_signals():  # again: ray.init put its own SIGTERM handler (sys.exit) in place of ours
+                workers, infos = start_workers(
+                    ray, actors, cpus_per_actor, backend,
+                    {"export_dir": str(Path(export_dir).resolve()), "batch": batch, "tile": tile, "overlap": overlap,
+                     "opts": opts, "out_dir": str(out.resolve())}, say)
+                first = infos[0]
+                rep.header.update(backend=first["backend"], precision=first["precision"], backend_plan=first["plan"],
+                                  tiling=first["tiling"],
+                                  ray={"address": address or "local", "nodes": len({i["node"] for i in infos}),
+                                       "workers": [{"pid": i["pid"], "node": i["node"]} for i in infos],
+                                       "max_restarts": MAX_RESTARTS, "max_task_retries": MAX_TASK_RETRIES})
+                rep.write("running")
+                seconds = run_on_ray(ray, workers, items, rep, progress)
             state = "complete"
         except (KeyboardInterrupt, Interrupted) as exc:
             state, code, seconds = "interrupted", exit_code_for(exc), rep.seconds() - seconds

@@ -38,6 +38,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="slow: set DFOSD_SLOW=1 to run"))
 
 
+# The folders dfosd's commands write by default, in the current folder: a test that forgets
+# --out/--work writes them into the checkout (tests run from its root).
+DEFAULT_OUTPUT_FOLDERS = ("dfosd-out", "dfosd-engines", "dfosd-demo", "dfosd-bench", ".gpu-bench")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_stays_clean():
+    root = Path(__file__).resolve().parents[1]
+    before = {name for name in DEFAULT_OUTPUT_FOLDERS if (root / name).exists()}
+    yield
+    written = [name for name in DEFAULT_OUTPUT_FOLDERS if (root / name).exists() and name not in before]
+    assert not written, f"a test wrote {', '.join(written)} into the checkout {root}: pass --out/--work under tmp_path"
+
+
 @pytest.fixture(scope="session")
 def tiny_base():
     from dfosd.core.bases import load_base
@@ -247,7 +261,7 @@ def package_export(folder: Path, parts: dict, tile: int, batch: int) -> Path:
                         "contract": c.to_dict()}
     manifest = {"format": MANIFEST_FORMAT, "kind": "dfosd-export", "build_key": "stand-in", "precision": "fp32",
                 "float_precision": "fp32", "tile": tile, "batches": [batch], "upscale": 4, "components": components,
-                "files": {}, "inputs": {}}
+                "files": {}, "inputs": {}, "family": {"name": "dfosd", "color_fix": "none", "deviations": []}}
     write_json_atomic(folder / MANIFEST_NAME, manifest)
     build = {"build_key": "stand-in-aoti", "export_build_key": "stand-in", "device": "cpu", "precision": "fp32",
              "system": system_info("cpu"), "components": aoti, "files": files}

@@ -207,3 +207,17 @@ def test_trt_run_with_an_edited_color_fix_fails_once_before_any_image(tiny_expor
                                       "--out", str(tmp_path / "o"), "--no-progress"])
     assert r.exit_code == 1 and r.output.count("family.color_fix 'sepia'") == 1, r.output
     assert "KeyError" not in r.output and "Traceback" not in r.output and not (tmp_path / "o").exists()
+
+
+def test_an_image_named_safetensors_is_named_as_an_image(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "lora.safetensors", format="PNG")
+    _refused(tmp_path / "lora.safetensors", "is a PNG image, not a checkpoint")
+
+
+def test_hypir_state_dict_with_a_list_where_a_tensor_goes_is_a_clear_error(tmp_path):
+    torch.save({"conv_in.lora_A.default.weight": torch.zeros(4, 4, 3, 3),
+                "conv_in.lora_B.default.weight": [0.0] * 4}, tmp_path / "HYPIR_sd2.pth")
+    _refused(tmp_path / "HYPIR_sd2.pth", "the state dict: 1 entr\\(ies\\) that are not name -> tensor, "
+                                         "e.g. conv_in.lora_B.default.weight")

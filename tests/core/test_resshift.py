@@ -109,6 +109,20 @@ def test_release_files_read_the_upstream_way(resshift_golden, tmp_path):
     assert read_resshift(tmp_path / "mine.pth", tmp_path / "autoencoder_vq_f4.pth", family="tad-sr").family == "tad-sr"
     with pytest.raises(DfosdError, match="not the VQ-f4 autoencoder"):
         read_resshift(tmp_path / "SinSR_v1.pth", tmp_path / "mine.pth")
+    # the SD-family commands say what the file is and where its backbone lives
+    from dfosd.core.readers import read_model
+
+    with pytest.raises(DfosdError, match="a ResShift UNetModelSwin checkpoint .*do not compile this backbone yet"):
+        read_model(tmp_path / "SinSR_v1.pth", encode=False)
+    from click.testing import CliRunner
+
+    from dfosd.cli import main
+
+    r = CliRunner().invoke(main, ["inspect", str(tmp_path / "SinSR_v1.pth")])
+    assert r.exit_code == 0, r.output
+    for text in ("backbone: ResShift UNetModelSwin", "family: sinsr", "one step", "a multiple of 16",
+                 "swin_embed_dim=32", "window_size=4"):
+        assert text in r.output, r.output
     # a pickle that needs code to load is refused, never unpickled
     import argparse
 

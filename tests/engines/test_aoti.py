@@ -39,7 +39,7 @@ def _fake_export(folder, build_key="export-key-1", batches=(1,)):
                                   "contract": c.to_dict()}
     manifest = {"format": MANIFEST_FORMAT, "kind": "dfosd-export", "build_key": build_key, "precision": "fp32",
                 "float_precision": "fp32", "tile": TILE, "batches": list(batches), "upscale": 4,
-                "components": components, "files": {}, "inputs": {}}
+                "components": components, "files": {}, "inputs": {}, "family": {"name": "dfosd", "color_fix": "none", "deviations": []}}
     write_json_atomic(folder / MANIFEST_NAME, manifest)
     return manifest
 

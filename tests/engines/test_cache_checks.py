@@ -1,7 +1,7 @@
 """What runs is what is checked: the runtime caches (ONNX Runtime's optimized graphs, OpenVINO's
 blobs) are recorded with their hashes when written and checked at load, on real tiny exports.
 
-Each case of issue 22 item 3: weights shuffled in the optimized graph (same size, all finite) and a
+Each case: weights shuffled in the optimized graph (same size, all finite) and a
 truncated cache are detected and rebuilt without --force, told once; a moved export keeps its
 caches; a cache folder that is a symlink to a user's folder is never written to nor emptied.
 """

@@ -149,13 +149,18 @@ def test_a_killed_actor_is_restarted_and_nothing_is_lost(cluster, tiny_export_fp
 def test_a_killed_driver_resumes_with_the_same_command(cluster, tiny_export_fp32, photos, local_out, tmp_path):
     out = tmp_path / "out"
     args = _args(photos, tiny_export_fp32, out, cluster)
-    proc = _spawn(args, tmp_path / "log")
-    try:
-        _wait_for(lambda: _done(out) >= 3, proc, what="three images")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        proc.kill()
+    for sig, after in ((signal.SIGTERM, 2), (signal.SIGKILL, 4)):
+        proc = _spawn(args, tmp_path / "log")
+        try:
+            _wait_for(lambda: _done(out) >= after, proc, what=f"{after} images")
+            proc.send_signal(sig)
+            code = proc.wait(timeout=60)
+        finally:
+            proc.kill()
+        if sig == signal.SIGTERM:  # stopped: the report says so, and what was in flight
+            assert code == 128 + signal.SIGTERM, (tmp_path / "log").read_text()
+            report = _report(out)
+            assert report["state"] == "interrupted" and report["summary"]["interrupted"] >= 1
     first = _done(out)
     assert first < N_GOOD and _report(out)["state"] == "running"  # killed: the report could not say more
     r = CliRunner().invoke(main, args)
@@ -182,6 +187,13 @@ def test_refusals_before_any_work(tiny_export_fp32, photos, tmp_path):
     r = CliRunner().invoke(main, [str(photos), str(photos / "sub"), "--engines", str(tiny_export_fp32), "--out",
                                   str(tmp_path / "o2"), "--ray"])
     assert r.exit_code == 1 and "upscaled twice" in r.output and not (tmp_path / "o2").exists(), r.output
+    (tmp_path / "empty").mkdir()
+    r = CliRunner().invoke(main, [str(tmp_path / "empty"), str(tmp_path / "nothing.png"), "--engines",
+                                  str(tiny_export_fp32), "--out", str(tmp_path / "o3"), "--ray"])
+    assert r.exit_code == 1 and "no input images found" in r.output and "nothing.png" in r.output, r.output
+    r = CliRunner().invoke(main, [str(photos), "--engines", str(tiny_export_fp32), "--out", str(tmp_path / "o4"),
+                                  "--backend", "bogus", "--ray"])
+    assert r.exit_code == 1 and "bogus" in r.output and not (tmp_path / "o4").exists(), r.output
 
 
 def test_without_ray_the_message_says_how_to_install_it(tiny_export_fp32, photos, tmp_path):

@@ -307,8 +307,8 @@ def test_cpp_runner_checks_the_contracts(cpp_runner, stand_in_export, tmp_path):
     assert f"components.unet_b{BATCH}.contract.inputs[0].dtype: \"bfloat16\" is not one of" in err
     err = _fails(exe, broken("missing", lambda m: unet(m).pop("outputs")))
     assert f"manifest.json: components.unet_b{BATCH}.contract: has no \"outputs\"" in err
-    err = _fails(exe, broken("format", lambda m: m.update(format=2)))
-    assert "format: manifest format 2; this dfosd_runner reads 1" in err
+    err = _fails(exe, broken("format", lambda m: m.update(format=1)))
+    assert "format: manifest format 1; this dfosd_runner reads 2" in err
     err = _fails(exe, broken("batches", lambda m: m.update(batches=[1, BATCH])))
     assert f"batches: lists tile batches [1, {BATCH}] but components has parts for [{BATCH}]" in err
 
@@ -378,7 +378,7 @@ def test_cpp_runner_refuses_malformed_json(cpp_runner, tmp_path):
             (text, err)
     manifest = tmp_path / "manifest.json"
     # valid, and read exactly: escapes, a surrogate pair, integers, nesting, then the content is checked
-    manifest.write_text('{"format": 1, "build_key": "\\u00e9\\ud83d\\ude00\\n", "tile": 16, "upscale": 4, '
+    manifest.write_text('{"format": 2, "build_key": "\\u00e9\\ud83d\\ude00\\n", "tile": 16, "upscale": 4, '
                         '"batches": [], "components": {}, "x": [true, false, null, -1.5e3, {}]}')
     assert "components: lists no parts" in _fails(exe, tmp_path)
     manifest.write_text('{"format": 1.0}')

@@ -44,7 +44,7 @@ def fake_export(folder: Path, batches=(1, 2), build_key="export-key-1", big_unet
                                   "precision": "fp16", "contract": c.to_dict()}
     manifest = {"format": MANIFEST_FORMAT, "kind": "dfosd-export", "build_key": build_key, "precision": "fp16",
                 "float_precision": "fp16", "tile": TILE, "batches": list(batches), "upscale": 4,
-                "components": components, "files": files, "inputs": {}}
+                "components": components, "files": files, "inputs": {}, "family": {"name": "dfosd", "color_fix": "none", "deviations": []}}
     write_json_atomic(folder / MANIFEST_NAME, manifest)
     return manifest
 

@@ -21,7 +21,7 @@ namespace dfosd {
 constexpr const char* kManifestName = "manifest.json";
 constexpr const char* kAotiManifestName = "manifest.aoti.json";
 constexpr const char* kPlanManifestSuffix = ".plan.json";
-constexpr int64_t kManifestFormat = 1;      // core/manifest.py MANIFEST_FORMAT
+constexpr int64_t kManifestFormat = 2;      // core/manifest.py MANIFEST_FORMAT
 constexpr int64_t kAotiFormat = 1;          // engines/aoti_build.py AOTI_FORMAT
 constexpr int64_t kPlanFormat = 1;          // engines/tensorrt_common.py PLAN_FORMAT
 

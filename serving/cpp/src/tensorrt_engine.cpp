@@ -2,7 +2,7 @@
 // TensorRT cannot be installed there. Written against NvInferRuntime.h of TensorRT 10 (names
 // cross-checked with the Python API lists of 10.16 and 11.1 by tests/test_serving_cpp.py).
 //
-// What it does, as the notes describe (shared/notes/tensorrt.md, "Running and CUDA graphs"):
+// What it does (TensorRT's documented running and CUDA-graph rules):
 // - one IRuntime; one ICudaEngine per part of the export's chain (export_dir.h: the plans named by
 //   each part's <stem>.plan.json); one IExecutionContext each, created with
 //   ExecutionContextAllocationStrategy::kUSER_MANAGED;
