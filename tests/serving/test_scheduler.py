@@ -97,7 +97,7 @@ def test_thread_serves_and_close_fails_what_is_left(service):
 
 
 def test_progress_of_a_request_with_an_id_is_reported_then_removed(service, tmp_path, monkeypatch):
-    """Issue 21.4: the page's progress. A request with a valid KServe id gets <id>.json = {done, total} in the
+    """The page's progress. A request with a valid KServe id gets <id>.json = {done, total} in the
     progress folder as its tiles run (what the front serves at /progress/<id>); answered, the file goes."""
     from dfosd.serving import progress
     from dfosd.serving.scheduler import FairTileScheduler

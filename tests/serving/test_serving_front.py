@@ -1,7 +1,7 @@
 """dfosd-serve's front (serving/gateway.py) and its page, against the session's real dfosd-serve.
 
-Issue 21.2: every attack of the issue is answered 4xx, tritonserver keeps running with flat
-memory, the management endpoints need the admin key. Issue 21.4/5: the page at / in a real
+Every attack of bench/serving_attacks.py is answered 4xx, tritonserver keeps running with flat
+memory, the management endpoints need the admin key. The page at / in a real
 headless Chromium (Debian's chromium + chromedriver, driven by selenium): upload a PNG, the
 result is x4 and its pixels are the API's answer; a bad file and a refused image show the
 reason. Runs before test_serving_server.py, whose last test stops the shared server.
