@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from dfosd.core.errors import DfosdError
-from dfosd.core.vocab import DENOISED, LATENT, LR_IMAGE, SR_IMAGE, stem
+from dfosd.core.vocab import DENOISED, LATENT, LR_IMAGE, SR_IMAGE, SR_NONFINITE, stem
 
 DTYPES = ("uint8", "float16", "float32")
 
@@ -117,8 +117,15 @@ def component_contracts(geo: Geometry) -> dict[str, ComponentContract]:
     lat = TensorSpec(LATENT, "float32", (b, c, lt, lt))
     den = TensorSpec(DENOISED, "float32", (b, c, lt, lt))
     sr = TensorSpec(SR_IMAGE, "uint8", (b, 3, s, s))
+    flag = TensorSpec(SR_NONFINITE, "uint8", (b,))
     return {
         "encoder": ComponentContract("encoder", b, (lr,), (lat,)),
         "unet": ComponentContract("unet", b, (lat,), (den,)),
-        "decoder": ComponentContract("decoder", b, (den,), (sr,)),
+        "decoder": ComponentContract("decoder", b, (den,), (sr, flag)),
     }
+
+
+def nonfinite_flag(contract: ComponentContract) -> TensorSpec | None:
+    """The part's per-tile "a value before the uint8 cast was NaN/Inf" output, if it has one
+    (exports made before the flag existed have none)."""
+    return next((s for s in contract.outputs if s.name == SR_NONFINITE), None)

@@ -63,7 +63,9 @@ def _check_component(stem: str, entry: Any, data: dict, problems: list[str]) -> 
     if _is_int(tile) and _is_int(up):
         want = {"encoder": (contract.inputs, (batch, 3, tile, tile)),
                 "decoder": (contract.outputs, (batch, 3, tile * up, tile * up))}.get(name)
-        if want is not None and (len(want[0]) != 1 or want[0][0].shape != want[1]):
+        # the decoder may have a second output, its per-tile non-finite flag (core/vocab.py SR_NONFINITE)
+        if want is not None and (not 1 <= len(want[0]) <= (2 if name == "decoder" else 1)
+                                 or want[0][0].shape != want[1]):
             got = [s.shape for s in want[0]]
             problems.append(f"components[{stem!r}]: its tensors {got} do not fit tile {tile}, upscale {up}, "
                             f"batch {batch} (expected {want[1]})")

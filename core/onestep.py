@@ -178,15 +178,28 @@ class DecoderPart(nn.Module):
         self.scaling_factor = float(scaling_factor)
         self.dtype = dtype
 
-    def decode_float(self, latent: torch.Tensor) -> torch.Tensor:
-        """latent -> [-1,1] image (fp32, clamped). Used by training too."""
+    def decode_raw(self, latent: torch.Tensor) -> torch.Tensor:
+        """latent -> the VAE decoder's image (fp32, not clamped: NaN/Inf still visible)."""
         z = (latent.float() / self.scaling_factor).to(self.dtype)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
-        return self.decoder(z).float().clamp(-1.0, 1.0)
+        return self.decoder(z).float()
 
-    def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        return to_uint8(self.decode_float(latent))
+    def decode_float(self, latent: torch.Tensor) -> torch.Tensor:
+        """latent -> [-1,1] image (fp32, clamped). Used by training too."""
+        return self.decode_raw(latent).clamp(-1.0, 1.0)
+
+    def forward(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(uint8 image, uint8 [B] flag: 1 where any value before the cast was NaN or Inf).
+
+        The flag is computed on the decoder's raw output, before the clamp and the cast that
+        would turn a NaN into a byte (core/vocab.py SR_NONFINITE)."""
+        raw = self.decode_raw(latent)
+        # IsNaN and |x| > max, not torch.isfinite: that traces to a Cast to float64 (for IsInf),
+        # a type TensorRT does not have; the max over float keeps int64 out of the graph too.
+        bad = torch.isnan(raw) | (raw.abs() > torch.finfo(torch.float32).max)
+        flag = bad.flatten(1).to(torch.float32).amax(dim=1).to(torch.uint8)
+        return to_uint8(raw.clamp(-1.0, 1.0)), flag
 
 
 class OneStepSR(nn.Module):
@@ -210,7 +223,7 @@ class OneStepSR(nn.Module):
 
     @torch.no_grad()
     def forward(self, lr_image: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.unet(self.encoder(lr_image)))
+        return self.decoder(self.unet(self.encoder(lr_image)))[0]
 
 
 def build_from_model(base: "Base", model: "SRModel", *, dtype: torch.dtype = torch.float32, copy: bool = True,

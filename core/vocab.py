@@ -21,6 +21,10 @@ PRECISIONS = FLOAT_PRECISIONS + QUANT_PRECISIONS
 # Tensors at the part boundaries: each part's output feeds the input of the same name.
 LR_IMAGE, LATENT, DENOISED, SR_IMAGE = "lr_image", "latent", "denoised_latent", "sr_image"
 IMAGE_IN, IMAGE_OUT = LR_IMAGE, SR_IMAGE  # what clients send and get back
+# The decoder's second output: one uint8 per tile, 1 where any value before the cast to uint8 was
+# NaN or Inf. The cast turns a NaN into some byte (0: a black image), so the image tensor alone
+# cannot show it; the runtime, dfosd-serve and the C++ runner fail such a tile's image.
+SR_NONFINITE = "sr_nonfinite"
 
 # Artifact files of an export directory.
 MANIFEST_NAME = "manifest.json"
@@ -62,5 +66,6 @@ def package_name(stem_: str, device: str) -> str:
 # Model families dfosd compiles (their facts live in core/families.py), and the colour fixes
 # a family may default to (the runtime implements them).
 FAMILY_NAMES = ("dfosd", "osediff", "pisa-sr", "hypir", "omgsr-s")
+RESSHIFT_FAMILY_NAMES = ("sinsr", "tad-sr", "resshift-s15", "resshift-s4")  # the second backbone (core/resshift.py)
 REFUSED_FAMILY_NAMES = ("s3diff", "invsr", "osdface", "tsd-sr", "adcsr")  # named so the refusal can say why
 COLOR_FIXES = ("none", "adain", "wavelet")

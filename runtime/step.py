@@ -207,19 +207,29 @@ class OneStepRunner:
         return out[:b].to("cpu", copy=True)
 
     def _check_finite(self, b: int) -> None:
-        """Fail on NaN/Inf at the float part boundaries (latent, denoised latent).
+        """Fail on NaN/Inf at the float part boundaries (latent, denoised latent) and where the
+        decoder flags a tile whose values were non-finite before its cast to uint8.
 
-        The decoder's uint8 cast turns NaN into 0, so a non-finite latent (an fp16 overflow
-        in the encoder or UNet of a real checkpoint) would otherwise be saved as a black
-        image with status ok. The boundaries are small (latent-sized), so the check is cheap.
-        NaN arising inside the decoder itself cannot be seen from its uint8 output."""
+        The decoder's uint8 cast turns NaN into 0, so a non-finite value (an fp16 overflow of a
+        real checkpoint, or an 8-bit engine's) would otherwise be saved as a black image with
+        status ok. The boundaries are small (latent-sized) and the flag is one byte per tile,
+        so the check is cheap. Exports made before the flag existed have only the boundaries."""
         import torch
 
+        from dfosd.core.contracts import nonfinite_flag
+
+        fix = ("re-export with --precision fp32 (an fp16 overflow; `dfosd verify --fp16-storage` finds "
+               "where)" if self.precision != "fp32" else "check the checkpoint: the weights make this part overflow")
         for name in ("encoder", "unet"):
             for spec in self.contracts[name].outputs:
                 buf = self.buffers[spec.name]
                 if buf.is_floating_point() and not bool(torch.isfinite(buf[:b]).all()):
-                    fix = ("re-export with --precision fp32 (an fp16 overflow)" if self.precision != "fp32"
-                           else "check the checkpoint: the weights make this part overflow")
                     raise NonFiniteOutput(f"the {name} produced NaN or Inf ({spec.name}); the output would be "
                                           f"black, so it is not written", hint=fix)
+        flag = nonfinite_flag(self.contracts["decoder"])
+        if flag is not None:
+            bad = torch.nonzero(self.buffers[flag.name][:b].to("cpu")).flatten().tolist()
+            if bad:
+                raise NonFiniteOutput(f"the decoder produced NaN or Inf before its uint8 cast ({flag.name}, tile "
+                                      f"{', '.join(map(str, bad))} of this batch); the output would be black, so it "
+                                      "is not written", hint=fix)

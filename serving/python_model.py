@@ -26,6 +26,7 @@ import json
 import traceback
 from pathlib import Path
 
+from dfosd.core.errors import DfosdError
 from dfosd.core.vocab import IMAGE_IN, IMAGE_OUT
 from dfosd.serving.scheduler import DEFAULT_TIMEOUT_S, FairTileScheduler, RequestTimeout
 from dfosd.serving.upscale_service import (RequestError, UpscaleRequest, UpscaleService, parse_overlap,
@@ -99,6 +100,9 @@ class TritonPythonModel:
             return pb_utils.InferenceResponse(error=_triton_error(pb_utils, str(result), "UNAVAILABLE"))
         if isinstance(result, RequestError):  # the client's fault: INVALID_ARG (HTTP 400), not INTERNAL (500)
             return pb_utils.InferenceResponse(error=_triton_error(pb_utils, str(result), "INVALID_ARG"))
+        if isinstance(result, DfosdError):  # e.g. NonFiniteOutput: the engines made NaN, no black image is sent
+            self.log.log_error(f"dfosd: {result}")
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(result)))
         if isinstance(result, BaseException):  # a bug: answer this request, keep serving, log the traceback
             self.log.log_error(f"dfosd: {''.join(traceback.format_exception(result))}")
             return pb_utils.InferenceResponse(

@@ -99,6 +99,22 @@ def resshift_golden():
 
 
 @pytest.fixture(scope="session")
+def resshift_release(tmp_path_factory):
+    """The golden tiny UNet and autoencoder written as upstream's release files: ``SinSR_v1.pth`` (a
+    ``state_dict`` wrapper with DataParallel's ``module.`` prefix) and ``autoencoder_vq_f4.pth``."""
+    import torch
+    from safetensors.torch import load_file
+
+    folder = tmp_path_factory.mktemp("resshift_release")
+    unet = {"module." + k: v.float() if v.is_floating_point() else v
+            for k, v in load_file(str(RESSHIFT_GOLDEN / "unet.safetensors")).items()}
+    torch.save({"state_dict": unet}, folder / "SinSR_v1.pth")
+    torch.save({k: v.float() for k, v in load_file(str(RESSHIFT_GOLDEN / "vq.safetensors")).items()},
+               folder / "autoencoder_vq_f4.pth")
+    return {"unet": folder / "SinSR_v1.pth", "vq": folder / "autoencoder_vq_f4.pth"}
+
+
+@pytest.fixture(scope="session")
 def tiny_text_models():
     """The tiny base's (locally built) CLIP tokenizer and text encoder: upstream-way references encode prompts."""
     from dfosd.core.text import load_text_models
@@ -238,7 +254,12 @@ def stand_in_parts():
     class Decoder(torch.nn.Module):
         def forward(self, denoised_latent):
             r = F.interpolate(denoised_latent[:, :3] + 0.1 * denoised_latent[:, 3:], scale_factor=8, mode="nearest")
-            return ((r + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+            # A tile whose LR pixels are all white (255: latent ~0.863 after the stand-in UNet) turns
+            # NaN, as an overflowing part would: the runners must fail it, not write a black tile.
+            white = (denoised_latent.flatten(1).amin(1) > 0.86).view(-1, 1, 1, 1)
+            r = torch.where(white, torch.full_like(r, float("nan")), r)
+            flag = torch.isnan(r).flatten(1).to(torch.float32).amax(1).to(torch.uint8)
+            return ((r + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8), flag
 
     return {"encoder": Encoder(), "unet": Unet(), "decoder": Decoder()}
 

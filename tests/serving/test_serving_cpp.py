@@ -181,6 +181,33 @@ def test_cpp_runner_bad_inputs(cpp_runner, stand_in_export, tmp_path):
         assert run.returncode == 2 and message in run.stderr, (bad_args, run.stderr)
 
 
+@needs_tools
+def test_cpp_runner_fails_an_image_whose_decoder_made_nan(cpp_runner, stand_in_export, tmp_path):
+    """The decoder's sr_nonfinite flag (the stand-in turns an all-white tile into NaN): that image
+    fails with a message and writes nothing, the next image is still upscaled; the Python runtime
+    refuses the same tile."""
+    import torch
+
+    from dfosd.runtime.step import NonFiniteOutput, OneStepRunner
+
+    white = torch.full((3, 8, 8), 255, dtype=torch.uint8)
+    _write_ppm(tmp_path / "white.ppm", white)
+    _write_ppm(tmp_path / "ok.ppm", _images()[3])
+    run = subprocess.run([
+        str(cpp_runner[0]), "aoti", "--engines", str(stand_in_export), "--batch", str(BATCH), str(tmp_path / "white.ppm"),
+        str(tmp_path / "o1.ppm"), str(tmp_path / "ok.ppm"), str(tmp_path / "o2.ppm")],
+        capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1, run.stderr
+    assert f"decoder_b{BATCH} produced NaN or Inf before its uint8 cast (sr_nonfinite, tile 0 of this batch)" \
+        in run.stderr
+    assert not (tmp_path / "o1.ppm").exists() and (tmp_path / "o2.ppm").is_file()
+    runner = OneStepRunner(stand_in_export, backend="aoti", batch=BATCH, say=lambda m: None)
+    with pytest.raises(NonFiniteOutput, match=r"decoder produced NaN or Inf before its uint8 cast \(sr_nonfinite, "
+                                              r"tile 1 of this batch\)"):
+        runner(torch.stack([_images()[3][:, :TILE, :TILE], torch.full((3, TILE, TILE), 255, dtype=torch.uint8)]))
+    assert runner(torch.stack([_images()[3][:, :TILE, :TILE]])).shape == (1, 3, TILE * 4, TILE * 4)
+
+
 @pytest.mark.slow
 @needs_tools
 def test_cpp_aoti_runner_on_the_tiny_model(cpp_runner, tiny_ckpt, tmp_path_factory):
@@ -396,7 +423,8 @@ def test_cpp_reader_spells_the_vocabulary():
     consts = dict(re.findall(r"constexpr (?:const char\*|int64_t) (k\w+) = \"?([^\";]+)\"?;", header))
     assert consts == {"kManifestName": vocab.MANIFEST_NAME, "kAotiManifestName": vocab.AOTI_MANIFEST_NAME,
                       "kPlanManifestSuffix": vocab.PLAN_MANIFEST_SUFFIX, "kManifestFormat": str(MANIFEST_FORMAT),
-                      "kAotiFormat": str(AOTI_FORMAT), "kPlanFormat": str(PLAN_FORMAT)}
+                      "kAotiFormat": str(AOTI_FORMAT), "kPlanFormat": str(PLAN_FORMAT),
+                      "kNonFiniteName": vocab.SR_NONFINITE}
 
 
 @needs_tools

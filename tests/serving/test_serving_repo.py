@@ -167,7 +167,7 @@ def test_onnx_python_and_tensorrt_models_match_the_manifest(tmp_path):
                  if e["batch"] == b}
         assert [(t.name, list(t.dims)) for t in ens.input] == [("lr_image", [b, 3, TILE, TILE])]
         assert [(t.name, pb.DataType.Name(t.data_type), list(t.dims)) for t in ens.output] == [
-            ("sr_image", "TYPE_UINT8", [b, 3, 4 * TILE, 4 * TILE])]
+            ("sr_image", "TYPE_UINT8", [b, 3, 4 * TILE, 4 * TILE]), ("sr_nonfinite", "TYPE_UINT8", [b])]
         steps = ens.ensemble_scheduling.step
         assert [s.model_name for s in steps] == [f"dfosd_{p}_b{b}{suffix}" for p in ("encoder", "unet", "decoder")]
         for step, part in zip(steps, ("encoder", "unet", "decoder")):

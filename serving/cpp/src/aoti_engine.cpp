@@ -97,8 +97,10 @@ class AotiEngine : public TileEngine {
     for (size_t i = 0; i < parts_.size(); ++i) {
       const Part& part = chain_.parts[i];
       std::vector<at::Tensor> y = parts_[i]->run(x);
-      if (y.size() != 1)
-        throw std::runtime_error(part.file + ": returned " + std::to_string(y.size()) + " outputs, the contract has 1");
+      const size_t want = part.nonfinite ? 2 : 1;
+      if (y.size() != want)
+        throw std::runtime_error(part.file + ": returned " + std::to_string(y.size()) + " outputs, the contract has " +
+                                 std::to_string(want));
       // The loader cannot tell a package's shapes up front: check each boundary as it comes back,
       // so a package built for another tile or batch is named instead of read out of bounds.
       if (y[0].scalar_type() != scalar_type(part.output.dtype) || y[0].sizes() != at::IntArrayRef(part.output.shape)) {
@@ -113,6 +115,14 @@ class AotiEngine : public TileEngine {
       // comes back channels_last), but the next package's kernels were compiled for contiguous
       // NCHW inputs and read raw memory: make every boundary contiguous, as the Python runner's
       // copies into its static buffers do.
+      if (part.nonfinite) {
+        at::Tensor flags = y[1].to(at::kCPU).to(at::kByte).contiguous();
+        if (flags.numel() != batch)
+          throw std::runtime_error(part.file + ": returned " + std::to_string(flags.numel()) + " " + kNonFiniteName +
+                                   " flags, its contract says " + part.nonfinite->str());
+        const std::string bad = nonfinite_message(part, flags.data_ptr<uint8_t>(), n);
+        if (!bad.empty()) throw std::runtime_error(bad);
+      }
       x = {y[0].contiguous()};
     }
     at::Tensor out = x[0].to(at::kCPU).contiguous();

@@ -70,15 +70,35 @@ TensorSpec read_spec(const Field& f, int batch) {
   return s;
 }
 
-// A part's contract: exactly one input and one output (the runner chains single tensors).
-std::pair<TensorSpec, TensorSpec> read_contract(const Field& contract, const std::string& component, int batch) {
+// A part's contract: one input and one output (the runner chains single tensors), plus the
+// decoder's optional non-finite flag (kNonFiniteName, uint8 [batch]) as a second output.
+struct Contract {
+  TensorSpec input, output;
+  std::optional<TensorSpec> nonfinite;
+
+  bool operator==(const Contract& o) const { return input == o.input && output == o.output && nonfinite == o.nonfinite; }
+  bool operator!=(const Contract& o) const { return !(*this == o); }
+};
+
+Contract read_contract(const Field& contract, const std::string& component, int batch) {
   if (contract["component"].str() != component) contract["component"].fail("differs from the entry's component");
   if (contract["batch"].integer() != batch) contract["batch"].fail("differs from the entry's batch");
-  for (const char* side : {"inputs", "outputs"})
-    if (contract[side].size() != 1)
-      contract[side].fail("has " + std::to_string(contract[side].size()) + " tensors; dfosd_runner chains parts "
-                          "of one input and one output");
-  return {read_spec(contract["inputs"].at(0), batch), read_spec(contract["outputs"].at(0), batch)};
+  if (contract["inputs"].size() != 1)
+    contract["inputs"].fail("has " + std::to_string(contract["inputs"].size()) + " tensors; dfosd_runner chains "
+                            "parts of one input and one output");
+  const size_t outputs = contract["outputs"].size();
+  if (outputs != 1 && outputs != 2)
+    contract["outputs"].fail("has " + std::to_string(outputs) + " tensors; dfosd_runner chains parts of one input "
+                             "and one output (and the decoder's " + kNonFiniteName + " flag)");
+  Contract c{read_spec(contract["inputs"].at(0), batch), read_spec(contract["outputs"].at(0), batch), std::nullopt};
+  if (outputs == 2) {
+    TensorSpec flag = read_spec(contract["outputs"].at(1), batch);
+    if (flag.name != kNonFiniteName || flag.dtype != "uint8" || flag.shape != std::vector<int64_t>{batch})
+      contract["outputs"].at(1).fail("is " + flag.str() + "; a second output can only be " + kNonFiniteName +
+                                     " uint8 [" + std::to_string(batch) + "]");
+    c.nonfinite = flag;
+  }
+  return c;
 }
 
 // Orders the parts so that each one's output is the next one's input (name, dtype and shape).
@@ -190,7 +210,10 @@ ExportChain read_export(const std::string& dir, int batch) {
     Part p;
     p.component = entry["component"].str();
     p.stem = stem;
-    std::tie(p.input, p.output) = read_contract(entry["contract"], p.component, chain.batch);
+    const Contract c = read_contract(entry["contract"], p.component, chain.batch);
+    p.input = c.input;
+    p.output = c.output;
+    p.nonfinite = c.nonfinite;
     parts.push_back(std::move(p));
   }
   const std::string where = path + ": tile batch " + std::to_string(chain.batch);
@@ -257,9 +280,9 @@ void find_aoti_packages(ExportChain& chain, const std::string& device,
     }
     if (!components.has(p.stem)) components.fail("has no package for " + p.stem + "; rebuild: " + cmd + " --force");
     const Field entry = components[p.stem];
-    const auto [in, out] = read_contract(entry["contract"], p.component, chain.batch);
-    if (in != p.input || out != p.output)
-      entry["contract"].fail("differs from " + std::string(kManifestName) + "'s (" + in.str() + " -> " + out.str() +
+    const Contract c = read_contract(entry["contract"], p.component, chain.batch);
+    if (c != Contract{p.input, p.output, p.nonfinite})
+      entry["contract"].fail("differs from " + std::string(kManifestName) + "'s (" + c.input.str() + " -> " + c.output.str() +
                              "); rebuild: " + cmd + " --force");
     const std::string name = plain_name(entry["package"]);
     const Field files = build["files"];
@@ -267,6 +290,16 @@ void find_aoti_packages(ExportChain& chain, const std::string& device,
     check_size(files[name], join(chain.dir, name), "rebuild: " + cmd + " --force");
     p.file = join(chain.dir, name);
   }
+}
+
+std::string nonfinite_message(const Part& part, const uint8_t* flags, int n) {
+  std::string tiles;
+  for (int i = 0; i < n; ++i)
+    if (flags[i]) tiles += (tiles.empty() ? "" : ", ") + std::to_string(i);
+  if (tiles.empty()) return "";
+  return part.stem + " produced NaN or Inf before its uint8 cast (" + kNonFiniteName + ", tile " + tiles +
+         " of this batch): the image would be black, so it is not written (an fp16 overflow? re-export with "
+         "--precision fp32, or find where with dfosd verify --fp16-storage)";
 }
 
 void find_tensorrt_plans(ExportChain& chain, const std::map<std::string, std::string>& given) {

@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -24,6 +25,7 @@ constexpr const char* kPlanManifestSuffix = ".plan.json";
 constexpr int64_t kManifestFormat = 2;      // core/manifest.py MANIFEST_FORMAT
 constexpr int64_t kAotiFormat = 1;          // engines/aoti_build.py AOTI_FORMAT
 constexpr int64_t kPlanFormat = 1;          // engines/tensorrt_common.py PLAN_FORMAT
+constexpr const char* kNonFiniteName = "sr_nonfinite";  // core/vocab.py SR_NONFINITE
 
 struct TensorSpec {
   std::string name;
@@ -39,6 +41,10 @@ struct Part {
   std::string component;  // "encoder"
   std::string stem;       // "encoder_b2": the manifest's key, the stem of its files
   TensorSpec input, output;
+  // The decoder's second output (exports since the flag exists): uint8 [batch], 1 where a value
+  // before the cast to uint8 was NaN or Inf. The engines fail such a tile instead of passing on
+  // the black image the cast made of it.
+  std::optional<TensorSpec> nonfinite;
   std::string file;       // the engine file to load (set by find_aoti_packages / find_tensorrt_plans)
 };
 
@@ -55,6 +61,10 @@ struct ExportChain {
   const TensorSpec& output() const { return parts.back().output; }   // uint8 [batch, 3, tile*scale, ...]
   std::string describe() const;  // one line per part: "encoder_b2: lr_image uint8 [...] -> latent float32 [...]"
 };
+
+// The message for tiles whose non-finite flag is set (`flags`: one byte per tile, `n` tiles).
+// Empty when none is.
+std::string nonfinite_message(const Part& part, const uint8_t* flags, int n);
 
 // Reads DIR/manifest.json and the chain of tile batch `batch` (0: the largest the export has).
 // Throws json::Error naming the file, the field and the fix.

@@ -26,6 +26,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "engine.h"
@@ -122,7 +123,9 @@ class TensorRtEngine : public TileEngine {
           engines_[i]->createExecutionContext(nvinfer1::ExecutionContextAllocationStrategy::kUSER_MANAGED));
       if (!contexts_[i]) throw std::runtime_error(part.file + ": createExecutionContext failed");
       contexts_[i]->setDeviceMemoryV2(activations_, activation_bytes);
-      for (const std::string& name : {part.input.name, part.output.name})
+      std::vector<std::string> names{part.input.name, part.output.name};
+      if (part.nonfinite) names.push_back(part.nonfinite->name);
+      for (const std::string& name : names)
         if (!contexts_[i]->setTensorAddress(name.c_str(), boundaries_.at(name).device))
           throw std::runtime_error(part.file + ": setTensorAddress(" + name + ") failed");
     }
@@ -131,6 +134,12 @@ class TensorRtEngine : public TileEngine {
     const Boundary& sr = boundaries_.at(chain_.output().name);
     cuda_check(cudaMallocHost(&host_in_, lr.bytes), "cudaMallocHost");
     cuda_check(cudaMallocHost(&host_out_, sr.bytes), "cudaMallocHost");
+    for (const Part& part : chain_.parts)  // the non-finite flags come back beside the image
+      if (part.nonfinite) {
+        void* host = nullptr;
+        cuda_check(cudaMallocHost(&host, boundaries_.at(part.nonfinite->name).bytes), "cudaMallocHost(flags)");
+        host_flags_.push_back({&part, host});
+      }
     std::memset(host_in_, 0, lr.bytes);
     activation_bytes_ = activation_bytes;
   }
@@ -144,6 +153,7 @@ class TensorRtEngine : public TileEngine {
     if (activations_) cudaFree(activations_);
     if (host_in_) cudaFreeHost(host_in_);
     if (host_out_) cudaFreeHost(host_out_);
+    for (auto& [part, host] : host_flags_) cudaFreeHost(host);
     if (stream_) cudaStreamDestroy(stream_);
   }
 
@@ -166,6 +176,10 @@ class TensorRtEngine : public TileEngine {
       enqueue_step();
     }
     cuda_check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    for (const auto& [part, host] : host_flags_) {
+      const std::string bad = nonfinite_message(*part, static_cast<const uint8_t*>(host), n);
+      if (!bad.empty()) throw std::runtime_error(bad);
+    }
     std::memcpy(sr, host_out_, sr_tile * n);
   }
 
@@ -177,18 +191,22 @@ class TensorRtEngine : public TileEngine {
   }
 
  private:
-  // The engine's I/O tensors must be exactly the part's contract: one input, one output, same
-  // names, dtypes and static shapes. The reader already checked that the contracts chain, so
-  // boundaries shared by two parts get one buffer.
+  // The engine's I/O tensors must be exactly the part's contract: one input, one output (and the
+  // decoder's non-finite flag), same names, dtypes and static shapes. The reader already checked
+  // that the contracts chain, so boundaries shared by two parts get one buffer.
   void check_io(const nvinfer1::ICudaEngine& engine, const Part& part) {
-    const std::string contract = part.input.str() + " -> " + part.output.str();
-    if (engine.getNbIOTensors() != 2)
+    const std::string contract = part.input.str() + " -> " + part.output.str() +
+                                 (part.nonfinite ? ", " + part.nonfinite->str() : "");
+    const int want_io = part.nonfinite ? 3 : 2;
+    if (engine.getNbIOTensors() != want_io)
       throw std::runtime_error(part.file + ": has " + std::to_string(engine.getNbIOTensors()) +
-                               " I/O tensors, its contract in " + kManifestName + " has 2 (" + contract + ")");
+                               " I/O tensors, its contract in " + kManifestName + " has " + std::to_string(want_io) +
+                               " (" + contract + ")");
     for (int i = 0; i < engine.getNbIOTensors(); ++i) {
       const char* name = engine.getIOTensorName(i);
       const bool is_input = engine.getTensorIOMode(name) == nvinfer1::TensorIOMode::kINPUT;
-      const TensorSpec& want = is_input ? part.input : part.output;
+      const bool is_flag = !is_input && part.nonfinite && part.nonfinite->name == name;
+      const TensorSpec& want = is_input ? part.input : is_flag ? *part.nonfinite : part.output;
       const nvinfer1::Dims dims = engine.getTensorShape(name);
       const nvinfer1::DataType dtype = engine.getTensorDataType(name);
       bool same = want.name == name && dtype == trt_dtype(want.dtype) &&
@@ -211,6 +229,10 @@ class TensorRtEngine : public TileEngine {
     for (size_t i = 0; i < contexts_.size(); ++i)
       if (!contexts_[i]->enqueueV3(stream_)) throw std::runtime_error("enqueueV3 failed for part " + std::to_string(i));
     cuda_check(cudaMemcpyAsync(host_out_, out.device, out.bytes, cudaMemcpyDeviceToHost, stream_), "copy out");
+    for (const auto& [part, host] : host_flags_) {
+      const Boundary& flags = boundaries_.at(part->nonfinite->name);
+      cuda_check(cudaMemcpyAsync(host, flags.device, flags.bytes, cudaMemcpyDeviceToHost, stream_), "copy flags");
+    }
   }
 
   void capture() {
@@ -249,6 +271,7 @@ class TensorRtEngine : public TileEngine {
   int64_t activation_bytes_ = 0;
   void* host_in_ = nullptr;
   void* host_out_ = nullptr;
+  std::vector<std::pair<const Part*, void*>> host_flags_;  // pinned copies of each part's non-finite flags
   cudaStream_t stream_ = nullptr;
   cudaGraphExec_t graph_exec_ = nullptr;
   bool use_graph_ = true;
