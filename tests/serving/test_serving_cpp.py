@@ -432,7 +432,7 @@ def test_cpp_reader_spells_the_vocabulary():
 
 @needs_tools
 def test_cpp_runner_colour_fix_equals_python_runtime(cpp_runner, stand_in_export, tmp_path):
-    """Issue 21.1: --color-fix adain|wavelet, and the export family's default, give the bytes of the Python
+    """--color-fix adain|wavelet, and the export family's default, give the bytes of the Python
     runtime's colour fix (runtime/color_fix.py apply_color_fix, what dfosd-trt-run and the served model apply)."""
     from dfosd.runtime.color_fix import apply_color_fix
 
