@@ -2,7 +2,7 @@
 
     python -m dfosd.bench.serving_attacks --url 127.0.0.1:8000 --serve-pid PID [--out attacks.json]
 
-Each attack from the issue, sent to the HTTP address given: a 300 KB body of nested brackets
+Each attack, sent to the HTTP address given: a 300 KB body of nested brackets
 (crashed tritonserver 2.51 with SIGSEGV when it faced the network), ``POST /v2/logging``
 without the admin key, a 300 MB binary body (sent in full), the same four and 32 at once,
 a JSON body of 300 MB, and a gzip bomb (1 GiB of zeros in 1 MB) four at once. While they run, the resident memory of

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from dfosd.core.errors import DfosdError, problems_error
 from dfosd.core.resshift_unet import SwinUNet, SwinUNetConfig
 from dfosd.core.resshift_vq import VQAutoencoder, VQConfig
+from dfosd.core.vocab import RESSHIFT_FAMILY_NAMES
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ CHECKPOINTS = {c.name: c for c in (
                        EtaSchedule(steps=4, min_noise_level=0.2, kappa=2.0, power=0.3), False,
                        "zsyOAOA/ResShift configs/realsr_swinunet_realesrgan256_journal.yaml"),
 )}
+assert tuple(CHECKPOINTS) == RESSHIFT_FAMILY_NAMES, "core/vocab.py names the ResShift-backbone families"
 MULTI_STEP_REASON = ("a multi-step ResShift model ({steps} UNet calls, each followed by the posterior step and "
                      "fresh noise): dfosd compiles one-step models; use a one-step student of it (SinSR, TAD-SR)")
 

@@ -66,5 +66,6 @@ def package_name(stem_: str, device: str) -> str:
 # Model families dfosd compiles (their facts live in core/families.py), and the colour fixes
 # a family may default to (the runtime implements them).
 FAMILY_NAMES = ("dfosd", "osediff", "pisa-sr", "hypir", "omgsr-s")
+RESSHIFT_FAMILY_NAMES = ("sinsr", "tad-sr", "resshift-s15", "resshift-s4")  # the second backbone (core/resshift.py)
 REFUSED_FAMILY_NAMES = ("s3diff", "invsr", "osdface", "tsd-sr", "adcsr")  # named so the refusal can say why
 COLOR_FIXES = ("none", "adain", "wavelet")

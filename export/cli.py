@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from dfosd.core.cli_support import parse_int_list, say, setup_logging, user_errors
-from dfosd.core.vocab import FAMILY_NAMES, FLOAT_PRECISIONS, PRECISIONS, REFUSED_FAMILY_NAMES
+from dfosd.core.vocab import (FAMILY_NAMES, FLOAT_PRECISIONS, PRECISIONS, REFUSED_FAMILY_NAMES,
+                              RESSHIFT_FAMILY_NAMES)
 from dfosd.engines.base import BACKEND_CHOICES
 
 
@@ -14,10 +15,16 @@ from dfosd.engines.base import BACKEND_CHOICES
               help="Checkpoint: DFOSD lora.safetensors, a `dfosd convert` model, osediff.pkl, pisa_sr.pkl, "
                    "HYPIR_sd2.pth, an OMGSR-S folder (unet_lora_adapter/ + vae_encoder_lora_adapter/), a PEFT "
                    "adapter folder, or a diffusers/kohya UNet LoRA (family detected from the keys).")
-@click.option("--family", default=None, type=click.Choice(FAMILY_NAMES + REFUSED_FAMILY_NAMES),
+@click.option("--family", default=None,
+              type=click.Choice(FAMILY_NAMES + RESSHIFT_FAMILY_NAMES + REFUSED_FAMILY_NAMES),
               help="Override the family detected from the checkpoint's keys.")
 @click.option("--prompt", default=None,
               help="Prompt families: the prompt encoded once into the engine [default: the family's, empty].")
+@click.option("--vq", "vq", default=None, type=click.Path(dir_okay=False),
+              help="ResShift backbone (SinSR, TAD-SR): the VQ-f4 autoencoder (autoencoder_vq_f4.pth); --ckpt is then "
+                   "the UNet file. Writes the three ONNX parts and resshift-export.json (fp32/fp16).")
+@click.option("--config", "config", default=None, type=click.Path(dir_okay=False),
+              help="ResShift backbone: upstream's config YAML (SinSR.yaml, ...) [default: from the keys and the family].")
 @click.option("--timestep", default=None, type=click.IntRange(0, 999),
               help="Upstream checkpoints: the fixed timestep baked into the UNet [default: the family's, e.g. "
                    "OMGSR-S 273] (recorded as a deviation when it differs).")
@@ -54,7 +61,7 @@ from dfosd.engines.base import BACKEND_CHOICES
 @click.option("--force", is_flag=True, help="Rebuild even when the manifest says the artifacts are current.")
 @click.option("-v", "--verbose", is_flag=True)
 @user_errors
-def main(ckpt, family, prompt, timestep, pisa_scales, base, precision, float_precision, calib_data, calib_count, quantize, conv_calibration, out_dir, tile,
+def main(ckpt, family, prompt, vq, config, timestep, pisa_scales, base, precision, float_precision, calib_data, calib_count, quantize, conv_calibration, out_dir, tile,
          batches, opset, backend, force, verbose):
     """Export a one-step SR checkpoint (DFOSD, OSEDiff, PiSA-SR, HYPIR, OMGSR-S) to static-shape ONNX (and engines)."""
     setup_logging(verbose)
@@ -64,12 +71,14 @@ def main(ckpt, family, prompt, timestep, pisa_scales, base, precision, float_pre
     from dfosd.export.ownership import check_out_folder
 
     # Cheap checks first: options and files, before any heavy import or work.
-    def config(precision):
+    def options(precision):
         return ExportConfig.from_options(precision=precision, tile=tile, batches=parse_int_list(batches, "--batch"),
                                          opset=opset, float_precision=float_precision, calib_data=calib_data,
                                          calib_count=calib_count, quantize=quantize, conv_calibration=conv_calibration)
 
-    cfg = config("fp32" if precision == "auto" else precision)  # the options are checked either way
+    if vq is not None:  # the second backbone (ResShift, SinSR, TAD-SR): its own export and record
+        return _export_resshift(ckpt, vq, config, family, precision, tile, out_dir, verbose)
+    cfg = options("fp32" if precision == "auto" else precision)  # the options are checked either way
     check_checkpoint_exists(ckpt)
     check_out_folder(out_dir)
     if cfg.quant is not None:
@@ -89,7 +98,7 @@ def main(ckpt, family, prompt, timestep, pisa_scales, base, precision, float_pre
     if precision == "auto":
         precision, reason = auto_precision(backend_cls)
         say(f"precision auto: {precision}, because {reason}")
-        cfg = config(precision)
+        cfg = options(precision)
     result = export_checkpoint(ckpt, base, out_dir, cfg, force=force, progress=say, family=family, prompt=prompt,
                                pisa_scales=scales, timestep=timestep)
     from dfosd.core.manifest import ExportDir
@@ -105,6 +114,25 @@ def main(ckpt, family, prompt, timestep, pisa_scales, base, precision, float_pre
     say(f"{verb} {len(export.components)} ONNX parts ({precision}, tile {tile}, "
         f"batches {list(cfg.batches)}) in {result.out_dir} [{result.seconds:.1f} s]")
     click.echo(str(result.out_dir))
+
+
+def _export_resshift(ckpt, vq, config, family, precision, tile, out_dir, verbose):
+    from pathlib import Path
+
+    from dfosd.core.errors import DfosdError
+    from dfosd.export.resshift_export import RECORD_NAME, export_resshift
+
+    for path, flag in ((ckpt, "--ckpt"), (vq, "--vq")) + (((config, "--config"),) if config else ()):
+        if not Path(path).is_file():
+            raise DfosdError(f"{flag} {path} does not exist")
+    if precision == "auto":
+        precision = "fp32"
+        say("precision auto: fp32, because the ResShift backbone is exported for ONNX Runtime/OpenVINO here")
+    record = export_resshift(ckpt, vq, out_dir, tile=tile, precision=precision, config=config, family=family,
+                             progress=say)
+    say(f"wrote the 3 ResShift parts ({precision}, LR tile {tile}) and {RECORD_NAME} in {out_dir} "
+        f"[{record['seconds']} s]")
+    click.echo(str(out_dir))
 
 
 if __name__ == "__main__":  # pragma: no cover

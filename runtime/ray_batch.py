@@ -60,7 +60,9 @@ class UpscaleWorker:
 
         self.runner, self.tcfg, self.upscale = local_upscaler(export_dir, backend, batch, tile, overlap, log.info)
         self.opts, self.out = opts, Path(out_dir)
-        self.identity = {"export": self.runner.export.build_key, "backend": self.runner.backend.describe(),
+        plan = getattr(self.runner, "plan", None)  # the backend of each part, not its thread count
+        self.identity = {"export": self.runner.export.build_key,
+                         "backend": plan.to_dict().get("parts") if plan else self.runner.backend.describe(),
                          "precision": self.runner.precision, "tile": self.tcfg.tile, "overlap": self.tcfg.overlap,
                          "batch": self.tcfg.batch, "color_fix": opts["color_fix"], "format": opts["fmt"],
                          "quality": opts["quality"] if opts["fmt"] != "png" else None}

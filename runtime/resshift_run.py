@@ -76,6 +76,28 @@ class ResShiftRunner:
         self.sessions = {p: ort.InferenceSession(str(folder / f"{p}.onnx"), providers=list(providers)) for p in PARTS}
         self.cfg = TilingConfig(tile=tile, overlap=overlap, batch=1, scale=4)
 
+    @classmethod
+    def from_export(cls, folder: str | Path, *, overlap: int | None = None, providers=("CPUExecutionProvider",)):
+        """A folder ``dfosd-export --vq`` wrote: its record gives the tile; the parts are checked against it."""
+        import json
+
+        from dfosd.core.manifest import changed_files
+        from dfosd.export.resshift_export import RECORD_KIND, RECORD_NAME
+
+        folder = Path(folder)
+        try:
+            record = json.loads((folder / RECORD_NAME).read_text())
+        except (OSError, ValueError) as exc:
+            raise DfosdError(f"{folder}: no readable {RECORD_NAME} ({exc})",
+                             hint="export with dfosd-export --ckpt UNET.pth --vq autoencoder_vq_f4.pth --out DIR") from None
+        if not isinstance(record, dict) or record.get("kind") != RECORD_KIND or not isinstance(record.get("files"), dict):
+            raise DfosdError(f"{folder / RECORD_NAME}: not a ResShift export record", hint="export again")
+        changed = changed_files(folder, record["files"])
+        if changed:
+            raise DfosdError(f"{folder}: {', '.join(changed)} changed since the export", hint="export again")
+        tile = int(record["tile"])
+        return cls(folder, tile=tile, overlap=tile // 8 if overlap is None else overlap, providers=providers)
+
     def _tile(self, lr: np.ndarray, noise: np.ndarray) -> np.ndarray:
         latent = self.sessions["encoder"].run(None, {LR_IMAGE: lr})[0]
         den = self.sessions["unet"].run(None, {LATENT: latent, NOISE: noise, LR_IMAGE: lr})[0]

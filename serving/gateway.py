@@ -23,7 +23,9 @@ this front, an aiohttp server in dfosd-serve's own process, forwards what it has
   up to its timeout). A request whose body stalls for ``body_timeout_s`` is dropped.
 
 Every refusal is a 4xx (5xx only for a server that is down) with ``{"error": reason}``, the
-form tritonclient reads. ``GET /`` serves the page in ``serving/web`` (``--no-ui`` leaves it out).
+form tritonclient reads. ``GET /`` serves the page in ``serving/web`` (``--no-ui`` leaves it out);
+``GET /progress/<id>`` the tiles done of a request in flight that carries that KServe id
+(``serving/progress``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import threading
 from pathlib import Path
 
 from dfosd.core.errors import DfosdError
+from dfosd.serving.progress import read_progress
 from dfosd.serving.request_checks import GatewayLimits, Refused, check_infer_header, parse_json
 
 log = logging.getLogger(__name__)
@@ -71,8 +74,10 @@ class _Budget:
 class Gateway:
     """The aiohttp front on ``host:port`` forwarding to ``upstream`` (http://127.0.0.1:PORT); own thread."""
 
-    def __init__(self, limits: GatewayLimits, upstream: str, host: str, port: int, ui: bool = True):
+    def __init__(self, limits: GatewayLimits, upstream: str, host: str, port: int, ui: bool = True,
+                 progress_dir=lambda: None):
         self.limits, self.upstream, self.host, self.port, self.ui = limits, upstream.rstrip("/"), host, port, ui
+        self.progress_dir = progress_dir  # () -> the folder the model reports progress in (serving/progress.py)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner = None
@@ -157,10 +162,17 @@ class Gateway:
             self._active -= 1
 
     async def _route(self, request):
+        from aiohttp import web
+
         path, method = request.path, request.method
         if self.ui and path in WEB_FILES and method == "GET":
             name, kind = WEB_FILES[path]
             return _file(WEB_DIR / name, kind)
+        if path.startswith("/progress/") and method == "GET":  # a request's tiles, for the page
+            state = read_progress(self.progress_dir(), path[len("/progress/"):])
+            if state is None:
+                raise Refused(404, "no request with that id is in progress")
+            return web.json_response(state, headers={"Cache-Control": "no-store"})
         if path.startswith(ADMIN_PREFIXES) or (path.startswith("/v2/models/") and path.endswith("/trace/setting")):
             return await self._admin(request)
         model_path = f"/v2/models/{self.limits.model}"
@@ -291,4 +303,5 @@ def front_for(opts, server) -> Gateway:
     limits = GatewayLimits(model=opts.model_name, max_pixels=opts.max_pixels or DEFAULT_MAX_PIXELS,
                            max_batch=opts.max_batch, scale=ExportDir(opts.export_dir, check="none").upscale,
                            admin_key=opts.admin_key, request_timeout_s=opts.request_timeout_s + 60)
-    return Gateway(limits, server.http_url, opts.host, opts.http_port, ui=opts.ui)
+    return Gateway(limits, server.http_url, opts.host, opts.http_port, ui=opts.ui,
+                   progress_dir=lambda: server.progress_dir)

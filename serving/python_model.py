@@ -70,7 +70,8 @@ class TritonPythonModel:
             say=lambda m: self.log.log_info(f"dfosd: {m}"))
         runner = self.service.runner
         timeout_s = float(params.get("request_timeout_s") or DEFAULT_TIMEOUT_S)
-        self.scheduler = FairTileScheduler(self.service, timeout_s=timeout_s).start()
+        self.scheduler = FairTileScheduler(self.service, timeout_s=timeout_s,
+                                           progress_dir=params.get("progress_dir") or None).start()
         self.log.log_info(f"dfosd: serving {runner.export_dir} ({runner.backend.describe()}, {runner.precision}, "
                           f"tile {runner.tile}, tile batch {runner.batch}; tiles scheduled fairly across requests, "
                           f"request timeout {timeout_s:g} s)")
@@ -130,7 +131,8 @@ class TritonPythonModel:
             except Exception as exc:  # noqa: BLE001 - a bad request fails alone
                 done(exc)
                 continue
-            self.scheduler.submit(upscale_request, done)
+            request_id = request.request_id() if hasattr(request, "request_id") else None
+            self.scheduler.submit(upscale_request, done, request_id)
         return None
 
     def finalize(self):

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from dfosd.serving.progress import ProgressFiles, progress_name
 from dfosd.serving.upscale_service import RequestError, UpscaleRequest, UpscaleService
 
 DEFAULT_TIMEOUT_S = 600.0
@@ -49,6 +50,10 @@ class _Pending:
     job_index: int = 0             # next tile to hand out: jobs[job_index], tile tile_index
     tile_index: int = 0
     outputs: list = field(default_factory=list)  # the finished TiledImages, in order
+    name: str | None = None        # the request's id, when it may report progress (serving/progress.py)
+
+    def tiles_done(self) -> tuple[int, int]:
+        return sum(j.done for j in self.jobs), sum(len(j) for j in self.jobs)
 
     def has_tiles(self) -> bool:
         return self.job_index < len(self.jobs)
@@ -65,8 +70,9 @@ class FairTileScheduler:
     """Requests in, results out through callbacks; ``step`` runs one tile batch (the thread calls it)."""
 
     def __init__(self, service: UpscaleService, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, progress_dir=None):
         self.service = service
+        self.progress = ProgressFiles(progress_dir)
         self.timeout_s = timeout_s
         self.clock = clock
         self._pending: list[_Pending] = []
@@ -77,8 +83,9 @@ class FairTileScheduler:
 
     # -- submitting (any thread)
 
-    def submit(self, request: UpscaleRequest, done: Callable[[object], None]) -> None:
-        """Queue one request; ``done`` gets its output tensor, or the exception that failed it."""
+    def submit(self, request: UpscaleRequest, done: Callable[[object], None], request_id=None) -> None:
+        """Queue one request; ``done`` gets its output tensor, or the exception that failed it. With a
+        ``request_id`` (the client's KServe id), its tile progress is written for the front to read."""
         try:
             layout, jobs, color_fix = self.service._prepare(request)
         except Exception as exc:  # noqa: BLE001 - a bad request is answered at once
@@ -87,7 +94,8 @@ class FairTileScheduler:
         with self._cond:
             closing = self._closing
             if not closing:
-                self._pending.append(_Pending(layout, jobs, color_fix, done, self.clock() + self.timeout_s))
+                self._pending.append(_Pending(layout, jobs, color_fix, done, self.clock() + self.timeout_s,
+                                              name=progress_name(request_id)))
                 self._cond.notify()
         if closing:
             done(RequestError("the model is shutting down"))
@@ -98,11 +106,11 @@ class FairTileScheduler:
 
     # -- running (the scheduler thread, or a test calling step directly)
 
-    @staticmethod
-    def _deliver(answers: list) -> None:
+    def _deliver(self, answers: list) -> None:
         """Call each (pending, result) pair's callback, outside the lock: a callback that sends a
         response may block or raise, and must neither hold up submit() nor stop the scheduler."""
         for p, result in answers:
+            self.progress.finish(p.name)
             try:
                 p.done(result)
             except Exception:  # noqa: BLE001 - one client's failed answer must not stop the others
@@ -166,6 +174,8 @@ class FairTileScheduler:
                     if len(p.outputs) == len(p.jobs):
                         self._pending.remove(p)
                         finished.append(p)
+        for p in {id(p): p for p, _, _ in chunk if p.name is not None and p not in finished}.values():
+            self.progress.update(p.name, *p.tiles_done())
         self._deliver([(p, self._result(p)) for p in finished])  # the colour fix runs outside the lock
         return True
 

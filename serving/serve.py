@@ -203,7 +203,8 @@ class TritonServer:
             overlap=o.overlap, max_batch=o.max_batch, max_queue_delay_us=o.max_queue_delay_us,
             queue_timeout_s=o.timeout_s, request_timeout_s=o.request_timeout_s,
             max_pixels=o.max_pixels or DEFAULT_MAX_PIXELS, instances=o.instances,
-            python_device=kind, site_dirs=venv_site_dirs(), path_dirs=pythonpath_dirs()))
+            python_device=kind, site_dirs=venv_site_dirs(), path_dirs=pythonpath_dirs(),
+            progress_dir=str(self.progress_dir) if self.progress_dir else None))
         return repo
 
     def _backend_dir(self, work: Path) -> Path:
@@ -243,6 +244,11 @@ class TritonServer:
     # -- lifecycle
 
     @property
+    def progress_dir(self) -> Path | None:
+        """Where the model reports tile progress (serving/progress.py), while the server runs."""
+        return self._work / "progress" if self._work is not None else None
+
+    @property
     def http_url(self) -> str:
         """tritonserver's own HTTP endpoint (internal: clients use the front's)."""
         return f"http://{LOOPBACK}:{self.http_port}"
@@ -259,6 +265,7 @@ class TritonServer:
         for stale in sweep_stale_work_dirs():
             log.info("removed %s, left by a dfosd-serve that was killed", stale)
         self._work = make_work_dir()
+        (self._work / "progress").mkdir()
         self._stubs, self._watching = {}, False
         try:
             repo = self._write_repository(self._work)

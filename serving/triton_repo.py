@@ -70,6 +70,7 @@ class RepoOptions:
     tensorrt_required: bool = False  # set when --kinds names tensorrt explicitly
     site_dirs: tuple[str, ...] = ()  # extra site folders model.py adds (dfosd-serve from a venv)
     path_dirs: tuple[str, ...] = ()  # folders model.py puts first on sys.path (dfosd-serve's PYTHONPATH)
+    progress_dir: str | None = None  # where the Python model reports tile progress (dfosd-serve's front reads it)
 
     def __post_init__(self):
         problems = []
@@ -196,7 +197,8 @@ def python_model_parameters(export: ExportDir, opts: RepoOptions, tile_batch: in
             "export_build_key": export.build_key,
             # what the model applies when a request names none (clients show it; the model reads the manifest)
             "color_fix": str(export.family.get("color_fix", "none")),
-            "request_timeout_s": f"{opts.request_timeout_s:g}"}
+            "request_timeout_s": f"{opts.request_timeout_s:g}",
+            **({"progress_dir": opts.progress_dir} if opts.progress_dir else {})}
 
 
 def python_config(model: str, params: dict[str, str], opts: RepoOptions) -> dict:

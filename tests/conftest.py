@@ -99,6 +99,22 @@ def resshift_golden():
 
 
 @pytest.fixture(scope="session")
+def resshift_release(tmp_path_factory):
+    """The golden tiny UNet and autoencoder written as upstream's release files: ``SinSR_v1.pth`` (a
+    ``state_dict`` wrapper with DataParallel's ``module.`` prefix) and ``autoencoder_vq_f4.pth``."""
+    import torch
+    from safetensors.torch import load_file
+
+    folder = tmp_path_factory.mktemp("resshift_release")
+    unet = {"module." + k: v.float() if v.is_floating_point() else v
+            for k, v in load_file(str(RESSHIFT_GOLDEN / "unet.safetensors")).items()}
+    torch.save({"state_dict": unet}, folder / "SinSR_v1.pth")
+    torch.save({k: v.float() for k, v in load_file(str(RESSHIFT_GOLDEN / "vq.safetensors")).items()},
+               folder / "autoencoder_vq_f4.pth")
+    return {"unet": folder / "SinSR_v1.pth", "vq": folder / "autoencoder_vq_f4.pth"}
+
+
+@pytest.fixture(scope="session")
 def tiny_text_models():
     """The tiny base's (locally built) CLIP tokenizer and text encoder: upstream-way references encode prompts."""
     from dfosd.core.text import load_text_models

@@ -42,7 +42,8 @@ def test_serving_client_imports_no_torch():
 COMMANDS = [
     ("dfosd.cli", []),
     *[("dfosd.cli", [name]) for name in ("checkpoint", "export", "run", "bench", "build", "aoti-export", "parity", "train",
-                                         "triton-repo", "demo", "verify", "gpu-bench", "convert", "inspect")],
+                                         "triton-repo", "demo", "verify", "gpu-bench", "convert", "inspect",
+                                         "resshift-run")],
     ("dfosd.export.cli", []),
     ("dfosd.runtime.cli", []),
     ("dfosd.bench.cli", []),

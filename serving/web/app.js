@@ -4,7 +4,6 @@
 const MODEL = "dfosd";
 const $ = (id) => document.getElementById(id);
 let info = { tile: 0, overlap: 0, scale: 4, max_pixels: 0, color_fix: "none" };
-let secondsPerTile = null;  // measured on this page's last request: the progress estimate
 
 async function readModel() {
   try {
@@ -57,10 +56,14 @@ async function decode(file) {
   return { bitmap, rgb, width: c.width, height: c.height };
 }
 
-function infer(img, colorFix, onProgress) {
+function newId() {  // the request's KServe id: the server reports its tiles under it (GET /progress/ID)
+  return "page-" + Array.from({ length: 4 }, () => Math.floor(Math.random() * 2 ** 32).toString(16)).join("");
+}
+
+function infer(img, colorFix, id, onProgress) {
   const params = { layout: "HWC" };
   if (colorFix) params.color_fix = colorFix;
-  const header = new TextEncoder().encode(JSON.stringify({
+  const header = new TextEncoder().encode(JSON.stringify({ id,
     inputs: [{ name: "lr_image", shape: [1, img.height, img.width, 3], datatype: "UINT8",
                parameters: { binary_data_size: img.rgb.length } }],
     outputs: [{ name: "sr_image", parameters: { binary_data: true } }], parameters: params }));
@@ -141,19 +144,24 @@ async function run(file) {
     const img = await decode(file);
     const tiles = tilesFor(img.width, img.height);
     const t0 = performance.now();
-    let sentAt = null;
-    timer = setInterval(() => {
-      if (sentAt === null) return;
-      const s = (performance.now() - sentAt) / 1000;
-      if (secondsPerTile) {
-        p.value = Math.min(0.98, s / (secondsPerTile * tiles)); p.max = 1;
-        $("status").textContent = `upscaling ${img.width}×${img.height} (${tiles} tiles): ${s.toFixed(0)} s, ` +
-          `about ${Math.max(0, secondsPerTile * tiles - s).toFixed(0)} s left (estimated from the last image)`;
-      } else {
-        $("status").textContent = `upscaling ${img.width}×${img.height} (${tiles} tiles): ${s.toFixed(0)} s…`;
-      }
-    }, 250);
-    const out = await infer(img, $("colorfix").value, (phase, f) => {
+    const id = newId();
+    let sentAt = null, polling = false;
+    timer = setInterval(async () => {  // the server's own count of the image's tiles
+      if (sentAt === null || polling) return;
+      polling = true;
+      try {
+        const r = await fetch(`/progress/${id}`, { cache: "no-store" });
+        const s = ((performance.now() - sentAt) / 1000).toFixed(0);
+        if (r.ok) {
+          const { done, total } = await r.json();
+          p.value = done / Math.max(total, 1); p.max = 1;
+          $("status").textContent = `upscaling ${img.width}×${img.height}: ${done} of ${total} tiles, ${s} s`;
+        } else if (!$("status").textContent.includes("tiles,")) {
+          $("status").textContent = `upscaling ${img.width}×${img.height} (${tiles} tiles): ${s} s…`;
+        }
+      } catch (e) { /* the answer itself says what went wrong */ } finally { polling = false; }
+    }, 300);
+    const out = await infer(img, $("colorfix").value, id, (phase, f) => {
       if (phase === "upload") {
         p.value = f; p.max = 1;
         $("status").textContent = `sending ${img.width}×${img.height}: ${(100 * f).toFixed(0)} %`;
@@ -163,7 +171,6 @@ async function run(file) {
       }
     });
     const seconds = (performance.now() - t0) / 1000;
-    if (tiles) secondsPerTile = seconds / tiles;
     show(img, out);
     p.hidden = true;
     $("status").textContent = `${img.width}×${img.height} → ${out.width}×${out.height} in ${seconds.toFixed(1)} s` +

@@ -85,17 +85,18 @@ def test_upstream_wrappers_and_bad_state_dicts(resshift_golden):
         vq_config_from_state(state)
 
 
-def test_release_files_read_the_upstream_way(resshift_golden, tmp_path):
+def test_release_files_read_the_upstream_way(resshift_golden, resshift_release, tmp_path):
     """Pickles as upstream saves them (a state_dict wrapper, DataParallel's module. prefix), read with
     weights_only; the kind from the file name; the multi-step teachers refused with the reason."""
+    import shutil
+
     from dfosd.core.resshift_reader import read_resshift
 
     model, io, _ = resshift_golden
-    unet = {"state_dict": {"module." + k: v.float() for k, v in load_file(str(GOLDEN / "unet.safetensors")).items()}}
-    vq = {k: v.float() for k, v in load_file(str(GOLDEN / "vq.safetensors")).items()}
     for name in ("SinSR_v1.pth", "resshift_realsrx4_s4_v3.pth", "mine.pth"):
-        torch.save(unet, tmp_path / name)
-    torch.save(vq, tmp_path / "autoencoder_vq_f4.pth")
+        shutil.copy(resshift_release["unet"], tmp_path / name)
+    shutil.copy(resshift_release["vq"], tmp_path / "autoencoder_vq_f4.pth")
+    unet = torch.load(resshift_release["unet"], weights_only=True)
     said = []
     # the tiny architecture comes from the keys; the schedule is SinSR's released one
     got = read_resshift(tmp_path / "SinSR_v1.pth", tmp_path / "autoencoder_vq_f4.pth", progress=said.append)

@@ -116,3 +116,60 @@ def test_whole_images_tile_with_one_noise_field(exported, resshift_golden, tmp_p
     with pytest.raises(DfosdError, match="either as a seed or as an array"):
         runner(big)
 
+
+
+def test_dfosd_export_with_vq_then_run(resshift_release, resshift_golden, tmp_path):
+    from click.testing import CliRunner
+
+    from dfosd.export.cli import main
+    from dfosd.export.resshift_export import RECORD_NAME
+    from dfosd.runtime.resshift_run import ResShiftRunner
+
+    _, io, _ = resshift_golden
+    out = tmp_path / "sinsr-engines"
+    args = ["--ckpt", str(resshift_release["unet"]), "--vq", str(resshift_release["vq"]), "--tile", str(TILE),
+            "--out", str(out)]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "family sinsr (the file name SinSR_v1.pth is wyf0912/SinSR's release)" in r.output
+    record = json.loads((out / RECORD_NAME).read_text())
+    assert record["family"] == "sinsr" and record["timestep"] == 14 and record["tile"] == TILE
+    assert set(record["files"]) == {"encoder.onnx", "unet.onnx", "decoder.onnx"}
+    runner = ResShiftRunner.from_export(out)
+    sr = runner(io["lr"][0], noise=io["noise"])
+    assert psnr_uint8(sr[None].float().numpy(), ((io["sr"] + 1) * 127.5).numpy()) >= 50.0
+    # the SD-family runtime refuses the folder (no dfosd manifest) instead of running a UNet that wants noise
+    from dfosd.runtime.step import OneStepRunner
+
+    with pytest.raises(DfosdError):
+        OneStepRunner(out, backend="onnxruntime", batch=1)
+    # errors: a tile the Swin windows do not fit, a foreign folder, a changed part
+    r = CliRunner().invoke(main, args[:-4] + ["--tile", "24", "--out", str(tmp_path / "t24")])
+    assert r.exit_code != 0 and "must be a multiple of 16" in r.output and "Traceback" not in r.output
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    r = CliRunner().invoke(main, args[:-1] + [str(foreign)])
+    assert r.exit_code != 0 and "is not a ResShift export" in r.output and (foreign / "notes.txt").exists()
+    # dfosd resshift-run: a seeded field per image, a bad image skipped, --noise for exact reproduction
+    from PIL import Image
+
+    from dfosd.cli import main as dfosd
+
+    Image.fromarray(io["lr"][0].permute(1, 2, 0).numpy()).save(tmp_path / "lr.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    np.save(tmp_path / "noise.npy", io["noise"].numpy())
+    r = CliRunner().invoke(dfosd, ["resshift-run", str(tmp_path / "lr.png"), str(tmp_path / "broken.png"),
+                                   "--engines", str(out), "--out", str(tmp_path / "sr"), "--seed", "3"])
+    assert r.exit_code == 1 and "skipped" in r.output and (tmp_path / "sr" / "lr.png").is_file(), r.output
+    report = json.loads((tmp_path / "sr" / "resshift-report.json").read_text())
+    assert report["seed"] == 3 and report["failed"] == 1
+    r = CliRunner().invoke(dfosd, ["resshift-run", str(tmp_path / "lr.png"), "--engines", str(out), "--out",
+                                   str(tmp_path / "exact"), "--noise", str(tmp_path / "noise.npy")])
+    assert r.exit_code == 0, r.output
+    exact = np.asarray(Image.open(tmp_path / "exact" / "lr.png")).transpose(2, 0, 1)[None].astype(np.float32)
+    assert psnr_uint8(exact, ((io["sr"] + 1) * 127.5).numpy()) >= 50.0
+    with open(out / "unet.onnx", "ab") as f:
+        f.write(b"x")
+    with pytest.raises(DfosdError, match="unet.onnx changed since the export"):
+        ResShiftRunner.from_export(out)

@@ -94,3 +94,24 @@ def test_thread_serves_and_close_fails_what_is_left(service):
     late = {}
     sched.submit(UpscaleRequest(img[None], layout="CHW"), lambda r: late.setdefault("r", r))
     assert "shutting down" in str(late["r"])
+
+
+def test_progress_of_a_request_with_an_id_is_reported_then_removed(service, tmp_path, monkeypatch):
+    """The page's progress. A request with a valid KServe id gets <id>.json = {done, total} in the
+    progress folder as its tiles run (what the front serves at /progress/<id>); answered, the file goes."""
+    from dfosd.serving import progress
+    from dfosd.serving.scheduler import FairTileScheduler
+    from dfosd.serving.upscale_service import UpscaleRequest
+
+    monkeypatch.setattr(progress, "EVERY_S", 0.0)
+    sched = FairTileScheduler(service, progress_dir=tmp_path)
+    got = {}
+    sched.submit(UpscaleRequest(_image(40, 60, 7).permute(1, 2, 0)[None]), lambda r: got.setdefault("a", r), "page-1a")
+    sched.submit(UpscaleRequest(_image(16, 16, 8)[None], layout="CHW"), lambda r: got.setdefault("b", r), "../bad")
+    seen = []
+    while sched.step():
+        seen.append(progress.read_progress(tmp_path, "page-1a"))
+    assert seen[0] == {"done": 1, "total": 6} and seen[-2] == {"done": 5, "total": 6}  # 2x3 tiles, then answered
+    assert seen[-1] is None and "a" in got and "b" in got
+    assert list(tmp_path.iterdir()) == []  # no file left, none for the invalid id
+    assert progress.read_progress(tmp_path, "../etc") is None

@@ -301,7 +301,7 @@ def test_cpp_runner_takes_the_largest_batch_and_checks_the_packages(cpp_runner, 
     _edit(export / "manifest.json", lambda m: m.update(build_key="re-exported"))
     assert "built from an earlier export of this directory" in _fails(exe, export)
     (export / "manifest.aoti.json").unlink()
-    assert "has no AOTInductor packages (no manifest.aoti.json); build them: dfosd aoti-export" in _fails(exe, export)
+    assert "has no AOTInductor packages (no manifest.aoti.json); build them: dfosd build" in _fails(exe, export)
 
 
 @needs_tools
@@ -348,13 +348,14 @@ def test_cpp_runner_finds_tensorrt_plans_by_their_records(cpp_runner, stand_in_e
 
     exe, _ = cpp_runner
     export = _copy_export(stand_in_export, tmp_path / "export")
-    key = json.loads((export / "manifest.json").read_text())["build_key"]
+    files = json.loads((export / "manifest.json").read_text())["files"]
     for part in ("encoder", "unet", "decoder"):
         stem = f"{part}_b{BATCH}"
         (export / plan_name(stem)).write_bytes(b"not really a plan " + stem.encode())
         (export / plan_manifest_name(stem)).write_text(json.dumps({
             "format": 1, "kind": "dfosd-tensorrt-plan", "stem": stem, "plan": plan_name(stem),
-            "plan_file": file_record(export / plan_name(stem)), "export_build_key": key}))
+            "plan_file": file_record(export / plan_name(stem)), "onnx": f"{stem}.onnx",
+            "onnx_files": {n: r for n, r in files.items() if n in (f"{stem}.onnx", f"{stem}.onnx.data")}}))
     check = [str(exe), "tensorrt", "--engines", str(export), "--check"]
     run = subprocess.run(check, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
@@ -363,10 +364,12 @@ def test_cpp_runner_finds_tensorrt_plans_by_their_records(cpp_runner, stand_in_e
            f"{export / plan_name(f'unet_b{BATCH}')}" in run.stdout
     run = subprocess.run([*check[:-1], "in.ppm", "out.ppm"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "engine kind 'tensorrt' is not built into this binary" in run.stderr
-    _edit(export / plan_manifest_name(f"decoder_b{BATCH}"), lambda r: r.update(export_build_key="older"))
+    # the rule of tensorrt_common.plan_problems: built from exactly this export's ONNX files
+    _edit(export / plan_manifest_name(f"decoder_b{BATCH}"),
+          lambda r: r.update(onnx_files={f"decoder_b{BATCH}.onnx": {"sha256": "0" * 64, "bytes": 1}}))
     run = subprocess.run(check, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 2 and "the plan was built from an earlier export" in run.stderr
-    assert "rebuild: python -m dfosd.engines.tensorrt_build" in run.stderr
+    assert run.returncode == 2 and f"the plan was built from another decoder_b{BATCH}.onnx" in run.stderr
+    assert "rebuild: dfosd build" in run.stderr and "--backend tensorrt" in run.stderr
     (export / plan_manifest_name(f"decoder_b{BATCH}")).unlink()
     run = subprocess.run(check, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and f"has no TensorRT plan for decoder_b{BATCH}" in run.stderr
@@ -429,7 +432,7 @@ def test_cpp_reader_spells_the_vocabulary():
 
 @needs_tools
 def test_cpp_runner_colour_fix_equals_python_runtime(cpp_runner, stand_in_export, tmp_path):
-    """Issue 21.1: --color-fix adain|wavelet, and the export family's default, give the bytes of the Python
+    """--color-fix adain|wavelet, and the export family's default, give the bytes of the Python
     runtime's colour fix (runtime/color_fix.py apply_color_fix, what dfosd-trt-run and the served model apply)."""
     from dfosd.runtime.color_fix import apply_color_fix
 

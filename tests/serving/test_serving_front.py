@@ -1,7 +1,7 @@
 """dfosd-serve's front (serving/gateway.py) and its page, against the session's real dfosd-serve.
 
-Issue 21.2: every attack of the issue is answered 4xx, tritonserver keeps running with flat
-memory, the management endpoints need the admin key. Issue 21.4/5: the page at / in a real
+Every attack of bench/serving_attacks.py is answered 4xx, tritonserver keeps running with flat
+memory, the management endpoints need the admin key. The page at / in a real
 headless Chromium (Debian's chromium + chromedriver, driven by selenium): upload a PNG, the
 result is x4 and its pixels are the API's answer; a bad file and a refused image show the
 reason. Runs before test_serving_server.py, whose last test stops the shared server.
@@ -82,6 +82,38 @@ def test_management_endpoints_need_the_admin_key(server):
     assert code == 200, text
     assert _request(server.http_url + "/v2/models/other/infer", "POST", b"{}")[0] == 404
     assert status(f"{server.http_url}/v2/health/ready") == 200
+
+
+def test_progress_of_a_request_is_served_while_it_runs(server):
+    """The page's progress: a request with a KServe id (4 images of 96x96: 64 tiles) is reported at
+    /progress/<id> by the model while its tiles run, and gone once it is answered."""
+    import threading
+
+    import tritonclient.http as th
+
+    images = np.stack([image(96, 96, 80 + k).permute(1, 2, 0).numpy() for k in range(4)])
+    done = {}
+
+    def send():
+        client = th.InferenceServerClient(f"127.0.0.1:{server.http}", network_timeout=300)
+        x = th.InferInput("lr_image", list(images.shape), "UINT8")
+        x.set_data_from_numpy(images)
+        done["shape"] = client.infer("dfosd", [x], request_id="test-progress-1").as_numpy("sr_image").shape
+        client.close()
+
+    worker = threading.Thread(target=send)
+    worker.start()
+    seen = []
+    while worker.is_alive():
+        code, text = _request(f"{server.http_url}/progress/test-progress-1")
+        if code == 200:
+            seen.append(json.loads(text))
+        time.sleep(0.02)
+    worker.join()
+    assert done["shape"] == (4, 384, 384, 3)
+    assert seen and all(s["total"] == 64 and 0 < s["done"] < 64 for s in seen), seen
+    assert _request(f"{server.http_url}/progress/test-progress-1")[0] == 404
+    assert _request(f"{server.http_url}/progress/..%2Fetc")[0] == 404
 
 
 def test_closed_without_admin_key_and_no_ui(tmp_path):

@@ -480,7 +480,7 @@ def test_writing_a_repository_is_light(tmp_path):
 
 
 def test_reused_repo_keeps_a_users_files(tiny_export_fp32, tmp_path):
-    """Issue 21.3: rewriting a repository (dfosd-serve --repo R again) removes only the files its marker
+    """Rewriting a repository (dfosd-serve --repo R again) removes only the files its marker
     lists; a user's file inside R/dfosd/ stays, and one at a path we would write is refused, not replaced."""
     from dfosd.serving.triton_repo import MARKER, RepoOptions, write_repository
 

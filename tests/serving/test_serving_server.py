@@ -52,7 +52,7 @@ def test_http_hwc_matches_in_process_runtime(server, local):
 
 
 def test_every_colour_fix_served_equals_dfosd_trt_run(server, tmp_path):
-    """Issue 21.1: the request's colour fix (and the default: the family's, none for this DFOSD export)
+    """The request's colour fix (and the default: the family's, none for this DFOSD export)
     gives the bytes dfosd-trt-run writes locally with the same --color-fix, over HTTP and gRPC."""
     from click.testing import CliRunner
     from PIL import Image

@@ -1,4 +1,4 @@
-// AOTInductor engine kind: the .pt2 packages written by `dfosd aoti-export`, run through
+// AOTInductor engine kind: the .pt2 packages written by `dfosd build --backend aoti`, run through
 // libtorch's AOTIModelPackageLoader (the torch wheel ships the headers and libraries).
 //
 // Packages are tied to the torch version and device they were compiled for, like in Python
@@ -50,7 +50,7 @@ std::string cpu_model() {
 }
 
 void check_built_on(const ExportChain& chain, const std::string& device) {
-  const std::string fix = "rebuild them here: dfosd aoti-export --engines " + chain.dir + " --device " + device +
+  const std::string fix = "rebuild them here: dfosd build " + chain.dir + " --backend aoti --device " + device +
                           " --force";
   auto built = [&](const char* key) {
     auto it = chain.built_on.find(key);
@@ -107,7 +107,7 @@ class AotiEngine : public TileEngine {
         std::ostringstream msg;
         msg << part.file << ": returned " << y[0].scalar_type() << " " << y[0].sizes() << ", its contract in "
             << kManifestName << " says " << part.output.str() << " (a package of another export? rebuild: dfosd "
-            << "aoti-export --engines " << chain_.dir << " --device " << (device_.is_cuda() ? "cuda" : "cpu")
+            << "build " << chain_.dir << " --backend aoti --device " << (device_.is_cuda() ? "cuda" : "cpu")
             << " --force)";
         throw std::runtime_error(msg.str());
       }

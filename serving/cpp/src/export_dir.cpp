@@ -184,6 +184,10 @@ ExportChain read_export(const std::string& dir, int batch) {
   ExportChain chain;
   chain.dir = dir;
   chain.build_key = m["build_key"].str();
+  if (m.has("files")) {  // needed by the TensorRT kind only (find_tensorrt_plans)
+    const Field files = m["files"];
+    for (const std::string& name : files.keys()) chain.sha256[name] = files[name]["sha256"].str();
+  }
   const int tile = positive_int(m["tile"]);
   const int scale = positive_int(m["upscale"]);
 
@@ -210,6 +214,7 @@ ExportChain read_export(const std::string& dir, int batch) {
     Part p;
     p.component = entry["component"].str();
     p.stem = stem;
+    p.onnx = plain_name(entry["onnx"]);
     const Contract c = read_contract(entry["contract"], p.component, chain.batch);
     p.input = c.input;
     p.output = c.output;
@@ -249,7 +254,7 @@ void find_aoti_packages(ExportChain& chain, const std::string& device,
     for (Part& p : chain.parts) p.file = given.at(p.component);
     return;
   }
-  const std::string cmd = "dfosd aoti-export --engines " + shell_quote(chain.dir) + " --device " + device;
+  const std::string cmd = "dfosd build " + shell_quote(chain.dir) + " --backend aoti --device " + device;
   const std::string path = join(chain.dir, kAotiManifestName);
   if (!fs::is_regular_file(path))
     throw Error(chain.dir + " has no AOTInductor packages (no " + kAotiManifestName + "); build them: " + cmd);
@@ -304,7 +309,7 @@ std::string nonfinite_message(const Part& part, const uint8_t* flags, int n) {
 
 void find_tensorrt_plans(ExportChain& chain, const std::map<std::string, std::string>& given) {
   check_given(chain, given);
-  const std::string cmd = "python -m dfosd.engines.tensorrt_build " + shell_quote(chain.dir);
+  const std::string cmd = "dfosd build " + shell_quote(chain.dir) + " --backend tensorrt";
   for (Part& p : chain.parts) {
     if (given.count(p.component)) {
       p.file = given.at(p.component);
@@ -319,9 +324,17 @@ void find_tensorrt_plans(ExportChain& chain, const std::map<std::string, std::st
     if (plan["format"].integer() != kPlanFormat)
       plan["format"].fail("format " + plan["format"].value().text + "; this dfosd_runner reads " +
                           std::to_string(kPlanFormat) + " (rebuild: " + cmd + " --force)");
-    if (plan["export_build_key"].str() != chain.build_key)
-      plan["export_build_key"].fail("the plan was built from an earlier export of this directory (its " +
-                                    std::string(kManifestName) + " changed since); rebuild: " + cmd + " --force");
+    // The rule of engines/tensorrt_common.py plan_problems (the Python backend's and the Triton
+    // repository's): the plan was built from exactly this export's ONNX files, by their hashes.
+    if (plan["onnx"].str() != p.onnx)
+      plan["onnx"].fail("the plan was built from " + plan["onnx"].str() + ", not " + p.onnx + "; rebuild: " + cmd);
+    const Field built = plan["onnx_files"];
+    std::map<std::string, std::string> from, exported;
+    for (const std::string& name : built.keys()) from[name] = built[name]["sha256"].str();
+    for (const std::string& name : {p.onnx, p.onnx + ".data"})
+      if (chain.sha256.count(name)) exported[name] = chain.sha256.at(name);
+    if (from != exported)
+      built.fail("the plan was built from another " + p.onnx + " than this export's (its hashes differ); rebuild: " + cmd);
     const std::string name = plain_name(plan["plan"]);
     const std::string path = join(chain.dir, name);
     check_size(plan["plan_file"], path, "rebuild: " + cmd + " --force");

@@ -40,6 +40,7 @@ struct TensorSpec {
 struct Part {
   std::string component;  // "encoder"
   std::string stem;       // "encoder_b2": the manifest's key, the stem of its files
+  std::string onnx;       // its ONNX file's name (what a TensorRT plan must have been built from)
   TensorSpec input, output;
   // The decoder's second output (exports since the flag exists): uint8 [batch], 1 where a value
   // before the cast to uint8 was NaN or Inf. The engines fail such a tile instead of passing on
@@ -51,6 +52,7 @@ struct Part {
 struct ExportChain {
   std::string dir;
   std::string build_key;
+  std::map<std::string, std::string> sha256;  // the export's recorded files (manifest `files`): name -> sha256
   int tile = 0, batch = 0, scale = 0;
   std::string color_fix = "none";  // the family's default (manifest.json family.color_fix)
   std::vector<int> batches;  // every tile batch the export has parts for, ascending

@@ -51,7 +51,7 @@ class Logger : public nvinfer1::ILogger {
 
 std::vector<char> read_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary | std::ios::ate);
-  if (!in) throw std::runtime_error(path + ": cannot open (build the plans with dfosd's tensorrt_build)");
+  if (!in) throw std::runtime_error(path + ": cannot open (build the plans with dfosd build DIR --backend tensorrt)");
   std::vector<char> data(static_cast<size_t>(in.tellg()));
   in.seekg(0);
   in.read(data.data(), static_cast<std::streamsize>(data.size()));
@@ -110,7 +110,7 @@ class TensorRtEngine : public TileEngine {
       engines_[i].reset(runtime_->deserializeCudaEngine(blob.data(), blob.size()));
       if (!engines_[i])
         throw std::runtime_error(part.file + ": TensorRT could not deserialize it (built for another TensorRT "
-                                 "version or GPU? rebuild: python -m dfosd.engines.tensorrt_build " + chain_.dir + ")");
+                                 "version or GPU? rebuild: dfosd build " + chain_.dir + " --backend tensorrt --force)");
       check_io(*engines_[i], part);
       activation_bytes = std::max<int64_t>(activation_bytes, engines_[i]->getDeviceMemorySizeV2());
     }
@@ -215,7 +215,7 @@ class TensorRtEngine : public TileEngine {
       if (!same)
         throw std::runtime_error(part.file + ": its " + (is_input ? "input" : "output") + " '" + name + "' " +
                                  dtype_str(dtype) + " " + dims_str(dims) + " is not the contract's " + want.str() + " (a plan of another export? rebuild: "
-                                 "python -m dfosd.engines.tensorrt_build " + chain_.dir + " --force)");
+                                 "dfosd build " + chain_.dir + " --backend tensorrt --force)");
       size_t count = 1;
       for (int64_t d : want.shape) count *= static_cast<size_t>(d);
       boundaries_.emplace(want.name, Boundary{count * element_size(dtype), nullptr});
