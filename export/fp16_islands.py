@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -225,8 +226,9 @@ def record_islands(model, module, range_inputs: list[dict]) -> dict:
     t0 = time.perf_counter()
     model = infer_shapes(model)
     peaks = measure_peaks(model, range_inputs) if range_inputs else {}
-    unet_config = getattr(getattr(module, "unet", None), "config", None) or {}
-    upcast = bool(unet_config.get("upcast_attention") or unet_config.get("upcast_softmax"))
+    unet_config = getattr(getattr(module, "unet", None), "config", None)  # a diffusers UNet's (other backbones: none)
+    upcast = isinstance(unet_config, Mapping) and bool(unet_config.get("upcast_attention")
+                                                       or unet_config.get("upcast_softmax"))
     islands = plan_islands(model, peaks, module.NETWORK_SCOPES, upcast_attention=upcast)
     network = {o for n in model.graph.node if any(n.name.startswith(f"/{s}/") for s in module.NETWORK_SCOPES)
                for o in n.output}
