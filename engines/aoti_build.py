@@ -293,7 +293,11 @@ def _clear_stale(export_dir: Path, device: str, keep: set[str], previous: set[st
     """Remove the packages the previous build of this device wrote and this one did not;
     a package dfosd did not record (a user's file) is never touched."""
     for name in sorted(previous - keep):
-        (export_dir / name).unlink(missing_ok=True)
+        p = export_dir / name
+        # a bare file name of this folder only: an edited record must not reach outside it (a
+        # symlink is removed itself, never its target)
+        if p.parent == export_dir and (p.is_file() or p.is_symlink()):
+            p.unlink()
     # Staging folders of this device's killed builds only: another device's build may be running.
     for p in export_dir.glob(f".*.{device}{PACKAGE_SUFFIX}.*.tmp"):
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)

@@ -114,6 +114,21 @@ def test_check_build_refuses_missing_foreign_and_stale(tmp_path):
         check_build(tmp_path, "cpu")
 
 
+def test_stale_packages_are_removed_by_their_record_inside_the_export_only(tmp_path):
+    from dfosd.engines.aoti_build import _clear_stale
+
+    export = tmp_path / "export"
+    export.mkdir()
+    outside = tmp_path / "outside.pt2"
+    outside.write_bytes(b"not dfosd's")
+    (export / "old_b4.cpu.pt2").write_bytes(b"a package of a batch no longer exported")
+    (export / "keep_b1.cpu.pt2").write_bytes(b"current")
+    _clear_stale(export, "cpu", keep={"keep_b1.cpu.pt2"},
+                 previous={"old_b4.cpu.pt2", "keep_b1.cpu.pt2", "../outside.pt2", str(outside)})
+    assert sorted(p.name for p in export.iterdir()) == ["keep_b1.cpu.pt2"]
+    assert outside.read_bytes() == b"not dfosd's"
+
+
 def test_runner_refuses_foreign_packages(tmp_path):
     from dfosd.engines.aoti_build import system_info
     from dfosd.runtime.step import OneStepRunner
