@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from dfosd.calibration.data import CALIB_PHOTOS, write_calibration_photos  # noqa: F401  (bench rows use them)
 from dfosd.core.checkpoint import check_checkpoint_exists
 from dfosd.core.errors import DfosdError
 from dfosd.core.vocab import FLOAT_PRECISIONS, PRECISIONS, QUANT_PRECISIONS
@@ -93,27 +94,7 @@ class Row:
     vs_openvino: list[float] = field(default_factory=list)  # per-round OpenVINO alone / this, same precision
 
 
-BENCH_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
-# Calibration photos for the 8-bit rows: real photographs, none of them a timed input.
-CALIB_PHOTOS = ("immunohistochemistry", "hubble_deep_field", "retina", "coins", "page")
-
-
-def write_calibration_photos(folder: Path, lr_side: int) -> Path:
-    """scikit-image photos held out from the timed inputs, at about LR size (PNG)."""
-    from PIL import Image
-    from skimage import data
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in CALIB_PHOTOS:
-        img = Image.fromarray(getattr(data, name)()).convert("RGB")
-        scale = 2 * lr_side / min(img.size)  # short side = two LR tiles: >= 4 calibration tiles each
-        img = img.resize((round(img.width * scale), round(img.height * scale)), Image.BICUBIC)
-        target = folder / f"{name}.png"
-        if not target.exists():
-            tmp = folder / f".{name}.tmp.png"
-            img.save(tmp)
-            tmp.replace(target)
-    return folder
+BENCH_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")  # held out: never in CALIB_PHOTOS
 
 
 def bench_inputs(tile: int, batch: int):

@@ -261,14 +261,26 @@ def compare_parts(export: "ExportDir", *, against: str = "auto", atol: float | N
     return {"reference": reference, "parts": parts, "passed": all(p["passed"] for p in parts)}
 
 
-def verify_export(export_dir: str | Path, *, compare: bool = True, **compare_options) -> dict[str, Any]:
-    """The TensorRT parser check and (unless ``compare`` is False) the part comparison, in one report."""
+def verify_export(export_dir: str | Path, *, compare: bool = True, fp16_storage: bool = False,
+                  min_psnr: float | None = None, **compare_options) -> dict[str, Any]:
+    """The TensorRT parser check, (unless ``compare`` is False) the part comparison and (with
+    ``fp16_storage``) every part under fp16 storage semantics (bench/fp16_storage.py), in one report."""
     export = open_export(export_dir)
     report: dict[str, Any] = {"export_dir": str(export.path), "precision": export.precision,
                               "tensorrt_ops": check_tensorrt_ops(export)}
     if compare:
         report["comparison"] = compare_parts(export, **compare_options)
-    report["passed"] = report["tensorrt_ops"]["passed"] and report.get("comparison", {}).get("passed", True)
+    if fp16_storage:
+        from dfosd.bench.fp16_storage import DEFAULT_MIN_PSNR, storage_report
+        from dfosd.bench.run import bench_inputs
+
+        say = compare_options.get("say", print)
+        batch = max((compare_options.get("batches") or export.batches))
+        report["fp16_storage"] = storage_report(export, eager_model(export, say), bench_inputs(export.tile, batch),
+                                                batch=batch, say=say,
+                                                min_psnr=DEFAULT_MIN_PSNR if min_psnr is None else min_psnr)
+    report["passed"] = all(report.get(k, {}).get("passed", True) for k in ("tensorrt_ops", "comparison",
+                                                                            "fp16_storage"))
     return report
 
 
@@ -289,6 +301,10 @@ def summary_lines(report: dict) -> list[str]:
                 lines.append(f"| {p['stem']} | {p['precision']} | {out} | {t['stat']} | {t['atol']:g} | {t['rtol']:g} | "
                              f"{st['max_absdiff']:.4g} | {st['mean_absdiff']:.4g} | "
                              f"{'passed' if p['passed'] else 'FAILED'} |")
+    if report.get("fp16_storage"):
+        from dfosd.bench.fp16_storage import storage_lines
+
+        lines += storage_lines(report["fp16_storage"])
     lines.append("PASSED" if report["passed"] else "FAILED")
     return lines
 
@@ -304,12 +320,19 @@ def summary_lines(report: dict) -> list[str]:
 @click.option("--batch", "batches", default=None, help="Tile batches to compare, comma-separated (default: all).")
 @click.option("--tensorrt-ops-only", is_flag=True,
               help="Only check the graphs against TensorRT's ONNX parser (no models run).")
+@click.option("--fp16-storage", is_flag=True,
+              help="Run every part with fp16 tensors stored as fp16 between nodes, as on a GPU (ONNX Runtime "
+                   "CPU without graph optimisation), per part and chained, against eager fp32 on held-out photos; "
+                   "names the first non-finite tensor. Replaces the Polygraphy comparison.")
+@click.option("--min-psnr", type=float, default=None,
+              help="With --fp16-storage: the whole chain's PSNR it must reach (default 40 dB).")
 @click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False),
               help="Also write the report as JSON to this file.")
 @click.option("-q", "--quiet", is_flag=True,
               help="Polygraphy reports only warnings and failed comparisons (no per-output report of passes).")
 @click.option("-v", "--verbose", is_flag=True)
-def main(export_dir, against, atol, rtol, check_error_stat, batches, tensorrt_ops_only, report_path, quiet, verbose):
+def main(export_dir, against, atol, rtol, check_error_stat, batches, tensorrt_ops_only, fp16_storage, min_psnr,
+         report_path, quiet, verbose):
     """Check EXPORT_DIR for TensorRT's ONNX parser and compare each part through Polygraphy.
 
     Exit code 0 when every graph passes the parser check and every part is within its
@@ -325,7 +348,10 @@ def main(export_dir, against, atol, rtol, check_error_stat, batches, tensorrt_op
         quiet_polygraphy = G_LOGGER.verbosity(G_LOGGER.WARNING)
     try:
         with quiet_polygraphy:
-            report = verify_export(export_dir, compare=not tensorrt_ops_only, against=against, atol=atol, rtol=rtol,
+            if min_psnr is not None and not fp16_storage:
+                raise DfosdError("--min-psnr is the target of --fp16-storage", hint="add --fp16-storage")
+            report = verify_export(export_dir, compare=not (tensorrt_ops_only or fp16_storage),
+                                   fp16_storage=fp16_storage, min_psnr=min_psnr, against=against, atol=atol, rtol=rtol,
                                    check_error_stat=check_error_stat, say=say,
                                    batches=parse_int_list(batches, "--batch") if batches else None)
     except DfosdError as exc:  # could not verify: exit 2, apart from "verified and failed" (1)

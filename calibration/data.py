@@ -110,3 +110,38 @@ def load_tiles(folder: str | Path, tile: int, count: int, *, seed: int = TILE_SE
     tiles = torch.from_numpy(np.stack(picked)).permute(0, 3, 1, 2).contiguous()
     return CalibrationTiles(tiles, folder, tuple(p.relative_to(folder).as_posix() for p in files),
                             files_used=min(len(images), len(picked)), sha256=file_list_sha256(folder, files))
+
+
+# Calibration photos (scikit-image, no download): the 8-bit bench rows and the fp16 range pass
+# (export/fp16_islands.py) use them by default; none is one of bench.run.BENCH_PHOTOS, the
+# held-out photos that verify, parity and bench judge on.
+CALIB_PHOTOS = ("immunohistochemistry", "hubble_deep_field", "retina", "coins", "page")
+
+
+def write_calibration_photos(folder: Path, lr_side: int) -> Path:
+    """The ``CALIB_PHOTOS`` at about LR size (PNG), short side two LR tiles (>= 4 tiles each)."""
+    from PIL import Image
+    from skimage import data
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in CALIB_PHOTOS:
+        img = Image.fromarray(getattr(data, name)()).convert("RGB")
+        scale = 2 * lr_side / min(img.size)
+        img = img.resize((round(img.width * scale), round(img.height * scale)), Image.BICUBIC)
+        target = folder / f"{name}.png"
+        if not target.exists():
+            tmp = folder / f".{name}.tmp.png"
+            img.save(tmp)
+            tmp.replace(target)
+    return folder
+
+
+def range_tiles(folder: str | Path | None, tile: int, count: int):
+    """uint8 LR tiles for the fp16 range pass: from ``folder`` (``--calib-data``), or from the
+    scikit-image ``CALIB_PHOTOS`` when None."""
+    import tempfile
+
+    if folder is not None:
+        return load_tiles(folder, tile, count).tiles
+    with tempfile.TemporaryDirectory(prefix="dfosd-range-photos.") as tmp:
+        return load_tiles(write_calibration_photos(Path(tmp), tile), tile, count).tiles

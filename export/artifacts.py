@@ -52,6 +52,9 @@ class ExportConfig:
     batches: tuple[int, ...] = (1,)
     opset: int | None = None  # None: 17, or 19 where Q/DQ need it (fp8; int8 in fp16)
     quant: QuantRecipe | None = None  # int8/fp8 only: what is quantized, how, and on which photos
+    # fp16 parts: the photos of the range pass that picks fp32 islands (export/fp16_islands.py);
+    # None: scikit-image's CALIB_PHOTOS (an 8-bit export's fp16 parts use its --calib-data)
+    range_data: str | None = None
 
     def __post_init__(self):
         problems = []
@@ -64,6 +67,8 @@ class ExportConfig:
                 problems.append(f"--precision {self.precision} with a {self.quant.precision} recipe")
         elif self.quant is not None:
             problems.append(f"quantization settings apply to --precision int8/fp8 (got {self.precision})")
+        if self.range_data is not None and self.precision != "fp16":
+            problems.append(f"range photos are for --precision fp16 (got {self.precision})")
         if not self.batches or any(b < 1 for b in self.batches):
             problems.append(f"--batch {list(self.batches)}: tile batches must be integers >= 1")
         if len(set(self.batches)) != len(self.batches):
@@ -95,13 +100,15 @@ class ExportConfig:
                                 **extra)
         else:
             problems = []
-            if calib_data is not None:
-                problems.append(f"--calib-data is used by --precision int8/fp8 only (got {precision})")
+            if calib_data is not None and precision != "fp16":
+                problems.append(f"--calib-data is used by --precision fp16 (its range pass) and int8/fp8 only "
+                                f"(got {precision})")
             if float_precision not in (None, precision):
                 problems.append(f"--float-precision applies to int8/fp8 exports (got {precision})")
             if problems:
                 raise DfosdError("; ".join(problems))
-        return cls(precision=precision, tile=tile, batches=tuple(batches), opset=opset, quant=quant)
+        return cls(precision=precision, tile=tile, batches=tuple(batches), opset=opset, quant=quant,
+                   range_data=calib_data if precision == "fp16" else None)
 
     @property
     def float_precision(self) -> str:
@@ -121,6 +128,14 @@ class ExportConfig:
 
     def component_precision(self, component: str) -> str:
         return self.precision if component in self.quantize else self.float_precision
+
+    @property
+    def range_photos(self) -> str | None:
+        """Photos of the fp16 range pass (None: the scikit-image calibration photos)."""
+        return self.quant.calib_data if self.quant is not None else self.range_data
+
+    def has_fp16_parts(self) -> bool:
+        return any(self.component_precision(c) == "fp16" for c in COMPONENTS)
 
 
 @dataclass
@@ -153,6 +168,12 @@ def export_inputs(base_spec: str, base_fp: str | None, model, cfg: ExportConfig)
 
         inputs["calibration_sha256"] = file_list_sha256(cfg.quant.calib_data)  # new photos -> new build key
         inputs["software"].update(package_versions("nvidia-modelopt"))
+    if cfg.has_fp16_parts():  # the range pass's photos decide the fp32 islands
+        from dfosd.calibration.data import CALIB_PHOTOS, file_list_sha256
+
+        photos = cfg.range_photos
+        inputs["fp16_range_photos"] = (file_list_sha256(photos) if photos else
+                                       "scikit-image:" + ",".join(CALIB_PHOTOS))
     return inputs
 
 
@@ -239,6 +260,13 @@ def export_checkpoint(ckpt_path: str | Path, base_spec: str | None, out_dir: str
         from dfosd.calibration.export import quantize_for_export
 
         quantized, calibration = quantize_for_export(model, cfg.quant, cfg.tile, progress=progress)
+    range_inputs = {}  # part -> its fp32 inputs on the range pass's tiles (fp16 parts only)
+    if cfg.has_fp16_parts() and part_exporter is export_part:
+        from dfosd.calibration.data import range_tiles
+        from dfosd.export.fp16_islands import RANGE_TILES, part_inputs
+
+        progress(f"fp16 range pass: {RANGE_TILES} calibration tiles through the fp32 model")
+        range_inputs = part_inputs(model, range_tiles(cfg.range_photos, cfg.tile, RANGE_TILES))
     with writing(out_dir, owned, planned):  # records what it may write first; cleans that up after a failure
         components, files = {}, {}
         for batch in cfg.batches:
@@ -254,8 +282,17 @@ def export_checkpoint(ckpt_path: str | Path, base_spec: str | None, out_dir: str
                     info = export_quantized_part(quantized[name], contract, out_dir / onnx_name(contract.stem),
                                                  opset=cfg.opset, precision=cfg.precision)
                 else:
+                    extra = {}
+                    if precision == "fp16" and name in range_inputs:
+                        from dfosd.export.fp16_islands import batch_feeds
+
+                        extra["range_inputs"] = batch_feeds(range_inputs[name], contract)
                     info = part_exporter(model.part(name), contract, out_dir / onnx_name(contract.stem), opset=cfg.opset,
-                                         precision=precision)
+                                         precision=precision, **extra)
+                    if "fp16_islands" in info:
+                        from dfosd.export.fp16_islands import summary
+
+                        progress(summary(contract.stem, info["fp16_islands"], info["fp16_compute"]))
                 for f in info["files"]:
                     files[f] = file_record(out_dir / f)
                 components[contract.stem] = {"component": name, "batch": batch, "onnx": onnx_name(contract.stem),

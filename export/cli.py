@@ -41,7 +41,8 @@ from dfosd.engines.base import BACKEND_CHOICES
 @click.option("--float-precision", type=click.Choice(FLOAT_PRECISIONS), default=None,
               help="int8/fp8: precision of the parts not quantized and of the ops left in float. [default: fp16]")
 @click.option("--calib-data", type=click.Path(exists=True, file_okay=False), default=None,
-              help="int8/fp8: folder of LR photos; cut into --tile tiles and run through the pipeline to calibrate.")
+              help="int8/fp8: folder of LR photos; cut into --tile tiles and run through the pipeline to calibrate. "
+                   "fp16: the photos of the range pass that picks fp32 islands (default: scikit-image photos).")
 @click.option("--calib-count", default=64, show_default=True, type=int, help="int8/fp8: calibration tiles.")
 @click.option("--quantize", "quantize", default="unet,vae-enc,vae-dec", show_default=True,
               help="int8/fp8: parts to quantize, comma-separated (the others stay in --float-precision).")

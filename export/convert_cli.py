@@ -78,8 +78,14 @@ def _is_converted_file(path: Path) -> bool:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @user_errors
 def inspect_main(file, family, base, as_json):
-    """Print FILE's family, ranks, adapted layers and parameters per part, and what export will bake."""
+    """Print FILE's family, ranks, adapted layers and parameters per part, and what export will bake.
+
+    FILE may also be an export directory: its parts, precisions and fp16 islands (the nodes kept
+    in fp32 and the measured peaks that put them there)."""
     setup_logging(False)
+    if Path(file).is_dir():
+        click.echo(_export_lines(Path(file), as_json))
+        return
     from dfosd.core.readers import read_model
     from dfosd.core.resshift_reader import describe_unet_file
 
@@ -109,3 +115,27 @@ def inspect_main(file, family, base, as_json):
     lines += ["deviations from upstream inference:"] + [f"  - {d}" for d in info["deviations"]] if info["deviations"] \
         else []
     click.echo("\n".join(lines))
+
+
+def _export_lines(folder: Path, as_json: bool) -> str:
+    from dfosd.core.manifest import ExportDir
+    from dfosd.export.fp16_islands import summary
+
+    export = ExportDir(folder, check="none")  # reading, not running: no hashes
+    parts = {stem: {"precision": e.get("precision"), "fp16_islands": e.get("fp16_islands"),
+                    "fp16_compute": e.get("fp16_compute"), "fp16_range": e.get("fp16_range")}
+             for stem, e in export.manifest["components"].items()}
+    if as_json:
+        return json.dumps({"export_dir": str(export.path), "precision": export.precision, "parts": parts}, indent=2)
+    lines = [f"export: {export.path} ({export.precision}, tile {export.tile}, batches {export.batches})"]
+    for stem, p in parts.items():
+        if p["fp16_islands"] is None:
+            lines.append(f"{stem}: {p['precision']}" + (" (exported before fp16 islands were measured)"
+                                                        if p["precision"] == "fp16" else ""))
+            continue
+        lines.append(summary(stem, p["fp16_islands"], p["fp16_compute"]))
+        for i in p["fp16_islands"]:
+            what = "|w|" if i["reason"] == "weight" else "|x|"
+            peak = f"{what} {i['peak']:.3g} at {i['tensor']}" if i["peak"] is not None else "the base asks for it"
+            lines.append(f"  fp32: {i['node']} ({i['op']}, {i['reason']}: {peak})")
+    return "\n".join(lines)

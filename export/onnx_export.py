@@ -63,7 +63,7 @@ def infer_shapes(model):
     # The TorchScript exporter leaves value_info entries without shapes; inference keeps
     # them and then cannot resolve the Shape ops that depend on them. Start clean.
     del model.graph.value_info[:]
-    light, _ = _weightless(model)  # small constants stay: they feed data propagation (shapes, axes)
+    light, _ = weightless(model)  # small constants stay: they feed data propagation (shapes, axes)
     inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
     model.graph.value_info.extend(inferred.graph.value_info)
     return model
@@ -126,7 +126,7 @@ def fold_static(model, max_passes: int = 4):
     """
     import onnx_graphsurgeon as gs
 
-    skeleton, placeholders = _weightless(model, keep=_fold_inputs(model), as_inputs=True)
+    skeleton, placeholders = weightless(model, keep=_fold_inputs(model), as_inputs=True)
     count = len(skeleton.graph.node)
     for _ in range(max_passes):
         graph = gs.import_onnx(infer_shapes(skeleton))
@@ -145,7 +145,7 @@ def _network_node(name: str, scopes: tuple[str, ...]) -> bool:
     return any(name.startswith(f"/{s}/") for s in scopes)
 
 
-def _weightless(model, *, keep: frozenset[str] | set[str] = frozenset(), as_inputs: bool = False,
+def weightless(model, *, keep: frozenset[str] | set[str] = frozenset(), as_inputs: bool = False,
                 max_bytes: int = 4096):
     """A copy of ``model`` without the bytes of its large initializers (those over ``max_bytes``
     and not in ``keep``), and their names. Each keeps name, dtype and dims: as a data-less
@@ -189,24 +189,25 @@ def _put_back(model, light, weights: set[str], placeholders: frozenset[str] | se
     return model
 
 
-def to_fp16(model, scopes: tuple[str, ...]):
+def to_fp16(model, scopes: tuple[str, ...], keep_fp32: frozenset[str] | set[str] = frozenset()):
     """fp16 inside the network scopes, fp32 glue outside, fp32 graph inputs/outputs.
 
     The converter decides every type on a weightless copy of the graph; the weights it
     chose to make fp16 are then converted in place, one tensor at a time. Run on the full
     model, the converter's copies pushed a full-size fp16 UNet export past 23 GiB (killed
     on our 24 GiB machine); this way the peak is the fp32 weights plus their fp16 copy.
+    ``keep_fp32``: network nodes kept in fp32 (the islands of export/fp16_islands.py).
     """
     from onnx import TensorProto, numpy_helper
     from onnxconverter_common import float16
 
     model = infer_shapes(model)  # the converter decides casts from inferred types
-    light, stripped = _weightless(model)
+    light, stripped = weightless(model)
     # The converter warns once per tensor it clamps (a real checkpoint: dozens of lines); they are
     # collected into one summary line, and listed with -v.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        light = _convert_graph_fp16(light, scopes)
+        light = _convert_graph_fp16(light, scopes, keep_fp32)
         new_types = {i.name: i.data_type for i in light.graph.initializer if i.name in stripped}
         for init in model.graph.initializer:
             if (init.name in stripped and init.data_type == TensorProto.FLOAT
@@ -232,12 +233,12 @@ def report_fp16_warnings(caught) -> None:
                 f", {clamped} about values outside fp16's range clamped to [1e-7, 1e4]" if clamped else "")
 
 
-def _convert_graph_fp16(model, scopes: tuple[str, ...]):
+def _convert_graph_fp16(model, scopes: tuple[str, ...], keep_fp32: frozenset[str] | set[str] = frozenset()):
     """onnxconverter-common's fp16 conversion with dfosd's fp32 islands and border fixes."""
     from onnx import TensorProto
     from onnxconverter_common import float16
 
-    glue = [n.name for n in model.graph.node if not _network_node(n.name, scopes)]
+    glue = [n.name for n in model.graph.node if not _network_node(n.name, scopes) or n.name in keep_fp32]
     io_types = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.input) + list(model.graph.output)}
     model = float16.convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True,
                                              node_block_list=glue)
@@ -256,16 +257,21 @@ def _convert_graph_fp16(model, scopes: tuple[str, ...]):
                 n.output[:] = [cast.output[0] if o == src else o for o in n.output]
                 n.input[:] = [cast.output[0] if i == src else i for i in n.input]
             model.graph.node.remove(cast)
-    _retarget_network_casts(model, scopes)
+    _retarget_network_casts(model, scopes, keep_fp32)
+    if keep_fp32:
+        from dfosd.export.fp16_islands import bridge_islands
+
+        bridge_islands(model, keep_fp32)
     # The converter retypes Casts but not every inferred value_info; stale entries would
     # contradict the graph, so drop them (runtimes infer intermediate types themselves).
     del model.graph.value_info[:]
     return model
 
 
-def _retarget_network_casts(model, scopes: tuple[str, ...]) -> None:
+def _retarget_network_casts(model, scopes: tuple[str, ...], keep_fp32: frozenset[str] | set[str] = frozenset()) -> None:
     """Casts to fp32 inside the network (``x.to(query.dtype)`` traced in fp32) mean "to the
-    compute dtype": make them fp16, unless fp32 glue reads them (that border must stay fp32)."""
+    compute dtype": make them fp16, unless fp32 glue or an fp32 island (``keep_fp32``; the
+    converter's Casts into an island carry the island's scope in their names) reads them."""
     from onnx import TensorProto
 
     consumers: dict[str, list] = {}
@@ -276,7 +282,7 @@ def _retarget_network_casts(model, scopes: tuple[str, ...]) -> None:
     for n in model.graph.node:
         if n.op_type != "Cast" or not _network_node(n.name, scopes) or n.output[0] in outputs:
             continue
-        if all(_network_node(c.name, scopes) for c in consumers.get(n.output[0], [])):
+        if all(_network_node(c.name, scopes) and c.name not in keep_fp32 for c in consumers.get(n.output[0], [])):
             for a in n.attribute:
                 if a.name == "to" and a.i == TensorProto.FLOAT:
                     a.i = TensorProto.FLOAT16
@@ -311,10 +317,13 @@ def _save_with_external_data(model, path: Path, data_name: str, min_bytes: int =
 
 
 def export_part(module, contract: ComponentContract, onnx_path: Path, *, opset: int = DEFAULT_OPSET,
-                precision: str = "fp32") -> dict:
+                precision: str = "fp32", range_inputs: list[dict] | None = None) -> dict:
     """Export the fp32 ``module`` to ``onnx_path`` atomically, converted to ``precision``.
 
-    Returns facts for the manifest: files written, whether external data and folding were used.
+    ``range_inputs`` (fp16): feeds of the range pass that picks the fp32 islands
+    (export/fp16_islands.py); without them only weights past fp16's converter limit and the
+    base's upcast_attention make islands. Returns facts for the manifest: files written,
+    whether external data and folding were used, the fp16 islands.
     """
     import onnx
     import torch
@@ -337,14 +346,18 @@ def export_part(module, contract: ComponentContract, onnx_path: Path, *, opset: 
                 opset_version=opset, do_constant_folding=True, dynamo=False,
             )
         model = fold_static(onnx.load(str(raw)))  # load pulls in external data torch wrote
+        islands = {}
         if precision == "fp16":
-            model = to_fp16(model, module.NETWORK_SCOPES)
+            from dfosd.export.fp16_islands import record_islands
+
+            islands = record_islands(model, module, range_inputs or [])
+            model = to_fp16(model, module.NETWORK_SCOPES, {i["node"] for i in islands["fp16_islands"]})
         model.producer_name, model.doc_string = "dfosd", f"dfosd {contract.stem}"
         external = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
         data_name = place_onnx(model, onnx_path, Path(tmp), external)
     files = [onnx_path.name] + ([data_name] if external else [])
     return {"files": files, "external_data": data_name if external else None,
-            "opset": opset, "precision": precision, "initializer_bytes": _initializer_bytes(model)}
+            "opset": opset, "precision": precision, "initializer_bytes": _initializer_bytes(model), **islands}
 
 
 def place_onnx(model, onnx_path: Path, tmp: Path, external: bool) -> str:

@@ -107,8 +107,10 @@ def test_export_config_for_8bit(calib_dir):
         opts(precision="int8")
     with pytest.raises(DfosdError, match="needs --calib-data"):
         ExportConfig(precision="int8")
-    with pytest.raises(DfosdError, match="int8/fp8 only"):
-        opts(precision="fp16", calib_data=str(calib_dir))
+    # fp16: the photos of the range pass that picks the fp32 islands
+    assert opts(precision="fp16", calib_data=str(calib_dir)).range_photos == str(calib_dir)
+    with pytest.raises(DfosdError, match="fp16 \\(its range pass\\) and int8/fp8 only"):
+        opts(precision="fp32", calib_data=str(calib_dir))
     with pytest.raises(DfosdError, match="apply to --precision int8/fp8"):
         ExportConfig(precision="fp16", quant=QuantRecipe(calib_data=str(calib_dir)))
     with pytest.raises(DfosdError, match="with a fp8 recipe"):
