@@ -87,7 +87,10 @@ class CacheFolder:
         for name in names:
             p = self.folder / name
             if _plain_name(name) and (p.is_file() or p.is_symlink()):
-                p.unlink(missing_ok=True)
+                try:
+                    p.unlink(missing_ok=True)
+                except OSError as exc:  # a read-only export: the record still goes, the file stays
+                    self.log.warning("%s: cannot remove it (%s)", p, exc)
 
     def path(self, name: str) -> Path:
         return self.folder / name

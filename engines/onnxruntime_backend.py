@@ -162,15 +162,22 @@ class OnnxRuntimeBackend(Backend):
         staging = None
         try:
             if cache is not None and cache.usable:
-                staging = _stage_optimized(opts, cache, part.stem)
+                try:
+                    staging = _stage_optimized(opts, cache, part.stem)
+                except OSError as exc:  # a read-only export: run from the ONNX file, cache nothing
+                    log.warning("%s: not saving the optimized graph (%s)", cache.folder, exc)
             session = ort.InferenceSession(str(path), opts, providers=providers)
-            if staging is not None:
-                cache.commit(part.stem, _place_optimized(staging, cache, part.stem))
         except Exception as exc:  # ORT raises its own exception types for bad files
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
             raise DfosdError(f"onnxruntime could not load {path}: {exc}",
                              hint="re-run dfosd-export to rewrite the directory") from exc
-        finally:
-            if staging is not None:
+        if staging is not None:
+            try:
+                cache.commit(part.stem, _place_optimized(staging, cache, part.stem))
+            except OSError as exc:  # the session runs; only the cache is not kept
+                log.warning("%s: not saving the optimized graph (%s)", cache.folder, exc)
+            finally:
                 shutil.rmtree(staging, ignore_errors=True)
         return OrtComponent(session, part.contract, self.device)
 

@@ -159,8 +159,12 @@ class OpenVinoBackend(Backend):
         if cache is not None and cache.usable:
             # The blob is written by dfosd under the part's name (not OpenVINO's CACHE_DIR, whose
             # entries are keyed by the ONNX file's absolute path): it moves with the export.
-            write_bytes_atomic(cache.path(blob_name(part.stem)), compiled.export_model().getbuffer())
-            cache.commit(part.stem, [blob_name(part.stem)])
+            try:
+                write_bytes_atomic(cache.path(blob_name(part.stem)), compiled.export_model().getbuffer())
+            except OSError as exc:  # a read-only export or a full disk: run compiled, cache nothing
+                log.warning("%s: not saving the compiled blob (%s)", cache.folder, exc)
+            else:
+                cache.commit(part.stem, [blob_name(part.stem)])
         return OpenVinoComponent(compiled, part.contract)
 
     def _import(self, blob: Path, config: dict):
