@@ -36,6 +36,10 @@ MAX_RESTARTS = 3          # per actor: restarts after its process died
 MAX_TASK_RETRIES = 2      # per image: re-runs after the actor running it died
 IN_FLIGHT_PER_ACTOR = 2   # images submitted ahead per actor: one running, one queued behind it
 LOCAL_OBJECT_STORE = 256 * 2**20  # a Ray started here: only paths and records cross it
+# Waiting for the actors to load their engines: a full-size OpenVINO compile on a cold node takes
+# minutes, so the bound is generous; it exists because a cluster that goes away (or never places the
+# actors) would otherwise leave the driver waiting forever.
+WORKER_START_TIMEOUT_S = 1200.0
 INSTALL_HINT = "pip install 'dfosd[ray]'  (Ray 2.60 with Ray Data)"
 
 
@@ -118,6 +122,17 @@ def connect(address: str | None, say: Callable[[str], None]):
     return ray
 
 
+def placement_problem(nodes: list[dict], cpus: int, gpu: bool) -> str | None:
+    """Why no alive node could ever hold one worker (Ray would keep it pending forever), or None."""
+    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive")]
+    if gpu and not any(r.get("GPU", 0) >= 1 for r in alive):
+        return "the backend runs on a GPU and no node of the cluster has one"
+    most = max((r.get("CPU", 0) for r in alive), default=0)
+    if most < cpus:
+        return f"each worker asks for {cpus} CPU(s) and the largest node has {most:g}"
+    return None
+
+
 def start_workers(ray, n: int | None, cpus: int, backend: str, kwargs: dict, say) -> tuple[list, list[dict]]:
     """Start the actors (one GPU each for a GPU backend) and wait until their engines are loaded."""
     from ray.exceptions import RayActorError
@@ -130,9 +145,22 @@ def start_workers(ray, n: int | None, cpus: int, backend: str, kwargs: dict, say
     worker_cls = ray.remote(num_cpus=cpus, num_gpus=1 if gpu else 0, max_restarts=MAX_RESTARTS,
                             max_task_retries=MAX_TASK_RETRIES, scheduling_strategy="SPREAD")(UpscaleWorker)
     say(f"ray: starting {n} worker(s), each {'1 GPU' if gpu else f'{cpus} CPU thread(s)'}, loading the engines once")
+    problem = placement_problem(ray.nodes(), cpus, gpu)
+    if problem:
+        raise DfosdError(f"Ray cannot place a worker: {problem}",
+                         hint="lower --ray-cpus-per-actor, or add such a node to the cluster")
     workers = [worker_cls.remote(backend=backend, threads=0 if gpu else cpus, **kwargs) for _ in range(n)]
     try:
-        infos = ray.get([w.info.remote() for w in workers])
+        refs = [w.info.remote() for w in workers]
+        pending, deadline = list(refs), time.monotonic() + WORKER_START_TIMEOUT_S
+        while pending:  # in short waits: a stop signal's handler runs between them
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+            if pending and time.monotonic() > deadline:
+                raise DfosdError(f"{len(pending)} of {n} Ray worker(s) not ready after "
+                                 f"{WORKER_START_TIMEOUT_S:.0f} s (engines not loaded, or the actors never placed)",
+                                 hint="check the cluster (`ray status`) and the Ray logs "
+                                      "(/tmp/ray/session_latest/logs)")
+        infos = ray.get(refs)
     except RayActorError as exc:
         cause = getattr(exc, "cause", None) or exc
         if isinstance(cause, DfosdError):

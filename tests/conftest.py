@@ -36,6 +36,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (none visible)"))
         if "slow" in item.keywords and not slow:
             item.add_marker(pytest.mark.skip(reason="slow: set DFOSD_SLOW=1 to run"))
+    # The test that stops the session's dfosd-serve runs right after the last other test using it,
+    # whatever the file order or -k selection (a test after it would find the server gone).
+    stop = [i for i in items if i.name == "test_zz_sigint_stops_everything"]
+    if stop:
+        rest = [i for i in items if i is not stop[0]]
+        users = [n for n, i in enumerate(rest) if "server" in getattr(i, "fixturenames", ())]
+        rest.insert(users[-1] + 1 if users else len(rest), stop[0])
+        items[:] = rest
 
 
 # The folders dfosd's commands write by default, in the current folder: a test that forgets

@@ -128,6 +128,14 @@ def test_outputs_equal_the_local_run_and_a_bad_image_fails_alone(cluster, tiny_e
     assert f"0 upscaled, {N_GOOD} skipped, 1 failed" in r.output, r.output
 
 
+def test_a_worker_no_node_can_hold_is_refused_at_once(cluster, tiny_export_fp32, photos, tmp_path):
+    t0 = time.monotonic()
+    r = CliRunner().invoke(main, _args(photos, tiny_export_fp32, tmp_path / "out", cluster,
+                                       "--ray-cpus-per-actor", "2"))
+    assert r.exit_code == 1 and "asks for 2 CPU(s) and the largest node has 1" in r.output, r.output
+    assert "Traceback" not in r.output and time.monotonic() - t0 < 60  # not Ray's endless pending actor
+
+
 def test_a_killed_actor_is_restarted_and_nothing_is_lost(cluster, tiny_export_fp32, photos, local_out, tmp_path):
     out = tmp_path / "out"
     proc = _spawn(_args(photos, tiny_export_fp32, out, cluster), tmp_path / "log")
@@ -209,3 +217,13 @@ def test_without_ray_the_message_says_how_to_install_it(tiny_export_fp32, photos
                         str(tmp_path / "out"), "--ray"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "pip install 'dfosd[ray]'" in r.stderr + r.stdout, r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_placement_problem_names_what_no_node_has():
+    from dfosd.runtime.ray_batch import placement_problem
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 4.0}}, {"Alive": False, "Resources": {"CPU": 16.0, "GPU": 1.0}}]
+    assert placement_problem(nodes, 4, gpu=False) is None
+    assert "largest node has 4" in placement_problem(nodes, 8, gpu=False)  # the dead node does not count
+    assert "no node of the cluster has one" in placement_problem(nodes, 1, gpu=True)
+    assert placement_problem([], 1, gpu=False)

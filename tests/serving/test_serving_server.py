@@ -339,7 +339,7 @@ def test_loadgen_measures_the_server(server, tmp_path):
 
 
 def test_zz_sigint_stops_everything(server):
-    """Last of the tests on the session's server (test_serving_front.py runs before this module): Ctrl-C on dfosd-serve stops tritonserver and its stubs; nothing is left."""
+    """Last of the tests on the session's server (conftest orders it after every other user of it): Ctrl-C on dfosd-serve stops tritonserver and its stubs; nothing is left."""
     server.watch()
     triton = [p for p in server.seen if "tritonserver" in _cmdline(p) or "backend_stub" in _cmdline(p)]
     assert triton, f"no tritonserver process was seen: {server.seen}"
