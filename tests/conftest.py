@@ -123,6 +123,16 @@ def resshift_release(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def resshift_export(resshift_release, tmp_path_factory):
+    """The golden tiny SinSR exported fp32 at its LR tile 32 (``dfosd-export --vq``'s function)."""
+    from dfosd.export.resshift_export import export_resshift
+
+    out = tmp_path_factory.mktemp("resshift_export") / "sinsr-engines"
+    export_resshift(resshift_release["unet"], resshift_release["vq"], out, tile=32)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_text_models():
     """The tiny base's (locally built) CLIP tokenizer and text encoder: upstream-way references encode prompts."""
     from dfosd.core.text import load_text_models
