@@ -124,11 +124,17 @@ def resshift_release(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def resshift_export(resshift_release, tmp_path_factory):
-    """The golden tiny SinSR exported fp32 at its LR tile 32 (``dfosd-export --vq``'s function)."""
-    from dfosd.export.resshift_export import export_resshift
+    """The golden tiny SinSR exported fp32 at its LR tile 32 by ``dfosd-export --ckpt --vq`` (its output
+    beside the folder, in ``export-output.txt``); tests that alter an export copy it first."""
+    from click.testing import CliRunner
+
+    from dfosd.export.cli import main
 
     out = tmp_path_factory.mktemp("resshift_export") / "sinsr-engines"
-    export_resshift(resshift_release["unet"], resshift_release["vq"], out, tile=32)
+    r = CliRunner().invoke(main, ["--ckpt", str(resshift_release["unet"]), "--vq", str(resshift_release["vq"]),
+                                  "--tile", "32", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    (out.parent / "export-output.txt").write_text(r.output)
     return out
 
 

@@ -118,7 +118,9 @@ def test_whole_images_tile_with_one_noise_field(exported, resshift_golden, tmp_p
 
 
 
-def test_dfosd_export_with_vq_then_run(resshift_release, resshift_golden, tmp_path):
+def test_dfosd_export_with_vq_then_run(resshift_export, resshift_release, resshift_golden, tmp_path):
+    import shutil
+
     from click.testing import CliRunner
 
     from dfosd.export.cli import main
@@ -126,14 +128,14 @@ def test_dfosd_export_with_vq_then_run(resshift_release, resshift_golden, tmp_pa
     from dfosd.runtime.resshift_run import ResShiftRunner
 
     _, io, _ = resshift_golden
-    out = tmp_path / "sinsr-engines"
+    out = resshift_export  # dfosd-export --ckpt SinSR_v1.pth --vq autoencoder_vq_f4.pth --tile 32 (conftest)
     args = ["--ckpt", str(resshift_release["unet"]), "--vq", str(resshift_release["vq"]), "--tile", str(TILE),
-            "--out", str(out)]
-    r = CliRunner().invoke(main, args)
-    assert r.exit_code == 0, r.output
-    assert "family sinsr (the file name SinSR_v1.pth is wyf0912/SinSR's release)" in r.output
+            "--out", str(tmp_path / "unused")]
+    output = (out.parent / "export-output.txt").read_text()
+    assert "family sinsr (the file name SinSR_v1.pth is wyf0912/SinSR's release)" in output
     record = json.loads((out / RECORD_NAME).read_text())
     assert record["family"] == "sinsr" and record["timestep"] == 14 and record["tile"] == TILE
+    assert record["tile_multiple"] == 16 and record["window_size"] == 4
     assert set(record["files"]) == {"encoder.onnx", "unet.onnx", "decoder.onnx"}
     runner = ResShiftRunner.from_export(out)
     sr = runner(io["lr"][0], noise=io["noise"])
@@ -151,7 +153,8 @@ def test_dfosd_export_with_vq_then_run(resshift_release, resshift_golden, tmp_pa
     (foreign / "notes.txt").write_text("mine")
     r = CliRunner().invoke(main, args[:-1] + [str(foreign)])
     assert r.exit_code != 0 and "is not a ResShift export" in r.output and (foreign / "notes.txt").exists()
-    with open(out / "unet.onnx", "ab") as f:
+    changed = shutil.copytree(out, tmp_path / "changed")  # the shared export stays as it was
+    with open(changed / "unet.onnx", "ab") as f:
         f.write(b"x")
     with pytest.raises(DfosdError, match="unet.onnx changed since the export"):
-        ResShiftRunner.from_export(out)
+        ResShiftRunner.from_export(changed)

@@ -120,3 +120,23 @@ def test_option_errors(resshift_export, tiny_export_fp32, images, tmp_path):
     assert r.exit_code == 1 and "only a ResShift-backbone export" in r.output and not (tmp_path / "sd").exists()
     r = _run(images / "lr.png", "--server", "http://127.0.0.1:9", "--out", tmp_path / "srv", "--seed", 1)
     assert r.exit_code == 1 and "--seed configure local engines" in r.output, r.output
+
+
+def test_non_finite_unet_output_fails_the_image(resshift_export, resshift_golden):
+    # the decoder's uint8 cast would turn NaN into black pixels: the runner refuses the tile instead
+    from dfosd.runtime.resshift_run import ResShiftRunner
+    from dfosd.runtime.step import NonFiniteOutput
+
+    _, io, _ = resshift_golden
+    runner = ResShiftRunner.from_export(resshift_export)
+    real = runner.sessions["unet"]
+
+    class NaNUNet:
+        def run(self, names, feeds):
+            out = real.run(names, feeds)
+            out[0][..., 0, 0] = np.nan
+            return out
+
+    runner.sessions["unet"] = NaNUNet()
+    with pytest.raises(NonFiniteOutput, match="the unet produced NaN or Inf"):
+        runner(io["lr"][0], seed=0)
