@@ -83,7 +83,9 @@ def inspect_main(file, family, base, as_json):
     FILE may also be an export directory: its parts, precisions and fp16 islands (the nodes kept
     in fp32 and the measured peaks that put them there)."""
     setup_logging(False)
-    if Path(file).is_dir():
+    from dfosd.core.vocab import MANIFEST_NAME
+
+    if Path(file).is_dir() and (Path(file) / MANIFEST_NAME).is_file():  # other folders: PEFT adapter checkpoints
         click.echo(_export_lines(Path(file), as_json))
         return
     from dfosd.core.readers import read_model
