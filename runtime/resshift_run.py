@@ -90,6 +90,30 @@ class _OrtBackend:
         return f"onnxruntime ({', '.join(self.providers)})"
 
 
+OPENVINO = ("openvino", "openvino-bf16")
+
+
+class _OpenVinoPart:
+    """A compiled part called like an ONNX Runtime session (``run(None, feeds)`` -> [output])."""
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+
+    def run(self, names, feeds):
+        return [next(iter(self.compiled(feeds).values()))]
+
+
+def _openvino_sessions(folder: Path, name: str):
+    """OpenVINO on the CPU with the SD backend's own settings (threads, f32 or bf16 hint); compiled
+    at each run (no blob cache for these exports yet)."""
+    from dfosd.engines.base import select_backend
+
+    cls, _ = select_backend(name)  # refuses openvino-bf16 where the CPU has no native bf16, with the reason
+    backend = cls()
+    return backend, {p: _OpenVinoPart(backend.core.compile_model(str(folder / f"{p}.onnx"), "CPU",
+                                                                 backend.compile_config())) for p in PARTS}
+
+
 class ResShiftRunner:
     """The three ONNX parts of a ResShift one-step export on ONNX Runtime (CPU unless given providers)."""
 
@@ -98,20 +122,26 @@ class ResShiftRunner:
     plan = None  # one backend for all parts, nothing measured
 
     def __init__(self, folder: str | Path, *, tile: int, overlap: int = 0, providers=("CPUExecutionProvider",),
-                 precision: str = "fp32"):
-        import onnxruntime as ort
-
+                 precision: str = "fp32", backend: str = "onnxruntime"):
         folder = Path(folder)
         missing = [p for p in PARTS if not (folder / f"{p}.onnx").is_file()]
         if missing:
             raise DfosdError(f"{folder}: no {', '.join(p + '.onnx' for p in missing)} (a ResShift export has "
                              f"{', '.join(p + '.onnx' for p in PARTS)})")
-        self.sessions = {p: ort.InferenceSession(str(folder / f"{p}.onnx"), providers=list(providers)) for p in PARTS}
+        if backend in OPENVINO:
+            self.backend, self.sessions = _openvino_sessions(folder, backend)
+        else:
+            import onnxruntime as ort
+
+            self.backend = _OrtBackend(providers)
+            self.sessions = {p: ort.InferenceSession(str(folder / f"{p}.onnx"), providers=list(providers))
+                             for p in PARTS}
         self.cfg = TilingConfig(tile=tile, overlap=overlap, batch=1, scale=4)
-        self.tile, self.precision, self.backend = tile, precision, _OrtBackend(providers)
+        self.tile, self.precision = tile, precision
 
     @classmethod
-    def from_export(cls, folder: str | Path, *, overlap: int | None = None, providers=("CPUExecutionProvider",)):
+    def from_export(cls, folder: str | Path, *, overlap: int | None = None, providers=("CPUExecutionProvider",),
+                    backend: str = "onnxruntime"):
         """A folder ``dfosd-export --vq`` wrote: its record gives the tile; the parts are checked against it."""
         from dfosd.core.manifest import changed_files
         from dfosd.export.resshift_export import RECORD_NAME
@@ -126,7 +156,7 @@ class ResShiftRunner:
             raise DfosdError(f"{folder}: {', '.join(changed)} changed since the export", hint="export again")
         tile = int(record["tile"])
         return cls(folder, tile=tile, overlap=tile // 8 if overlap is None else overlap, providers=providers,
-                   precision=str(record.get("precision", "fp32")))
+                   precision=str(record.get("precision", "fp32")), backend=backend)
 
     def _tile(self, lr: np.ndarray, noise: np.ndarray) -> np.ndarray:
         from dfosd.runtime.step import NonFiniteOutput
@@ -177,9 +207,9 @@ def resshift_upscaler(export_dir, backend: str, batch: int | None, tile: int | N
     against the image: a mismatch fails that image with the shape it wants)."""
     from dfosd.runtime.batch import check_tile
 
-    if backend not in ("auto", "onnxruntime"):
-        raise DfosdError(f"--backend {backend}: a ResShift-backbone export runs on ONNX Runtime (CPU) for now",
-                         hint="omit --backend, or pass --backend onnxruntime")
+    if backend not in ("auto", "onnxruntime", *OPENVINO):
+        raise DfosdError(f"--backend {backend}: a ResShift-backbone export runs on ONNX Runtime or OpenVINO (CPU) "
+                         "for now, one backend for all parts", hint="omit --backend, or pass --backend onnxruntime")
     if batch not in (None, 1):
         raise DfosdError(f"--batch {batch}: a ResShift export takes one tile per call (each tile its own noise "
                          "slice)", hint="omit --batch")
@@ -195,7 +225,8 @@ def resshift_upscaler(export_dir, backend: str, batch: int | None, tile: int | N
         raise DfosdError(exc.message + f"; a ResShift tile must also be a multiple of {rule} (Swin window "
                          f"{record.get('window_size')} x the UNet's downsamplings: the windows and their shift mask "
                          "are constants of the exported size)", hint=exc.hint) from None
-    runner = ResShiftRunner.from_export(export_dir, overlap=int(record["tile"]) // 4 if overlap is None else overlap)
+    runner = ResShiftRunner.from_export(export_dir, overlap=int(record["tile"]) // 4 if overlap is None else overlap,
+                                        backend="onnxruntime" if backend == "auto" else backend)
     say(f"{record.get('family')} (ResShift backbone, {runner.precision}) on {runner.backend.describe()}; noise: "
         + (f"seed {seed}" if noise is None else "the --noise field"))
 

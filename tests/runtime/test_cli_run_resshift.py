@@ -74,6 +74,13 @@ def test_noise_file_reproduces_upstream(resshift_export, resshift_golden, images
     assert psnr_uint8(_png(out / "lr.png"), ((io["sr"] + 1) * 127.5).numpy()) >= 50.0  # upstream SinSR's image
     report = json.loads((out / "dfosd-report.json").read_text())
     assert report["seed"] is None and report["noise"] == str((images / "noise.npy").resolve())
+    # OpenVINO (f32) runs the same parts: upstream's image too
+    ov = pytest.importorskip("openvino")  # noqa: F841
+    r = _run(images / "lr.png", "--engines", resshift_export, "--out", tmp_path / "ov", "--noise", images / "noise.npy",
+             "--backend", "openvino")
+    assert r.exit_code == 0, r.output
+    assert psnr_uint8(_png(tmp_path / "ov" / "lr.png"), ((io["sr"] + 1) * 127.5).numpy()) >= 50.0
+    assert json.loads((tmp_path / "ov" / "dfosd-report.json").read_text())["backend"].startswith("openvino (CPU")
 
 
 def test_noise_errors(resshift_export, images, tmp_path):
@@ -106,15 +113,15 @@ def test_option_errors(resshift_export, tiny_export_fp32, images, tmp_path):
     cases = [
         (("--tile", 24), "--tile 24 differs from the engines' tile 32", "multiple of 16 (Swin window 4"),
         (("--tile", 64), "--tile 64 differs from the engines' tile 32", None),
-        (("--backend", "openvino"), "runs on ONNX Runtime (CPU) for now", None),
+        (("--backend", "tensorrt"), None, None),  # not usable here, or not for this backbone: refused either way
         (("--batch", 2), "takes one tile per call", None),
     ]
     for args, message, rule in cases:
         out = tmp_path / f"o{args[1]}"
         r = _run(images / "lr.png", "--engines", resshift_export, "--out", out, *args)
-        assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output, (args, r.output)
+        assert r.exit_code == 1 and (message or "") in r.output and "Traceback" not in r.output, (args, r.output)
         assert (rule in r.output) if rule else "Swin" not in r.output
-        assert json.loads((out / "dfosd-report.json").read_text())["state"] == "failed"
+        assert not (out / "lr.png").exists()
     # --seed / --noise on an SD export, or with --server: refused, nothing written
     r = _run(images / "lr.png", "--engines", tiny_export_fp32, "--out", tmp_path / "sd", "--seed", 1)
     assert r.exit_code == 1 and "only a ResShift-backbone export" in r.output and not (tmp_path / "sd").exists()
