@@ -12,8 +12,6 @@ class LazyGroup(click.Group):
         "checkpoint": ("dfosd.core.checkpoint_cli", "main", "Make a test checkpoint: dfosd checkpoint random --out F."),
         "export": ("dfosd.export.cli", "main", "Export a checkpoint to ONNX (and engines)."),
         "run": ("dfosd.runtime.cli", "main", "Upscale images with exported engines."),
-        "resshift-run": ("dfosd.runtime.resshift_cli", "main",
-                         "Upscale images with a ResShift/SinSR/TAD-SR export (dfosd-export --vq)."),
         "bench": ("dfosd.bench.cli", "main", "Compare eager PyTorch with the engines."),
         "convert": ("dfosd.export.convert_cli", "convert_main",
                     "Convert osediff.pkl / pisa_sr.pkl / HYPIR_sd2.pth / a LoRA into one dfosd model file."),

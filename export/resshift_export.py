@@ -3,9 +3,10 @@
 Writes ``encoder.onnx``, ``unet.onnx`` (inputs: latent, noise, lr_image), ``decoder.onnx`` and a record,
 ``resshift-export.json`` (kind ``dfosd-resshift-export``: family, schedule, tile, contracts, file hashes,
 inputs, deviations), into a new or empty folder, or over an earlier ResShift export of the folder (only the
-files its record lists are replaced). Its own record, not ``manifest.json``: the SD-family runtime, serving
-and C++ runner do not run this backbone yet, and refuse the folder (no dfosd manifest) instead of feeding a
-UNet that wants noise. ``dfosd.runtime.resshift_run.ResShiftRunner.from_export`` runs it.
+files its record lists are replaced). Its own record, not ``manifest.json``: ``dfosd-trt-run`` recognises it
+(``resshift_record``) and runs it with the noise field (runtime/resshift_run.py); serving, the C++ runner
+and the SD-family engine loaders do not run this backbone yet, and refuse the folder (no dfosd manifest)
+instead of feeding a UNet that wants noise.
 """
 
 from __future__ import annotations
@@ -25,6 +26,25 @@ DEVIATIONS = (
     "dfosd's tiling and blending instead of upstream's 512 px chops (stride 448) and padding to 64",
     "one noise field per image (seeded or given) sliced per tile instead of torch.randn per chop",
 )
+
+
+def resshift_record(folder: str | Path) -> dict | None:
+    """The folder's ResShift export record, or None when the folder holds no such record (an SD export,
+    or no export): cheap and torch-free, so ``dfosd-trt-run`` can say which kind of export it was given
+    before any model is loaded. A record that is there but unreadable is an error naming the fix."""
+    from dfosd.core.vocab import MANIFEST_NAME
+
+    folder = Path(folder)
+    path = folder / RECORD_NAME
+    if not path.is_file() or (folder / MANIFEST_NAME).exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DfosdError(f"{path}: not readable ({exc})", hint="export again with dfosd-export --vq") from None
+    if not isinstance(record, dict) or record.get("kind") != RECORD_KIND or not isinstance(record.get("files"), dict):
+        raise DfosdError(f"{path}: not a ResShift export record", hint="export again with dfosd-export --vq")
+    return record
 
 
 def _owned(out_dir: Path) -> set[str]:
@@ -78,6 +98,7 @@ def export_resshift(ckpt: str | Path, vq: str | Path, out_dir: str | Path, *, ti
     record = {
         "kind": RECORD_KIND, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "backbone": "resshift",
         "family": loaded.family, "detected": loaded.reason, "precision": precision, "tile": tile, "upscale": 4,
+        "tile_multiple": loaded.model.unet.cfg.tile_multiple, "window_size": loaded.model.unet.cfg.window_size,
         "latent_channels": loaded.model.vq.cfg.embed_dim, "timestep": loaded.model.timestep,
         "schedule": {"steps": s.steps, "min_noise_level": s.min_noise_level, "kappa": s.kappa, "power": s.power,
                      "etas_end": s.etas_end, "noise_scale": loaded.model.noise_scale,

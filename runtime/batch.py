@@ -199,12 +199,20 @@ def check_tile(tile: int | None, engines_tile: int) -> None:
 
 
 def local_upscaler(export_dir, backend, batch: int | None, tile: int | None, overlap: int | None,
-                   say: Callable[[str], None]):
+                   say: Callable[[str], None], *, seed: int | None = None, noise=None):
     """(runner, tiling, upscale(rgb, sink, progress)) on engines loaded here: what ``process_image``
-    takes. The local CLI and each ``--ray`` worker build it the same way, so images are the same."""
+    takes. The local CLI and each ``--ray`` worker build it the same way, so images are the same.
+    A ResShift-backbone export (runtime/resshift_run.py) takes its noise field from ``seed`` or
+    ``noise`` (a float32 [1, 3, H, W] array); the SD families' one step draws none."""
+    from dfosd.export.resshift_export import resshift_record
     from dfosd.runtime.step import OneStepRunner
     from dfosd.runtime.tiling import TilingConfig, upscale_tiled
 
+    if resshift_record(export_dir) is not None:
+        from dfosd.runtime.resshift_run import DEFAULT_SEED, resshift_upscaler
+
+        seed = DEFAULT_SEED if seed is None and noise is None else seed
+        return resshift_upscaler(export_dir, backend, batch, tile, overlap, say, seed=seed, noise=noise)
     runner = OneStepRunner(export_dir, backend=backend, batch=batch, say=say)
     check_tile(tile, runner.tile)
     tcfg = TilingConfig(tile=runner.tile, overlap=runner.tile // 4 if overlap is None else overlap,

@@ -60,11 +60,17 @@ TILE_BAR_MIN_CALLS = 4  # a per-tile progress bar for images that take more engi
                    "the cluster's CPUs / --ray-cpus-per-actor).")
 @click.option("--ray-cpus-per-actor", type=click.IntRange(1), default=1, show_default=True,
               help="CPUs (engine threads) per Ray worker of a CPU backend.")
+@click.option("--seed", type=int, default=None,
+              help="ResShift-backbone exports (SinSR, ResShift, TAD-SR): the seed of each image's noise field, the "
+                   "same for every image [default: 0 unless --noise]. Recorded in the report.")
+@click.option("--noise", "noise_file", type=click.Path(dir_okay=False), default=None, metavar="FILE.npy",
+              help="ResShift-backbone exports, one input image: its whole noise field, float32 [1, 3, H, W] for an "
+                   "H x W image (exact reproduction against upstream or across machines).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.option("-v", "--verbose", is_flag=True)
 @user_errors
 def main(inputs, export_dir, out_dir, backend, batch, tile, overlap, color_fix, fmt, quality, skip_existing,
-         report, server, max_pixels, ray_address, ray_actors, ray_cpus_per_actor, progress, verbose):
+         report, server, max_pixels, ray_address, ray_actors, ray_cpus_per_actor, seed, noise_file, progress, verbose):
     """Upscale INPUT... (files, folders searched recursively, or glob patterns) x4.
 
     Grayscale inputs give grayscale outputs; alpha is carried over bicubic-resized (not
@@ -75,6 +81,7 @@ def main(inputs, export_dir, out_dir, backend, batch, tile, overlap, color_fix, 
     if ray_address is not None:
         if server is not None:
             raise click.UsageError("--ray and --server are two ways to run: pass one")
+        _check_noise_options(export_dir, seed, noise_file, None, ray=True)
         from dfosd.runtime.ray_cli import ray_main
 
         return ray_main(inputs, address=ray_address, actors=ray_actors, cpus_per_actor=ray_cpus_per_actor,
@@ -103,6 +110,7 @@ def main(inputs, export_dir, out_dir, backend, batch, tile, overlap, color_fix, 
                          hint="pass image files, folders or glob patterns")
     for p in found.problems:
         say(f"error: {p}")
+    noise = _check_noise_options(export_dir if server is None else None, seed, noise_file, found.pairs)
     # A run that cannot start (an unusable backend, options that do not apply, no export) leaves no
     # output folder and no report; only an earlier run's report there is replaced, so it never
     # outlives this run's options.
@@ -113,7 +121,7 @@ def main(inputs, export_dir, out_dir, backend, batch, tile, overlap, color_fix, 
     else:
         from dfosd.serving.client import local_only_options
 
-        local_only_options(click.get_current_context(), ("export_dir", "backend", "batch"))
+        local_only_options(click.get_current_context(), ("export_dir", "backend", "batch", "seed", "noise_file"))
     # Where outputs go, and that they can be written.
     check_output_folder(inputs, found.pairs, out, fmt)
     report_path = Path(report) if report else out / REPORT_NAME
@@ -125,7 +133,8 @@ def main(inputs, export_dir, out_dir, backend, batch, tile, overlap, color_fix, 
         from dfosd.core.manifest import ExportDir
 
         try:
-            ExportDir(export_dir, check="none")
+            if noise is None:  # a ResShift export's record was read by _check_noise_options
+                ExportDir(export_dir, check="none")
         except DfosdError as exc:
             if not report_path.exists():
                 _remove_empty(new_folders)
@@ -136,7 +145,8 @@ def main(inputs, export_dir, out_dir, backend, batch, tile, overlap, color_fix, 
     with report_lock(report_path), stop_on_signals():
         check_report_path(report_path)  # after the lock: a live run holding it is the reason given first
         rep = RunReport(report_path, {"engines": server or str(Path(export_dir).resolve()), "color_fix": color_fix,
-                                      "max_pixels": opts["max_pixels"], "out": str(out.resolve())})
+                                      "max_pixels": opts["max_pixels"], "out": str(out.resolve()),
+                                      **(noise.header if noise is not None else {})})
         rep.records += [{"input": p, "status": "failed", "error": p} for p in found.problems]
         rep.records += [{"input": str(p), "status": "skipped", "reason": why} for p, why in found.skipped]
         rep.pending = [str(src) for src, _ in found.pairs]
@@ -145,12 +155,12 @@ def main(inputs, export_dir, out_dir, backend, batch, tile, overlap, color_fix, 
         try:
             if not_started is not None:
                 raise not_started
-            runner, tcfg, upscale = _make_upscaler(export_dir, backend, batch, tile, overlap, server, color_fix)
+            runner, tcfg, upscale = _make_upscaler(export_dir, backend, batch, tile, overlap, server, color_fix, noise)
             if server is not None:  # the server applies the colour fix (the same function of the pixels)
                 rep.header["color_fix"] = color_fix or runner.client.info.color_fix
                 opts["color_fix"] = "none"
             elif color_fix is None:
-                opts["color_fix"] = rep.header["color_fix"] = _family_color_fix(export_dir)
+                opts["color_fix"] = rep.header["color_fix"] = "none" if noise is not None else _family_color_fix(export_dir)
             rep.header.update(backend=runner.backend.describe(), precision=runner.precision,
                               backend_plan=getattr(runner, "plan", None) and runner.plan.to_dict(),
                               tiling={"tile": tcfg.tile, "overlap": tcfg.overlap, "batch": tcfg.batch})
@@ -180,6 +190,47 @@ def main(inputs, export_dir, out_dir, backend, batch, tile, overlap, color_fix, 
         raise SystemExit(1)
 
 
+class NoiseOptions:
+    """A ResShift export's noise source for the run: ``--seed`` (default 0) or one ``--noise`` file."""
+
+    def __init__(self, seed: int | None, noise_file: str | None):
+        self.seed, self.noise_file, self.noise = seed, noise_file, None
+        if noise_file is not None:  # dtype and rank now, before the report; the image checks its H x W
+            from dfosd.runtime.resshift_run import read_noise
+
+            self.noise = read_noise(noise_file)
+        self.header = {"backbone": "resshift", "seed": seed,
+                       "noise": None if noise_file is None else str(Path(noise_file).resolve())}
+
+
+def _check_noise_options(export_dir, seed, noise_file, pairs, ray: bool = False) -> NoiseOptions | None:
+    """--seed / --noise against the export (cheap, before the report): they mean something only for a
+    ResShift-backbone export, --noise only for one image. The NoiseOptions for a ResShift export, else None."""
+    from dfosd.core.errors import DfosdError
+    from dfosd.export.resshift_export import resshift_record
+    from dfosd.runtime.resshift_run import DEFAULT_SEED
+
+    record = resshift_record(export_dir) if export_dir is not None else None
+    if record is None:
+        given = [o for o, v in (("--seed", seed), ("--noise", noise_file)) if v is not None]
+        if given and export_dir is not None:
+            raise DfosdError(f"{' and '.join(given)}: only a ResShift-backbone export (SinSR, ResShift, TAD-SR) takes "
+                             f"a noise field; {export_dir} is not one (the SD families' one step draws no noise)",
+                             hint=f"omit {' and '.join(given)}")
+        return None
+    if ray:
+        raise DfosdError("--ray does not run ResShift-backbone exports yet", hint="run without --ray")
+    if seed is not None and noise_file is not None:
+        raise DfosdError("--seed and --noise both given: the noise field comes from one of them", hint="pass one")
+    if noise_file is not None:
+        if len(pairs) != 1:
+            raise DfosdError(f"--noise gives the noise field of one image; {len(pairs)} input images were found",
+                             hint="run one image per --noise file, or use --seed for several")
+        if not Path(noise_file).is_file():
+            raise DfosdError(f"--noise {noise_file} does not exist", hint="pass a float32 [1, 3, H, W] .npy file")
+    return NoiseOptions(DEFAULT_SEED if seed is None and noise_file is None else seed, noise_file)
+
+
 def _remove_empty(folders: list[Path]) -> None:
     """Remove the folders this run created before it found it cannot start (deepest first; a
     folder that is not empty is left, with its parents)."""
@@ -195,13 +246,17 @@ def _names(items, limit: int = 5) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _make_upscaler(export_dir, backend, batch, tile, overlap, server, color_fix=None):
+def _make_upscaler(export_dir, backend, batch, tile, overlap, server, color_fix=None, noise=None):
     """(runner, tiling, upscale(rgb, sink, progress)) for local engines or a server (which also applies
-    ``color_fix``, None: its model's default; locally ``process_image`` applies it)."""
+    ``color_fix``, None: its model's default; locally ``process_image`` applies it). ``noise``: a
+    ResShift export's ``NoiseOptions``."""
     from dfosd.runtime.batch import check_tile, local_upscaler
     from dfosd.runtime.tiling import TilingConfig
 
     if server is None:
+        if noise is not None:
+            return local_upscaler(export_dir, backend, batch, tile, overlap, say, seed=noise.seed,
+                                  noise=noise.noise)
         return local_upscaler(export_dir, backend, batch, tile, overlap, say)
     from dfosd.serving.client import remote_runner
 

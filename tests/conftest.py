@@ -123,6 +123,22 @@ def resshift_release(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def resshift_export(resshift_release, tmp_path_factory):
+    """The golden tiny SinSR exported fp32 at its LR tile 32 by ``dfosd-export --ckpt --vq`` (its output
+    beside the folder, in ``export-output.txt``); tests that alter an export copy it first."""
+    from click.testing import CliRunner
+
+    from dfosd.export.cli import main
+
+    out = tmp_path_factory.mktemp("resshift_export") / "sinsr-engines"
+    r = CliRunner().invoke(main, ["--ckpt", str(resshift_release["unet"]), "--vq", str(resshift_release["vq"]),
+                                  "--tile", "32", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    (out.parent / "export-output.txt").write_text(r.output)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_text_models():
     """The tiny base's (locally built) CLIP tokenizer and text encoder: upstream-way references encode prompts."""
     from dfosd.core.text import load_text_models

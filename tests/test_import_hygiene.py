@@ -42,8 +42,7 @@ def test_serving_client_imports_no_torch():
 COMMANDS = [
     ("dfosd.cli", []),
     *[("dfosd.cli", [name]) for name in ("checkpoint", "export", "run", "bench", "build", "aoti-export", "parity", "train",
-                                         "triton-repo", "demo", "verify", "gpu-bench", "convert", "inspect",
-                                         "resshift-run")],
+                                         "triton-repo", "demo", "verify", "gpu-bench", "convert", "inspect")],
     ("dfosd.export.cli", []),
     ("dfosd.runtime.cli", []),
     ("dfosd.bench.cli", []),
