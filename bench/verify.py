@@ -154,7 +154,7 @@ def eager_model(export: "ExportDir", say: Callable[[str], None]):
     if not ckpt_path.is_file():
         raise DfosdError(f"{export.path}: its checkpoint {ckpt_path} is gone, so there is no eager reference",
                          hint="put the checkpoint back, or verify on a machine with TensorRT (--against tensorrt)")
-    ckpt = read_model_as_exported(ckpt_path, export.manifest)  # any family, as the export read it
+    ckpt = read_model_as_exported(ckpt_path, export)  # any family, as the export read it
     if ckpt.sha256 != inputs["checkpoint_sha256"]:
         raise DfosdError(f"{ckpt_path} changed since {export.path} was exported from it",
                          hint=f"re-export: dfosd export --ckpt {ckpt_path} --out {export.path}")

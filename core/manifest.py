@@ -196,6 +196,12 @@ class ExportDir:
         """The model family's record (name, colour fix, deviations, ...)."""
         return dict(self.manifest["family"])
 
+    @property
+    def timestep(self) -> int | None:
+        """`dfosd-export --timestep`'s override of the family's timestep, or None."""
+        t = self.manifest.get("timestep")
+        return t if isinstance(t, int) and not isinstance(t, bool) else None
+
     def file(self, name: str) -> Path:
         return self.path / name
 

@@ -31,6 +31,7 @@ from dfosd.core.srmodel import LoraSet, SRModel, parse_format2
 
 if TYPE_CHECKING:
     from dfosd.core.bases import Base
+    from dfosd.core.manifest import ExportDir
 
 DEFAULT_FAMILY_BASE = "stabilityai/stable-diffusion-2-1-base"
 PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.(?P<adapter>[^.]+)\.weight$")
@@ -320,15 +321,14 @@ def _read_dfosd(path: Path, raw: dict, meta: dict, found: Detected, family: str 
     return parse_format2(path, meta, raw, sha256_file(path))
 
 
-def read_model_as_exported(path: str | Path, manifest: dict) -> SRModel:
+def read_model_as_exported(path: str | Path, export: "ExportDir") -> SRModel:
     """The model an export was made from, read again as the export read it: an upstream
     checkpoint with the family and prompt its manifest records (dfosd files hold their own)."""
     path = Path(path)
     meta = safetensors_metadata(path) if path.suffix == ".safetensors" else {}
     if "dfosd_format" in meta:
         return read_model(path)
-    fam = manifest.get("family") or {}
-    model = read_model(path, family=fam.get("name"), prompt=fam.get("prompt"),
-                       base_spec=manifest.get("inputs", {}).get("base"))
-    timestep = manifest.get("timestep")  # `dfosd-export --timestep` overrides the family's
-    return model.with_timestep(timestep) if isinstance(timestep, int) and timestep != model.timestep else model
+    fam = export.family
+    model = read_model(path, family=fam.get("name"), prompt=fam.get("prompt"), base_spec=export.inputs.get("base"))
+    timestep = export.timestep  # `dfosd-export --timestep` overrides the family's
+    return model.with_timestep(timestep) if timestep is not None and timestep != model.timestep else model

@@ -266,7 +266,7 @@ def _load_inputs(export: ExportDir, base_spec: str | None, ckpt_path: str | Path
     if not ckpt_path.is_file():
         raise DfosdError(f"the checkpoint this export was made from ({ckpt_path}) is not here",
                          hint="pass it with --ckpt PATH (the same lora.safetensors)")
-    ckpt = read_model_as_exported(ckpt_path, export.manifest)  # any family the export read
+    ckpt = read_model_as_exported(ckpt_path, export)  # any family the export read
     if ckpt.sha256 != inputs.get("checkpoint_sha256"):
         raise DfosdError(f"{ckpt_path} is not the checkpoint {export_dir} was exported from (sha256 differs)",
                          hint="pass the export's checkpoint with --ckpt, or re-export this checkpoint first")

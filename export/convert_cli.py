@@ -126,7 +126,7 @@ def _export_lines(folder: Path, as_json: bool) -> str:
     export = ExportDir(folder, check="none")  # reading, not running: no hashes
     parts = {stem: {"precision": e.get("precision"), "fp16_islands": e.get("fp16_islands"),
                     "fp16_compute": e.get("fp16_compute"), "fp16_range": e.get("fp16_range")}
-             for stem, e in export.manifest["components"].items()}
+             for stem, e in export.components.items()}
     if as_json:
         return json.dumps({"export_dir": str(export.path), "precision": export.precision, "parts": parts}, indent=2)
     lines = [f"export: {export.path} ({export.precision}, tile {export.tile}, batches {export.batches})"]
