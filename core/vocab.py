@@ -67,5 +67,6 @@ def package_name(stem_: str, device: str) -> str:
 # a family may default to (the runtime implements them).
 FAMILY_NAMES = ("dfosd", "osediff", "pisa-sr", "hypir", "omgsr-s")
 RESSHIFT_FAMILY_NAMES = ("sinsr", "tad-sr", "resshift-s15", "resshift-s4")  # the second backbone (core/resshift.py)
+DEFAULT_NOISE_SEED = 0  # dfosd-trt-run's --seed for that backbone when neither --seed nor --noise is given
 REFUSED_FAMILY_NAMES = ("s3diff", "invsr", "osdface", "tsd-sr", "adcsr")  # named so the refusal can say why
 COLOR_FIXES = ("none", "adain", "wavelet")

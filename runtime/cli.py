@@ -208,7 +208,7 @@ def _check_noise_options(export_dir, seed, noise_file, pairs, ray: bool = False)
     ResShift-backbone export, --noise only for one image. The NoiseOptions for a ResShift export, else None."""
     from dfosd.core.errors import DfosdError
     from dfosd.export.resshift_export import resshift_record
-    from dfosd.runtime.resshift_run import DEFAULT_SEED
+    from dfosd.core.vocab import DEFAULT_NOISE_SEED as DEFAULT_SEED  # torch-free: checks come before heavy imports
 
     record = resshift_record(export_dir) if export_dir is not None else None
     if record is None:

@@ -17,8 +17,8 @@ import torch
 
 from dfosd.core.errors import DfosdError
 from dfosd.core.resshift_parts import NOISE
+from dfosd.core.vocab import DEFAULT_NOISE_SEED, DENOISED, LATENT, LR_IMAGE
 from dfosd.export.resshift_export import resshift_record
-from dfosd.core.vocab import DENOISED, LATENT, LR_IMAGE
 from dfosd.runtime.tiling import TiledImage, TilingConfig, check_step_output
 
 PARTS = ("encoder", "unet", "decoder")
@@ -55,7 +55,7 @@ def _pad_like_image(noise: torch.Tensor, height: int, width: int) -> torch.Tenso
     return x
 
 
-DEFAULT_SEED = 0  # dfosd-trt-run's --seed when neither --seed nor --noise is given
+DEFAULT_SEED = DEFAULT_NOISE_SEED  # dfosd-trt-run's --seed when neither --seed nor --noise is given
 
 
 def check_noise_array(arr: np.ndarray, where: str, height: int | None = None, width: int | None = None,
