@@ -72,15 +72,25 @@ def _make_images(folder: Path, n: int, size: int) -> Path:
     return folder
 
 
-def _run_cli(images: Path, engines: str, out: Path, threads: int, ray_actors: int | None) -> dict:
+def _run_cli(images: Path, engines: str, parent: Path, name: str, threads: int, ray_actors: int | None) -> dict:
+    import shutil
+    import tempfile
+
+    parent.mkdir(parents=True, exist_ok=True)
+    # A new folder per run (every run does all images), made here and removed by this run only:
+    # nothing that was in --work before is touched.
+    out = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=parent))
+    try:
+        return _timed_run(images, engines, out, threads, ray_actors)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _timed_run(images: Path, engines: str, out: Path, threads: int, ray_actors: int | None) -> dict:
     cmd = [sys.executable, "-m", "dfosd.runtime.cli", str(images), "--engines", engines, "--out", str(out),
            "--backend", "onnxruntime", "--no-progress"]
     if ray_actors:
         cmd += ["--ray", "local", "--ray-actors", str(ray_actors), "--ray-cpus-per-actor", str(threads)]
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)  # our own output folder from the previous round: every run does all images
     t = time.perf_counter()
     # OMP_NUM_THREADS too: Ray sets it to an actor's CPUs (torch's tiling and blending ops then use 1
     # thread); a local run left at torch's default spins 2 threads on a busy 2-core machine.
@@ -122,7 +132,7 @@ def main(engines, work, images, size, rounds, listing, json_path):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
             threads, actors = configs[name]
-            res = _run_cli(imgs, engines, work / "out" / name.replace(" ", "-"), threads, actors)
+            res = _run_cli(imgs, engines, work / "out", name.replace(" ", "-"), threads, actors)
             runs[name].append(res)
             print(f"round {r + 1} {name}: {res}", flush=True)
     summary = {k: {m: statistics.median(x[m] for x in v) for m in ("wall_s", "upscaling_s", "images_per_s")}
