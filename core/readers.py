@@ -153,7 +153,8 @@ def _check_listed(sets: list[LoraSet], listed: dict[str, list], problems: list[s
 
 
 def _osediff(raw: dict, family: Family, problems: list[str]):
-    unet_sets, replaced = _peft_sets(_state_dict(raw, "state_dict_unet", problems), "unet", {}, family, problems)
+    unet_state = _state_dict(raw, "state_dict_unet", problems)
+    unet_sets, replaced = _peft_sets(unet_state, "unet", {}, family, problems)
     rank_unet = _rank(raw, "rank_unet", problems)
     for s in unet_sets:
         if rank_unet is not None and s.rank != rank_unet:
@@ -164,16 +165,17 @@ def _osediff(raw: dict, family: Family, problems: list[str]):
         # from state_dict_vae: without it, upstream fails; exporting without them would be another model
         problems.append(f"vae_lora_encoder_modules lists {len(set(vae_listed))} VAE-encoder module(s) but the "
                         "file has no state_dict_vae (their LoRA weights)")
-    vae_sets, vae_replaced = _peft_sets(_state_dict(raw, "state_dict_vae", problems), "vae", {}, family, problems)
+    vae_state = _state_dict(raw, "state_dict_vae", problems)
+    vae_sets, vae_replaced = _peft_sets(vae_state, "vae", {}, family, problems)
     rank_vae = _rank(raw, "rank_vae", problems) if vae_sets or vae_listed else None
     for s in vae_sets:
         if rank_vae is not None and s.rank != rank_vae:
             problems.append(f"vae.{s.name}: rank {s.rank} but rank_vae is {rank_vae}")
     listed = {f"default_{k}": _module_list(raw, f"unet_lora_{k}_modules", problems)
               for k in ("encoder", "decoder", "others")}
-    _check_listed(unet_sets, listed, problems, _state_dict(raw, "state_dict_unet", []))
+    _check_listed(unet_sets, listed, problems, unet_state)
     if "state_dict_vae" in raw:
-        _check_listed(vae_sets, {"default_encoder": vae_listed}, problems, _state_dict(raw, "state_dict_vae", []))
+        _check_listed(vae_sets, {"default_encoder": vae_listed}, problems, vae_state)
     missing = [r for r in family.replaced if r not in replaced]
     if missing:
         problems.append(f"retrained layer(s) missing: {', '.join(missing)} (OSEDiff saves conv_in.base_layer)")
@@ -187,8 +189,8 @@ def _pisa(raw: dict, family: Family, problems: list[str]):
         for k in ("encoder", "decoder", "others"):
             if rank is not None:
                 ranks[f"default_{k}_{g}"] = rank
-    sets, replaced = _peft_sets(_state_dict(raw, "state_dict_unet", problems), "unet", ranks, family, problems,
-                                groups=lambda a: a.rsplit("_", 1)[-1])
+    state = _state_dict(raw, "state_dict_unet", problems)
+    sets, replaced = _peft_sets(state, "unet", ranks, family, problems, groups=lambda a: a.rsplit("_", 1)[-1])
     for s in sets:
         if s.group not in family.lora_groups:
             problems.append(f"unet.{s.name}: adapter is neither _pix nor _sem")
@@ -196,7 +198,7 @@ def _pisa(raw: dict, family: Family, problems: list[str]):
             problems.append(f"unet.{s.name}: lora_A rank differs from lora_rank_unet_{s.group} ({s.rank})")
     listed = {f"default_{k}_{g}": _module_list(raw, f"unet_lora_{k}_modules_{g}", problems)
               for g in ("pix", "sem") for k in ("encoder", "decoder", "others")}
-    _check_listed(sets, listed, problems, _state_dict(raw, "state_dict_unet", []))
+    _check_listed(sets, listed, problems, state)
     return sets, replaced
 
 
