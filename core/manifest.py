@@ -197,6 +197,11 @@ class ExportDir:
         return dict(self.manifest["family"])
 
     @property
+    def color_fix(self) -> str:
+        """The colour fix upstream applies by default for this export's family."""
+        return str(self.family.get("color_fix", "none"))
+
+    @property
     def timestep(self) -> int | None:
         """`dfosd-export --timestep`'s override of the family's timestep, or None."""
         t = self.manifest.get("timestep")

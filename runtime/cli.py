@@ -128,13 +128,13 @@ def main(inputs, export_dir, out_dir, backend, batch, tile, overlap, color_fix, 
     new_folders = [p for p in (out, *out.parents, *report_path.parent.parents, report_path.parent) if not p.exists()]
     check_writable_folder(out, "--out")
     check_writable_folder(report_path.parent, "--report folder")
-    not_started = None
+    not_started, export = None, None
     if server is None:  # no export there, or an edited manifest: said before seconds of imports
         from dfosd.core.manifest import ExportDir
 
         try:
             if noise is None:  # a ResShift export's record was read by _check_noise_options
-                ExportDir(export_dir, check="none")
+                export = ExportDir(export_dir, check="none")
         except DfosdError as exc:
             if not report_path.exists():
                 _remove_empty(new_folders)
@@ -160,7 +160,7 @@ def main(inputs, export_dir, out_dir, backend, batch, tile, overlap, color_fix, 
                 rep.header["color_fix"] = color_fix or runner.client.info.color_fix
                 opts["color_fix"] = "none"
             elif color_fix is None:
-                opts["color_fix"] = rep.header["color_fix"] = "none" if noise is not None else _family_color_fix(export_dir)
+                opts["color_fix"] = rep.header["color_fix"] = "none" if export is None else family_color_fix(export)
             rep.header.update(backend=runner.backend.describe(), precision=runner.precision,
                               backend_plan=getattr(runner, "plan", None) and runner.plan.to_dict(),
                               tiling={"tile": tcfg.tile, "overlap": tcfg.overlap, "batch": tcfg.batch})
@@ -208,7 +208,7 @@ def _check_noise_options(export_dir, seed, noise_file, pairs, ray: bool = False)
     ResShift-backbone export, --noise only for one image. The NoiseOptions for a ResShift export, else None."""
     from dfosd.core.errors import DfosdError
     from dfosd.export.resshift_export import resshift_record
-    from dfosd.core.vocab import DEFAULT_NOISE_SEED as DEFAULT_SEED  # torch-free: checks come before heavy imports
+    from dfosd.core.vocab import DEFAULT_NOISE_SEED  # torch-free: checks come before heavy imports
 
     record = resshift_record(export_dir) if export_dir is not None else None
     if record is None:
@@ -228,7 +228,7 @@ def _check_noise_options(export_dir, seed, noise_file, pairs, ray: bool = False)
                              hint="run one image per --noise file, or use --seed for several")
         if not Path(noise_file).is_file():
             raise DfosdError(f"--noise {noise_file} does not exist", hint="pass a float32 [1, 3, H, W] .npy file")
-    return NoiseOptions(DEFAULT_SEED if seed is None and noise_file is None else seed, noise_file)
+    return NoiseOptions(DEFAULT_NOISE_SEED if seed is None and noise_file is None else seed, noise_file)
 
 
 def _remove_empty(folders: list[Path]) -> None:
@@ -306,14 +306,11 @@ def _run_all(pairs, upscale, tcfg, opts, out, rep, progress) -> None:
         rep.add(rec)
 
 
-def _family_color_fix(export_dir) -> str:
-    """The colour fix upstream applies by default for the export's model family."""
-    from dfosd.core.manifest import ExportDir
-
-    family = ExportDir(export_dir, check="none").family
-    fix = family.get("color_fix", "none")
+def family_color_fix(export) -> str:
+    """The colour fix upstream applies by default for the export's model family, said when it is one."""
+    fix = export.color_fix
     if fix != "none":
-        say(f"colour fix: {fix} ({family.get('name')}'s upstream default; --color-fix none turns it off)")
+        say(f"colour fix: {fix} ({export.family.get('name')}'s upstream default; --color-fix none turns it off)")
     return fix
 
 

@@ -70,9 +70,9 @@ def ray_main(inputs, *, address, actors, cpus_per_actor, export_dir, out_dir, ba
     export = ExportDir(export_dir, check="none")  # no export there, or an edited manifest: said first
     check_tile(tile, export.tile)
     if color_fix is None:
-        color_fix = export.family.get("color_fix", "none")
-        if color_fix != "none":
-            say(f"colour fix: {color_fix} ({export.family.get('name')}'s upstream default; --color-fix none turns it off)")
+        from dfosd.runtime.cli import family_color_fix
+
+        color_fix = family_color_fix(export)
     report_path = Path(report) if report else out / REPORT_NAME
     check_writable_folder(out, "--out")
     check_writable_folder(report_path.parent, "--report folder")

@@ -196,7 +196,7 @@ def python_model_parameters(export: ExportDir, opts: RepoOptions, tile_batch: in
             "scale": str(export.upscale), "precision": export.precision,
             "export_build_key": export.build_key,
             # what the model applies when a request names none (clients show it; the model reads the manifest)
-            "color_fix": str(export.family.get("color_fix", "none")),
+            "color_fix": export.color_fix,
             "request_timeout_s": f"{opts.request_timeout_s:g}",
             **({"progress_dir": opts.progress_dir} if opts.progress_dir else {})}
 

@@ -120,11 +120,9 @@ class UpscaleService:
                     overlap: int | None = None, max_pixels: int, say=None) -> "UpscaleService":
         from dfosd.runtime.step import OneStepRunner
 
-        from dfosd.core.manifest import ExportDir
-
         runner = OneStepRunner(export_dir, backend=backend, batch=tile_batch, say=say or (lambda m: None))
-        family_fix = ExportDir(export_dir, check="none").family.get("color_fix", "none")
-        return cls(runner, runner.tile // 4 if overlap is None else overlap, ServiceLimits(max_pixels), family_fix)
+        return cls(runner, runner.tile // 4 if overlap is None else overlap, ServiceLimits(max_pixels),
+                   runner.export.color_fix)
 
     @property
     def scale(self) -> int:
