@@ -209,9 +209,10 @@ def local_upscaler(export_dir, backend, batch: int | None, tile: int | None, ove
     from dfosd.runtime.tiling import TilingConfig, upscale_tiled
 
     if resshift_record(export_dir) is not None:
-        from dfosd.runtime.resshift_run import DEFAULT_SEED, resshift_upscaler
+        from dfosd.core.vocab import DEFAULT_NOISE_SEED
+        from dfosd.runtime.resshift_run import resshift_upscaler
 
-        seed = DEFAULT_SEED if seed is None and noise is None else seed
+        seed = DEFAULT_NOISE_SEED if seed is None and noise is None else seed
         return resshift_upscaler(export_dir, backend, batch, tile, overlap, say, seed=seed, noise=noise)
     runner = OneStepRunner(export_dir, backend=backend, batch=batch, say=say)
     check_tile(tile, runner.tile)

@@ -17,7 +17,7 @@ import torch
 
 from dfosd.core.errors import DfosdError
 from dfosd.core.resshift_parts import NOISE
-from dfosd.core.vocab import DEFAULT_NOISE_SEED, DENOISED, LATENT, LR_IMAGE
+from dfosd.core.vocab import DENOISED, LATENT, LR_IMAGE
 from dfosd.export.resshift_export import resshift_record
 from dfosd.runtime.tiling import TiledImage, TilingConfig, check_step_output
 
@@ -55,7 +55,6 @@ def _pad_like_image(noise: torch.Tensor, height: int, width: int) -> torch.Tenso
     return x
 
 
-DEFAULT_SEED = DEFAULT_NOISE_SEED  # dfosd-trt-run's --seed when neither --seed nor --noise is given
 
 
 def check_noise_array(arr: np.ndarray, where: str, height: int | None = None, width: int | None = None,
@@ -75,19 +74,6 @@ def check_noise_array(arr: np.ndarray, where: str, height: int | None = None, wi
         raise DfosdError(f"--noise {where}: " + "; ".join(problems),
                          hint=f"one float32 [1, {channels}, H, W] field per image, H x W the LR size "
                               "(numpy.save of such an array)")
-
-
-class _OrtBackend:
-    """What the run's report says about the engines (``runner.backend.describe()``)."""
-
-    name = "onnxruntime"
-    device = "cpu"
-
-    def __init__(self, providers):
-        self.providers = list(providers)
-
-    def describe(self) -> str:
-        return f"onnxruntime ({', '.join(self.providers)})"
 
 
 OPENVINO = ("openvino", "openvino-bf16")
@@ -115,14 +101,14 @@ def _openvino_sessions(folder: Path, name: str):
 
 
 class ResShiftRunner:
-    """The three ONNX parts of a ResShift one-step export on ONNX Runtime (CPU unless given providers)."""
+    """The three ONNX parts of a ResShift one-step export on ONNX Runtime or OpenVINO (CPU)."""
 
     batch = 1  # the export's parts take one tile: the noise slice differs per tile
     scale = 4
     plan = None  # one backend for all parts, nothing measured
 
-    def __init__(self, folder: str | Path, *, tile: int, overlap: int = 0, providers=("CPUExecutionProvider",),
-                 precision: str = "fp32", backend: str = "onnxruntime"):
+    def __init__(self, folder: str | Path, *, tile: int, overlap: int = 0, precision: str = "fp32",
+                 backend: str = "onnxruntime"):
         folder = Path(folder)
         missing = [p for p in PARTS if not (folder / f"{p}.onnx").is_file()]
         if missing:
@@ -133,15 +119,17 @@ class ResShiftRunner:
         else:
             import onnxruntime as ort
 
-            self.backend = _OrtBackend(providers)
-            self.sessions = {p: ort.InferenceSession(str(folder / f"{p}.onnx"), providers=list(providers))
-                             for p in PARTS}
+            from dfosd.engines.onnxruntime_backend import OnnxRuntimeBackend
+
+            # the SD backend's own session settings (threads, no spinning); no optimized-graph cache here
+            self.backend = OnnxRuntimeBackend("cpu")
+            self.sessions = {p: ort.InferenceSession(str(folder / f"{p}.onnx"), self.backend.session_options(),
+                                                     providers=["CPUExecutionProvider"]) for p in PARTS}
         self.cfg = TilingConfig(tile=tile, overlap=overlap, batch=1, scale=4)
         self.tile, self.precision = tile, precision
 
     @classmethod
-    def from_export(cls, folder: str | Path, *, overlap: int | None = None, providers=("CPUExecutionProvider",),
-                    backend: str = "onnxruntime"):
+    def from_export(cls, folder: str | Path, *, overlap: int | None = None, backend: str = "onnxruntime"):
         """A folder ``dfosd-export --vq`` wrote: its record gives the tile; the parts are checked against it."""
         from dfosd.core.manifest import changed_files
         from dfosd.export.resshift_export import RECORD_NAME
@@ -155,7 +143,7 @@ class ResShiftRunner:
         if changed:
             raise DfosdError(f"{folder}: {', '.join(changed)} changed since the export", hint="export again")
         tile = int(record["tile"])
-        return cls(folder, tile=tile, overlap=tile // 8 if overlap is None else overlap, providers=providers,
+        return cls(folder, tile=tile, overlap=tile // 8 if overlap is None else overlap,
                    precision=str(record.get("precision", "fp32")), backend=backend)
 
     def _tile(self, lr: np.ndarray, noise: np.ndarray) -> np.ndarray:
