@@ -35,14 +35,14 @@ SCAN_CHUNK = 64  # intermediate tensors exposed per run while looking for the fi
 DEFAULT_MIN_PSNR = 40.0  # dB of the whole chain's image against fp32 (README: fp16 storage check)
 
 
-def storage_session(onnx_path: str | Path, model_bytes: bytes | None = None):
+def storage_session(onnx_path: str | Path):
     """An ONNX Runtime CPU session that keeps every inserted Cast (fp16 tensors stored as fp16)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 3
-    return ort.InferenceSession(model_bytes if model_bytes is not None else str(onnx_path), so,
+    return ort.InferenceSession(str(onnx_path), so,
                                 providers=["CPUExecutionProvider"])
 
 

@@ -39,7 +39,8 @@ from pathlib import Path
 from dfosd.core.contracts import ComponentContract
 from dfosd.core.errors import DfosdError
 from dfosd.engines.base import Backend, ComponentEngine, check_build_options
-from dfosd.core.manifest import ExportDir, PartRecord, write_bytes_atomic
+from dfosd.core.atomic import write_bytes_atomic
+from dfosd.core.manifest import ExportDir, PartRecord
 from dfosd.engines.cache import CacheFolders
 from dfosd.engines.machine import cpu_threads, machine_identity
 

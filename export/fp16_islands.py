@@ -36,6 +36,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from dfosd.export.onnx_export import network_node
+
 log = logging.getLogger(__name__)
 
 FP16_MAX = 65504.0
@@ -132,7 +134,8 @@ def measure_peaks(model, feeds: list[dict[str, Any]]) -> dict[str, float]:
     import onnx
     from onnx import helper
 
-    names = [o for n in model.graph.node for o in n.output if o in _float_values(model)]
+    floats = _float_values(model)  # once: a set of every value's name
+    names = [o for n in model.graph.node for o in n.output if o in floats]
     peaks: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="dfosd-ranges.") as tmp:
         probe, where = _weightless_with_file(model, Path(tmp))
@@ -192,7 +195,7 @@ def plan_islands(model, peaks: dict[str, float], scopes: tuple[str, ...], *,
     weights = weight_peaks(model)
     islands = []
     for node in model.graph.node:
-        if not any(node.name.startswith(f"/{s}/") for s in scopes):
+        if not network_node(node.name, scopes):
             continue  # glue is fp32 already
         seen = [(t, peaks[t]) for t in list(node.input) + list(node.output) if t in peaks]
         over = max(seen, key=lambda x: x[1]) if seen else None
@@ -214,7 +217,7 @@ def _attention_islands(model, taken: set[str], scopes: tuple[str, ...]) -> list[
     producer = {o: n for n in model.graph.node for o in n.output}
     out = []
     for node in model.graph.node:
-        if node.op_type != "Softmax" or not any(node.name.startswith(f"/{s}/") for s in scopes):
+        if node.op_type != "Softmax" or not network_node(node.name, scopes):
             continue
         chain, cur = [node], producer.get(node.input[0])
         while cur is not None and cur.op_type in ("Mul", "Add", "Div"):
@@ -231,7 +234,7 @@ def compute_share(model, islands: list[dict[str, Any]], scopes: tuple[str, ...])
     """How many of the network's Conv/MatMul/Gemm nodes stay fp16 (the part's compute)."""
     kept = {i["node"] for i in islands}
     net = [n for n in model.graph.node if n.op_type in COMPUTE_OPS
-           and any(n.name.startswith(f"/{s}/") for s in scopes)]
+           and network_node(n.name, scopes)]
     return {"fp16": sum(n.name not in kept for n in net), "total": len(net)}
 
 
@@ -259,7 +262,7 @@ def record_islands(model, module, range_inputs: list[dict]) -> dict:
     upcast = isinstance(unet_config, Mapping) and bool(unet_config.get("upcast_attention")
                                                        or unet_config.get("upcast_softmax"))
     islands = plan_islands(model, peaks, module.NETWORK_SCOPES, upcast_attention=upcast)
-    network = {o for n in model.graph.node if any(n.name.startswith(f"/{s}/") for s in module.NETWORK_SCOPES)
+    network = {o for n in model.graph.node if network_node(n.name, module.NETWORK_SCOPES)
                for o in n.output}
     return {"fp16_islands": islands, "fp16_compute": compute_share(model, islands, module.NETWORK_SCOPES),
             "fp16_range": {"feeds": len(range_inputs), "tensors": len(peaks),

@@ -141,7 +141,7 @@ def fold_static(model, max_passes: int = 4):
     return _put_back(model, skeleton, placeholders & used, placeholders)
 
 
-def _network_node(name: str, scopes: tuple[str, ...]) -> bool:
+def network_node(name: str, scopes: tuple[str, ...]) -> bool:
     return any(name.startswith(f"/{s}/") for s in scopes)
 
 
@@ -238,7 +238,7 @@ def _convert_graph_fp16(model, scopes: tuple[str, ...], keep_fp32: frozenset[str
     from onnx import TensorProto
     from onnxconverter_common import float16
 
-    glue = [n.name for n in model.graph.node if not _network_node(n.name, scopes) or n.name in keep_fp32]
+    glue = [n.name for n in model.graph.node if not network_node(n.name, scopes) or n.name in keep_fp32]
     io_types = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.input) + list(model.graph.output)}
     model = float16.convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True,
                                              node_block_list=glue)
@@ -280,9 +280,9 @@ def _retarget_network_casts(model, scopes: tuple[str, ...], keep_fp32: frozenset
             consumers.setdefault(i, []).append(n)
     outputs = {o.name for o in model.graph.output}
     for n in model.graph.node:
-        if n.op_type != "Cast" or not _network_node(n.name, scopes) or n.output[0] in outputs:
+        if n.op_type != "Cast" or not network_node(n.name, scopes) or n.output[0] in outputs:
             continue
-        if all(_network_node(c.name, scopes) and c.name not in keep_fp32 for c in consumers.get(n.output[0], [])):
+        if all(network_node(c.name, scopes) and c.name not in keep_fp32 for c in consumers.get(n.output[0], [])):
             for a in n.attribute:
                 if a.name == "to" and a.i == TensorProto.FLOAT:
                     a.i = TensorProto.FLOAT16
