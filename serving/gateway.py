@@ -78,6 +78,9 @@ class Gateway:
                  progress_dir=lambda: None):
         self.limits, self.upstream, self.host, self.port, self.ui = limits, upstream.rstrip("/"), host, port, ui
         self.progress_dir = progress_dir  # () -> the folder the model reports progress in (serving/progress.py)
+        # the page's few small files, read once: not from disk on every request
+        self.pages = {path: ((WEB_DIR / name).read_bytes(), kind)
+                      for path, (name, kind) in WEB_FILES.items()} if ui else {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner = None
@@ -165,9 +168,8 @@ class Gateway:
         from aiohttp import web
 
         path, method = request.path, request.method
-        if self.ui and path in WEB_FILES and method == "GET":
-            name, kind = WEB_FILES[path]
-            return _file(WEB_DIR / name, kind)
+        if path in self.pages and method == "GET":
+            return _page(*self.pages[path])
         if path.startswith("/progress/") and method == "GET":  # a request's tiles, for the page
             state = read_progress(self.progress_dir(), path[len("/progress/"):])
             if state is None:
@@ -287,10 +289,10 @@ def _error(status: int, reason: str):
     return web.json_response({"error": reason}, status=status)
 
 
-def _file(path: Path, kind: str):
+def _page(body: bytes, kind: str):
     from aiohttp import web
 
-    return web.Response(body=path.read_bytes(), content_type=kind,
+    return web.Response(body=body, content_type=kind,
                         headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
 
 
